@@ -1,0 +1,300 @@
+//! The one place bytes become frames and frames become bytes.
+//!
+//! Payloads are written in bincode 2's *standard* configuration (little
+//! endian, variable-length integers), which is exactly the encoding
+//! PROTOCOL.md §4 specifies. Nothing else in the workspace calls bincode,
+//! so the implementation could change without the wire changing.
+
+use bincode::config::{self, Configuration};
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::compress::{deflate, inflate};
+use crate::frame::{FLAG_COMPRESSED, HEADER_LEN, Header};
+use crate::payload::*;
+use crate::{ClientFrame, CodecConfig, DecodeError, EncodeError, Opcode, ServerFrame};
+
+fn wire_config() -> Configuration {
+    config::standard()
+}
+
+/// Encoder and decoder for both directions, holding the size caps and
+/// compression policy. Cheap to copy; share one per process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Codec {
+    config: CodecConfig,
+}
+
+impl Codec {
+    /// A codec with the given limits.
+    pub fn new(config: CodecConfig) -> Self {
+        Codec { config }
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> &CodecConfig {
+        &self.config
+    }
+
+    /// Encodes a client frame.
+    pub fn encode_client(
+        &self,
+        request_id: u32,
+        frame: &ClientFrame,
+    ) -> Result<Bytes, EncodeError> {
+        let op = frame.opcode();
+        match frame {
+            ClientFrame::Identify(p) => self.encode_payload(op, request_id, p),
+            ClientFrame::Heartbeat => self.encode_payload(op, request_id, &()),
+            ClientFrame::Join(p) | ClientFrame::Leave(p) => self.encode_payload(op, request_id, p),
+            ClientFrame::Send(p) => self.encode_payload(op, request_id, p),
+            ClientFrame::Typing(p) => self.encode_payload(op, request_id, p),
+            ClientFrame::React(p) => self.encode_payload(op, request_id, p),
+            ClientFrame::History(p) => self.encode_payload(op, request_id, p),
+        }
+    }
+
+    /// Encodes a server frame. A broadcast calls this once and hands the
+    /// resulting `Bytes` to every recipient.
+    pub fn encode_server(
+        &self,
+        request_id: u32,
+        frame: &ServerFrame,
+    ) -> Result<Bytes, EncodeError> {
+        let op = frame.opcode();
+        match frame {
+            ServerFrame::Ready(p) => self.encode_payload(op, request_id, p),
+            ServerFrame::HeartbeatAck(p) => self.encode_payload(op, request_id, p),
+            ServerFrame::Joined(p) => self.encode_payload(op, request_id, p),
+            ServerFrame::Left(p) => self.encode_payload(op, request_id, p),
+            ServerFrame::MessageSent(p) => self.encode_payload(op, request_id, p),
+            ServerFrame::Reacted(p) => self.encode_payload(op, request_id, p),
+            ServerFrame::Ok => self.encode_payload(op, request_id, &()),
+            ServerFrame::HistoryPage(p) => self.encode_payload(op, request_id, p),
+            ServerFrame::Resumed(p) => self.encode_payload(op, request_id, p),
+            ServerFrame::Error(p) => self.encode_payload(op, request_id, p),
+            ServerFrame::NewMessage(p) => self.encode_payload(op, request_id, p),
+            ServerFrame::UserTyping(p) => self.encode_payload(op, request_id, p),
+            ServerFrame::Reaction(p) => self.encode_payload(op, request_id, p),
+            ServerFrame::Batch(p) => {
+                for inner in &p.frames {
+                    check_batch_member(inner).map_err(|e| match e {
+                        DecodeError::NestedBatch => EncodeError::InvalidBatchMember("nested batch"),
+                        DecodeError::CompressedInBatch => {
+                            EncodeError::InvalidBatchMember("compressed frame")
+                        }
+                        _ => EncodeError::InvalidBatchMember("not a server frame"),
+                    })?;
+                }
+                self.encode_payload(op, request_id, p)
+            }
+        }
+    }
+
+    /// Wraps already-encoded server frames into one `Batch` frame.
+    pub fn encode_batch(&self, frames: &[Bytes]) -> Result<Bytes, EncodeError> {
+        self.encode_server(
+            0,
+            &ServerFrame::Batch(Batch {
+                frames: frames.to_vec(),
+            }),
+        )
+    }
+
+    fn encode_payload<T: Serialize>(
+        &self,
+        op: Opcode,
+        request_id: u32,
+        payload: &T,
+    ) -> Result<Bytes, EncodeError> {
+        let mut buf = BytesMut::with_capacity(128);
+        buf.put_u8(op as u8);
+        buf.put_u8(0);
+        buf.put_u32_le(request_id);
+        let mut writer = buf.writer();
+        bincode::serde::encode_into_std_write(payload, &mut writer, wire_config())
+            .map_err(|e| EncodeError::Serialize(e.to_string()))?;
+        let mut buf = writer.into_inner();
+        let payload_len = buf.len() - HEADER_LEN;
+        if payload_len > self.config.compress_threshold {
+            let mut z = Vec::with_capacity(HEADER_LEN);
+            z.extend_from_slice(&buf[..HEADER_LEN]);
+            deflate(&buf[HEADER_LEN..], self.config.compression_level, &mut z);
+            if z.len() > HEADER_LEN && z.len() < buf.len() {
+                z[1] |= FLAG_COMPRESSED;
+                buf = BytesMut::from(&z[..]);
+            }
+        }
+        if buf.len() > self.config.max_frame_bytes {
+            return Err(EncodeError::TooLarge {
+                len: buf.len(),
+                max: self.config.max_frame_bytes,
+            });
+        }
+        Ok(buf.freeze())
+    }
+
+    /// Reads and checks the header: size, opcode known, reserved flags
+    /// clear. Does not look at the payload.
+    pub fn header(&self, frame: &[u8]) -> Result<Header, DecodeError> {
+        if frame.len() > self.config.max_frame_bytes {
+            return Err(DecodeError::FrameTooLarge {
+                len: frame.len(),
+                max: self.config.max_frame_bytes,
+            });
+        }
+        parse_header(frame)
+    }
+
+    /// Decodes a frame a client sent. Returns the request id and frame.
+    pub fn decode_client(&self, frame: &[u8]) -> Result<(u32, ClientFrame), DecodeError> {
+        let h = self.header(frame)?;
+        if !h.opcode.is_client() {
+            return Err(DecodeError::UnknownOpcode(h.opcode as u8));
+        }
+        let payload = self.payload(&h, frame)?;
+        let p = &payload[..];
+        let f = match h.opcode {
+            Opcode::Identify => ClientFrame::Identify(read(p)?),
+            Opcode::Heartbeat => {
+                read::<()>(p)?;
+                ClientFrame::Heartbeat
+            }
+            Opcode::Join => ClientFrame::Join(read(p)?),
+            Opcode::Leave => ClientFrame::Leave(read(p)?),
+            Opcode::Send => ClientFrame::Send(read(p)?),
+            Opcode::Typing => ClientFrame::Typing(read(p)?),
+            Opcode::React => ClientFrame::React(read(p)?),
+            Opcode::History => ClientFrame::History(read(p)?),
+            other => return Err(DecodeError::UnknownOpcode(other as u8)),
+        };
+        Ok((h.request_id, f))
+    }
+
+    /// Decodes a frame the server sent. A `Batch` comes back as its raw
+    /// inner frames (headers checked); [`Codec::decode_server_all`]
+    /// flattens it.
+    pub fn decode_server(&self, frame: &[u8]) -> Result<(u32, ServerFrame), DecodeError> {
+        let h = self.header(frame)?;
+        if h.opcode.is_client() {
+            return Err(DecodeError::UnknownOpcode(h.opcode as u8));
+        }
+        let payload = self.payload(&h, frame)?;
+        let p = &payload[..];
+        let f = match h.opcode {
+            Opcode::Ready => ServerFrame::Ready(read(p)?),
+            Opcode::HeartbeatAck => ServerFrame::HeartbeatAck(read(p)?),
+            Opcode::Joined => ServerFrame::Joined(read(p)?),
+            Opcode::Left => ServerFrame::Left(read(p)?),
+            Opcode::MessageSent => ServerFrame::MessageSent(read(p)?),
+            Opcode::Reacted => ServerFrame::Reacted(read(p)?),
+            Opcode::Ok => {
+                read::<()>(p)?;
+                ServerFrame::Ok
+            }
+            Opcode::HistoryPage => ServerFrame::HistoryPage(read(p)?),
+            Opcode::Resumed => ServerFrame::Resumed(read(p)?),
+            Opcode::Error => ServerFrame::Error(read(p)?),
+            Opcode::NewMessage => ServerFrame::NewMessage(read(p)?),
+            Opcode::UserTyping => ServerFrame::UserTyping(read(p)?),
+            Opcode::Reaction => ServerFrame::Reaction(read(p)?),
+            Opcode::Batch => {
+                let batch: Batch = read(p)?;
+                for inner in &batch.frames {
+                    check_batch_member(inner)?;
+                }
+                ServerFrame::Batch(batch)
+            }
+            other => return Err(DecodeError::UnknownOpcode(other as u8)),
+        };
+        Ok((h.request_id, f))
+    }
+
+    /// Decodes a server frame and, if it is a batch, its inner frames, so
+    /// the caller sees a flat, ordered list of (request id, frame).
+    pub fn decode_server_all(&self, frame: &[u8]) -> Result<Vec<(u32, ServerFrame)>, DecodeError> {
+        match self.decode_server(frame)? {
+            (_, ServerFrame::Batch(batch)) => {
+                let mut out = Vec::with_capacity(batch.frames.len());
+                for inner in &batch.frames {
+                    out.push(self.decode_server(inner)?);
+                }
+                Ok(out)
+            }
+            single => Ok(vec![single]),
+        }
+    }
+
+    fn payload<'a>(&self, h: &Header, frame: &'a [u8]) -> Result<Payload<'a>, DecodeError> {
+        let raw = &frame[HEADER_LEN..];
+        if h.compressed() {
+            Ok(Payload::Owned(inflate(raw, self.config.max_payload_bytes)?))
+        } else {
+            if raw.len() > self.config.max_payload_bytes {
+                return Err(DecodeError::PayloadTooLarge {
+                    max: self.config.max_payload_bytes,
+                });
+            }
+            Ok(Payload::Borrowed(raw))
+        }
+    }
+}
+
+enum Payload<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Payload<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Payload::Borrowed(b) => b,
+            Payload::Owned(v) => v,
+        }
+    }
+}
+
+fn parse_header(frame: &[u8]) -> Result<Header, DecodeError> {
+    let Some(head) = frame.get(..HEADER_LEN) else {
+        return Err(DecodeError::TruncatedHeader { len: frame.len() });
+    };
+    let opcode = Opcode::from_u8(head[0]).ok_or(DecodeError::UnknownOpcode(head[0]))?;
+    let flags = head[1];
+    if flags & !FLAG_COMPRESSED != 0 {
+        return Err(DecodeError::ReservedFlags(flags));
+    }
+    let request_id = u32::from_le_bytes([head[2], head[3], head[4], head[5]]);
+    Ok(Header {
+        opcode,
+        flags,
+        request_id,
+    })
+}
+
+/// A batch member must be a complete, uncompressed, non-batch server frame.
+fn check_batch_member(inner: &[u8]) -> Result<(), DecodeError> {
+    let h = parse_header(inner)?;
+    if h.opcode.is_client() {
+        return Err(DecodeError::UnknownOpcode(h.opcode as u8));
+    }
+    if h.opcode == Opcode::Batch {
+        return Err(DecodeError::NestedBatch);
+    }
+    if h.compressed() {
+        return Err(DecodeError::CompressedInBatch);
+    }
+    Ok(())
+}
+
+/// Decodes one payload, requiring every byte to be consumed.
+fn read<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
+    let (value, used): (T, usize) =
+        bincode::serde::borrow_decode_from_slice(payload, wire_config())
+            .map_err(|e| DecodeError::MalformedPayload(e.to_string()))?;
+    if used != payload.len() {
+        return Err(DecodeError::TrailingBytes(payload.len() - used));
+    }
+    Ok(value)
+}

@@ -1,0 +1,279 @@
+//! Property tests: every frame round-trips through the codec (compressed
+//! or not), and decoding arbitrary bytes never panics.
+#![allow(clippy::unwrap_used)] // a panic here is a failed test
+
+use bytes::Bytes;
+use chatgate_protocol::payload::*;
+use chatgate_protocol::{ClientFrame, Codec, CodecConfig, ServerFrame};
+use proptest::collection::vec;
+use proptest::prelude::*;
+
+fn text() -> impl Strategy<Value = String> {
+    prop_oneof![Just(String::new()), "\\PC{0,12}", "[a-z]{200,400}"]
+}
+
+fn int() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        Just(0u64),
+        Just(250),
+        Just(251),
+        Just(65_535),
+        Just(65_536),
+        Just(u32::MAX as u64),
+        Just(u32::MAX as u64 + 1),
+        Just(u64::MAX),
+        any::<u64>()
+    ]
+}
+
+fn position() -> impl Strategy<Value = RoomPosition> {
+    (text(), int(), int()).prop_map(|(room, epoch, seq)| RoomPosition { room, epoch, seq })
+}
+
+fn attachment() -> impl Strategy<Value = Attachment> {
+    (text(), text(), text(), int()).prop_map(|(url, name, mime, size)| Attachment {
+        url,
+        name,
+        mime,
+        size,
+    })
+}
+
+fn cursor() -> impl Strategy<Value = Cursor> {
+    (int(), int()).prop_map(|(created_at_ms, message_id)| Cursor {
+        created_at_ms,
+        message_id,
+    })
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    (
+        (int(), text(), int(), text(), text(), text(), text()),
+        vec(attachment(), 0..3),
+        vec(
+            (text(), any::<u32>()).prop_map(|(emoji, count)| ReactionCount { emoji, count }),
+            0..3,
+        ),
+        int(),
+    )
+        .prop_map(
+            |(
+                (id, room, seq, sender_id, sender_name, client_msg_id, body),
+                attachments,
+                reactions,
+                created_at_ms,
+            )| {
+                Message {
+                    id,
+                    room,
+                    seq,
+                    sender_id,
+                    sender_name,
+                    client_msg_id,
+                    body,
+                    attachments,
+                    reactions,
+                    created_at_ms,
+                }
+            },
+        )
+}
+
+fn client_frame() -> impl Strategy<Value = ClientFrame> {
+    prop_oneof![
+        (
+            text(),
+            proptest::option::of((any::<[u8; 16]>(), vec(position(), 0..4)))
+        )
+            .prop_map(|(token, resume)| ClientFrame::Identify(Identify {
+                token,
+                resume: resume.map(|(session_id, positions)| Resume {
+                    session_id,
+                    positions
+                }),
+            })),
+        Just(ClientFrame::Heartbeat),
+        vec(text(), 0..5).prop_map(|rooms| ClientFrame::Join(Rooms { rooms })),
+        vec(text(), 0..5).prop_map(|rooms| ClientFrame::Leave(Rooms { rooms })),
+        (
+            text(),
+            text(),
+            prop_oneof![text(), "[ -~]{1000,5000}"],
+            vec(attachment(), 0..3)
+        )
+            .prop_map(
+                |(room, client_msg_id, body, attachments)| ClientFrame::Send(Send {
+                    room,
+                    client_msg_id,
+                    body,
+                    attachments
+                })
+            ),
+        text().prop_map(|room| ClientFrame::Typing(Typing { room })),
+        (text(), int(), text(), any::<bool>()).prop_map(|(room, message_id, emoji, remove)| {
+            ClientFrame::React(React {
+                room,
+                message_id,
+                emoji,
+                remove,
+            })
+        }),
+        (text(), proptest::option::of(cursor()), any::<u32>()).prop_map(|(room, before, limit)| {
+            ClientFrame::History(History {
+                room,
+                before,
+                limit,
+            })
+        }),
+    ]
+}
+
+fn event_frame() -> impl Strategy<Value = ServerFrame> {
+    prop_oneof![
+        (int(), message())
+            .prop_map(|(epoch, message)| ServerFrame::NewMessage(NewMessage { epoch, message })),
+        (text(), text())
+            .prop_map(|(room, user_id)| ServerFrame::UserTyping(UserTyping { room, user_id })),
+        (text(), int(), int(), int(), text(), text(), any::<bool>()).prop_map(
+            |(room, epoch, seq, message_id, user_id, emoji, removed)| {
+                ServerFrame::Reaction(Reaction {
+                    room,
+                    epoch,
+                    seq,
+                    message_id,
+                    user_id,
+                    emoji,
+                    removed,
+                })
+            }
+        ),
+    ]
+}
+
+fn server_frame() -> impl Strategy<Value = ServerFrame> {
+    prop_oneof![
+        (
+            any::<[u8; 16]>(),
+            text(),
+            text(),
+            vec(position(), 0..4),
+            any::<(u32, u32, u32, bool)>()
+        )
+            .prop_map(
+                |(session_id, user_id, user_name, rooms, (hi, ht, mf, resuming))| {
+                    ServerFrame::Ready(Ready {
+                        session_id,
+                        user_id,
+                        user_name,
+                        rooms,
+                        heartbeat_interval_ms: hi,
+                        heartbeat_timeout_ms: ht,
+                        max_frame_bytes: mf,
+                        resuming,
+                    })
+                }
+            ),
+        int().prop_map(|server_time_ms| ServerFrame::HeartbeatAck(HeartbeatAck { server_time_ms })),
+        vec(position(), 0..4).prop_map(|rooms| ServerFrame::Joined(Joined { rooms })),
+        vec(text(), 0..4).prop_map(|rooms| ServerFrame::Left(Rooms { rooms })),
+        (text(), int(), int(), int(), int(), any::<bool>()).prop_map(
+            |(room, message_id, epoch, seq, created_at_ms, duplicate)| {
+                ServerFrame::MessageSent(MessageSent {
+                    room,
+                    message_id,
+                    epoch,
+                    seq,
+                    created_at_ms,
+                    duplicate,
+                })
+            }
+        ),
+        (text(), int(), int(), int()).prop_map(|(room, message_id, epoch, seq)| {
+            ServerFrame::Reacted(Reacted {
+                room,
+                message_id,
+                epoch,
+                seq,
+            })
+        }),
+        Just(ServerFrame::Ok),
+        (text(), vec(message(), 0..4), proptest::option::of(cursor())).prop_map(
+            |(room, messages, next)| ServerFrame::HistoryPage(HistoryPage {
+                room,
+                messages,
+                next
+            })
+        ),
+        vec(
+            (text(), any::<bool>(), any::<u32>(), int(), int()).prop_map(
+                |(room, recovered, replayed, epoch, seq)| {
+                    RoomResume {
+                        room,
+                        recovered,
+                        replayed,
+                        epoch,
+                        seq,
+                    }
+                }
+            ),
+            0..4
+        )
+        .prop_map(|rooms| ServerFrame::Resumed(Resumed { rooms })),
+        (any::<u16>(), any::<u32>(), text()).prop_map(|(code, retry_after_ms, message)| {
+            ServerFrame::Error(ErrorBody {
+                code,
+                retry_after_ms,
+                message,
+            })
+        }),
+        event_frame(),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn client_frames_round_trip(frame in client_frame(), rid in any::<u32>(), threshold in prop_oneof![Just(1024usize), Just(0), Just(usize::MAX)]) {
+        let codec = Codec::new(CodecConfig { compress_threshold: threshold, ..CodecConfig::default() });
+        let bytes = codec.encode_client(rid, &frame).unwrap();
+        prop_assert_eq!(codec.decode_client(&bytes).unwrap(), (rid, frame));
+    }
+
+    #[test]
+    fn server_frames_round_trip(frame in server_frame(), rid in any::<u32>(), threshold in prop_oneof![Just(1024usize), Just(0), Just(usize::MAX)]) {
+        let codec = Codec::new(CodecConfig { compress_threshold: threshold, ..CodecConfig::default() });
+        let bytes = codec.encode_server(rid, &frame).unwrap();
+        prop_assert_eq!(codec.decode_server(&bytes).unwrap(), (rid, frame));
+    }
+
+    #[test]
+    fn batches_flatten_in_order(events in vec(event_frame(), 0..8)) {
+        let codec = Codec::default();
+        let inner: Vec<Bytes> = events.iter().map(|e| {
+            Codec::new(CodecConfig { compress_threshold: usize::MAX, ..CodecConfig::default() })
+                .encode_server(0, e).unwrap()
+        }).collect();
+        let batch = codec.encode_batch(&inner).unwrap();
+        let flat: Vec<ServerFrame> = codec.decode_server_all(&batch).unwrap().into_iter().map(|(_, f)| f).collect();
+        prop_assert_eq!(flat, events);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in vec(any::<u8>(), 0..512), op in any::<u8>(), flags in 0u8..4) {
+        let codec = Codec::default();
+        let mut b = bytes;
+        if b.len() >= 2 { b[0] = op; b[1] = flags; }
+        let _ = codec.decode_client(&b);
+        let _ = codec.decode_server_all(&b);
+    }
+
+    #[test]
+    fn mutated_frames_never_panic(frame in server_frame(), flips in vec((any::<prop::sample::Index>(), any::<u8>()), 1..6)) {
+        let codec = Codec::default();
+        let mut b = codec.encode_server(0, &frame).unwrap().to_vec();
+        for (i, x) in flips { let i = i.index(b.len()); b[i] ^= x; }
+        let _ = codec.decode_server_all(&b);
+        let _ = codec.decode_client(&b);
+    }
+}
