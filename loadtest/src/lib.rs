@@ -1,1 +1,26 @@
-//! Load-test harness: coordinator and workers speaking the real protocol. Built in the load-test step.
+//! Load-test harness for chatgate. Every scenario speaks the real
+//! protocol through `chatgate_client`, and reports HDR-histogram
+//! percentiles (merged exactly, never averaged).
+//!
+//! # Layout
+//! - [`report`]: latency histograms and the printed/JSON summary.
+//! - [`latency`]: connect-to-Ready and message round-trip latency on an
+//!   otherwise idle server.
+
+pub mod latency;
+pub mod report;
+
+use chatgate_protocol::token::{Claims, Verifier, unix_now};
+
+/// The gateway's development secret (loopback only); override with
+/// `--token-secret` when the target runs with its own.
+pub const DEV_SECRET: &str = "chatgate-dev-secret-not-for-production";
+
+/// Mints a token for `user`, valid for a day.
+pub fn token(secret: &str, user: &str) -> String {
+    Verifier::new(secret.as_bytes()).mint(&Claims {
+        sub: user.to_owned(),
+        name: Some(user.to_owned()),
+        exp: unix_now() + 86_400,
+    })
+}

@@ -1,1 +1,65 @@
-//! Fan-out: the `Fanout` trait, `LocalFanout` and `RedisStreamsFanout`. Built in the multi-node step.
+//! Room event fan-out.
+//!
+//! A [`Fanout`] gives every stored room event its place in the room's
+//! stream — an epoch and the next sequence number — encodes the event
+//! frame once, keeps it replayable for the recovery window, and hands the
+//! encoded bytes to the node's [`LocalDelivery`] (the gateway's room
+//! registry), which copies a cheap `Bytes` handle to each local member.
+//!
+//! # Layout
+//! - [`event`]: [`RoomEvent`], [`Position`], [`Replay`] and the error type.
+//! - [`local`]: [`LocalFanout`], the single-node engine.
+//!
+//! # Invariants
+//! - Within a room and epoch, sequence numbers are 1, 2, 3... with no gap
+//!   and each is delivered to local members before the next is assigned,
+//!   so every member's queue sees the room's events in order.
+//! - An event is encoded once per node, never per recipient.
+
+pub mod event;
+pub mod local;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use event::{FanoutError, Position, Published, Replay, RoomEvent};
+pub use local::{LocalFanout, LocalFanoutConfig};
+
+/// Where encoded room frames go on this node. Implemented by the
+/// gateway's room registry; must not block (it only enqueues).
+pub trait LocalDelivery: Send + Sync + 'static {
+    /// Delivers `frame` to every local member of `room` except the
+    /// connection `exclude` (the sender's own connection).
+    fn deliver(&self, room: &str, frame: &Bytes, exclude: Option<u64>, ephemeral: bool);
+}
+
+/// The fan-out engine of a node.
+#[async_trait]
+pub trait Fanout: Send + Sync + 'static {
+    /// Short engine name for `/health` and logs.
+    fn engine(&self) -> &'static str;
+
+    /// Assigns the event its (epoch, seq), encodes it once, records it for
+    /// replay and delivers it to local members except `exclude`.
+    async fn publish(
+        &self,
+        room: &str,
+        event: RoomEvent,
+        exclude: Option<u64>,
+    ) -> Result<Published, FanoutError>;
+
+    /// Delivers an ephemeral, already-encoded frame (typing): no sequence,
+    /// no replay, dropped first under pressure.
+    async fn publish_ephemeral(
+        &self,
+        room: &str,
+        frame: Bytes,
+        exclude: Option<u64>,
+    ) -> Result<(), FanoutError>;
+
+    /// The room's current position (the last assigned sequence).
+    async fn position(&self, room: &str) -> Result<Position, FanoutError>;
+
+    /// The events after `since`, or why they cannot be replayed.
+    async fn replay(&self, room: &str, since: Position) -> Result<Replay, FanoutError>;
+}

@@ -1,1 +1,42 @@
-//! Server binary (accept loop, WebSocket + HTTP on one port, sessions, rooms, limits, metrics). Built in the single-node gateway step.
+//! The chatgate gateway: WebSocket and HTTP on one port, sessions, rooms,
+//! limits and metrics.
+//!
+//! # Layout
+//! - [`config`]: settings, their defaults and why; file + env + flags.
+//! - [`server`]: listener, the two connection limits, graceful shutdown.
+//! - [`http`]: `/ws` upgrade, `/health`, `/metrics`.
+//! - [`connection`]: the per-connection task (framing and dispatch only).
+//! - [`session`]: request rules: identify, join, send, history... no I/O.
+//! - [`outbox`]: the bounded per-connection queue (shed, then 4001).
+//! - [`hub`]: room membership on this node; delivery to local members.
+//! - [`users`]: per-user connection cap and rate limit.
+//! - [`auth`]: HS256 access tokens (from `chatgate_protocol::token`).
+//! - [`metrics`]: Prometheus metrics.
+//! - [`node`]: the shared state a connection needs.
+//!
+//! # Invariants
+//! - A broadcast is encoded once; members get `Bytes` clones through
+//!   their outboxes. Nothing on the send path takes a global lock.
+//! - Every queue is bounded; a full outbox closes its connection (4001),
+//!   it never grows or blocks the sender.
+//! - A message is acknowledged only after the store returned it durable.
+//! - Per room, a connection sees sequence numbers in increasing order.
+
+/// Access tokens (HS256), shared with the protocol crate's dev tooling.
+pub mod auth {
+    pub use chatgate_protocol::token::*;
+}
+pub mod config;
+pub mod connection;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod node;
+pub mod outbox;
+pub mod server;
+pub mod session;
+pub mod users;
+
+pub use config::Config;
+pub use node::Node;
+pub use server::{Server, ShutdownHandle};

@@ -14,6 +14,7 @@
 //! - [`limits`]: per-field request limits, shared by server and clients.
 //! - [`close`]: WebSocket close codes and the client action for each.
 //! - [`error_code`]: codes carried in `Error` frames.
+//! - `token` (feature `token`): HS256 access tokens.
 //! - `compress`, `wire` (private): capped raw DEFLATE, and serde helpers
 //!   that keep decoding from allocating on a peer's say-so.
 //!
@@ -33,6 +34,8 @@ pub mod frame;
 pub mod limits;
 pub mod opcode;
 pub mod payload;
+#[cfg(feature = "token")]
+pub mod token;
 mod wire;
 
 pub use close::{ClientAction, CloseCode};

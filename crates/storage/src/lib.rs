@@ -1,1 +1,28 @@
-//! Storage: the `Store` trait, `MemoryStore` (embedded default) and `PgStore` with a Redis cache. Built in the storage step.
+//! Storage for the chat gateway: users, room memberships, messages and
+//! reactions, behind one [`Store`] trait.
+//!
+//! # Layout
+//! - [`store`]: the [`Store`] trait, the contract every engine meets.
+//! - [`model`]: the records passed in and out ([`NewMessage`], [`Page`]...).
+//! - [`error`]: [`StoreError`], classified by who is at fault.
+//! - [`memory`]: [`MemoryStore`], the embedded default (no services needed).
+//! - [`suite`] (feature `testsuite`): one behavioural test suite that every
+//!   engine runs, so engines cannot drift apart.
+//!
+//! # Invariants
+//! - A message write returns only once the message is durable for that
+//!   engine; the gateway acknowledges nothing before.
+//! - Message writes are idempotent on (sender, client message id).
+//! - History is keyset-paginated on (created_at, id), newest first.
+
+pub mod error;
+pub mod memory;
+pub mod model;
+pub mod store;
+#[cfg(feature = "testsuite")]
+pub mod suite;
+
+pub use error::StoreError;
+pub use memory::{MemoryStore, MemoryStoreConfig};
+pub use model::{Inserted, NewMessage, Page, ReactionChange, ReactionOutcome, User};
+pub use store::Store;

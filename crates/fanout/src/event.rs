@@ -1,0 +1,70 @@
+//! Types shared by fan-out engines.
+
+use bytes::Bytes;
+use chatgate_protocol::payload::Message;
+
+/// A position in a room's event stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Position {
+    /// Stream incarnation; changes when the stream was lost.
+    pub epoch: u64,
+    /// Last sequence number (0 = no event yet in this epoch).
+    pub seq: u64,
+}
+
+/// A stored event to publish; the engine fills in epoch and sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoomEvent {
+    /// A new message (its `seq` field is overwritten).
+    Message(Message),
+    /// A reaction added or removed.
+    Reaction {
+        /// Message reacted to.
+        message_id: u64,
+        /// Who reacted.
+        user_id: String,
+        /// Emoji.
+        emoji: String,
+        /// True when removed.
+        removed: bool,
+    },
+}
+
+/// What [`crate::Fanout::publish`] did.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// The event's place in the room stream.
+    pub position: Position,
+    /// The encoded event frame, as members received it.
+    pub frame: Bytes,
+}
+
+/// Answer to a replay request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replay {
+    /// Every event after the requested position, oldest first (may be
+    /// empty when the client is up to date).
+    Events {
+        /// Encoded event frames.
+        frames: Vec<Bytes>,
+        /// Position after the last replayed event.
+        position: Position,
+    },
+    /// The gap cannot be filled: other epoch, or older than the recovery
+    /// window. The client reloads history and continues from `current`.
+    NotRecoverable {
+        /// The room's current position.
+        current: Position,
+    },
+}
+
+/// Why a fan-out call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FanoutError {
+    /// The shared backend is unreachable; nothing was published.
+    #[error("fan-out backend unavailable: {0}")]
+    Unavailable(String),
+    /// The event could not be encoded (larger than the frame limit).
+    #[error("event could not be encoded: {0}")]
+    Encode(String),
+}

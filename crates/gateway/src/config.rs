@@ -1,0 +1,349 @@
+//! Gateway configuration: defaults that run locally, overridden by a TOML
+//! file, then `CHAT_*` environment variables, then command-line flags.
+//!
+//! Every field's default and the reason for it is documented here; the
+//! README's configuration table is generated from the same words.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde::Deserialize;
+
+/// The development-only token secret. Accepted only while the gateway
+/// listens on a loopback address; a public listener needs a real secret.
+pub const DEV_SECRET: &str = "chatgate-dev-secret-not-for-production";
+
+/// Resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address. Default `127.0.0.1:8080`: loopback, so nothing is
+    /// exposed until an operator chooses to.
+    pub listen: SocketAddr,
+    /// HMAC-SHA256 secret for access tokens. Default [`DEV_SECRET`], which
+    /// is refused on non-loopback addresses.
+    pub token_secret: String,
+    /// WebSocket sessions this process accepts. Default: the open-files
+    /// limit minus 512 (room for HTTP requests, the store and logs).
+    pub max_connections: usize,
+    /// Concurrent connections per user. Default 5, as in the setup this
+    /// replaces; the 6th is closed with 4105.
+    pub max_connections_per_user: u32,
+    /// Messages (sends and reactions) per user per minute, token bucket
+    /// shared by all the user's connections. Default 60.
+    pub messages_per_minute: u32,
+    /// Heartbeat interval announced to clients. Default 25 s.
+    pub heartbeat_interval: Duration,
+    /// Grace after a missed heartbeat before closing with 4002. Default 20 s.
+    pub heartbeat_timeout: Duration,
+    /// Time from upgrade to Identify before closing with 4104. Default 10 s.
+    pub connect_timeout: Duration,
+    /// Largest frame accepted or sent. Default 1 MiB.
+    pub max_frame_bytes: usize,
+    /// Payloads above this are compressed. Default 1 KiB.
+    pub compress_threshold: usize,
+    /// Frames queued per connection before it counts as a slow consumer
+    /// (4001). Default 1,024: absorbs a burst in a busy room.
+    pub outbound_queue_frames: usize,
+    /// Bytes queued per connection before it counts as slow. Default 4 MiB.
+    pub outbound_queue_bytes: usize,
+    /// Rooms one session may be in. Default 1,000.
+    pub max_rooms_per_session: usize,
+    /// How long room events stay replayable for resume. Default 120 s.
+    pub recovery_window: Duration,
+    /// On SIGTERM, how long to wait for connections to close. Default 10 s.
+    pub shutdown_grace: Duration,
+    /// WebSocket read buffer per connection. Default 4 KiB: enough for any
+    /// chat frame header and typical message; idle sockets stay cheap.
+    pub ws_read_buffer: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            token_secret: DEV_SECRET.to_owned(),
+            max_connections: open_files_limit().saturating_sub(512).max(64),
+            max_connections_per_user: 5,
+            messages_per_minute: 60,
+            heartbeat_interval: Duration::from_secs(25),
+            heartbeat_timeout: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(10),
+            max_frame_bytes: 1024 * 1024,
+            compress_threshold: 1024,
+            outbound_queue_frames: 1024,
+            outbound_queue_bytes: 4 * 1024 * 1024,
+            max_rooms_per_session: 1000,
+            recovery_window: Duration::from_secs(120),
+            shutdown_grace: Duration::from_secs(10),
+            ws_read_buffer: 4096,
+        }
+    }
+}
+
+/// The soft open-files limit of this process (Linux), or 1024.
+pub fn open_files_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(1024)
+}
+
+/// Settings from flags and `CHAT_*` variables (flags win). Unset ones
+/// fall back to the file, then the defaults.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Overrides {
+    /// TOML configuration file.
+    #[arg(long, env = "CHAT_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// Listen address, e.g. 0.0.0.0:8080.
+    #[arg(long, env = "CHAT_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// HMAC secret for access tokens.
+    #[arg(long, env = "CHAT_TOKEN_SECRET", hide_env_values = true)]
+    pub token_secret: Option<String>,
+    /// Maximum WebSocket sessions in this process.
+    #[arg(long, env = "CHAT_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Maximum connections per user.
+    #[arg(long, env = "CHAT_MAX_CONNECTIONS_PER_USER")]
+    pub max_connections_per_user: Option<u32>,
+    /// Messages per user per minute.
+    #[arg(long, env = "CHAT_MESSAGES_PER_MINUTE")]
+    pub messages_per_minute: Option<u32>,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, env = "CHAT_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// Heartbeat timeout in milliseconds.
+    #[arg(long, env = "CHAT_HEARTBEAT_TIMEOUT_MS")]
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// Identify deadline in milliseconds.
+    #[arg(long, env = "CHAT_CONNECT_TIMEOUT_MS")]
+    pub connect_timeout_ms: Option<u64>,
+    /// Maximum frame size in bytes.
+    #[arg(long, env = "CHAT_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<usize>,
+    /// Compression threshold in bytes.
+    #[arg(long, env = "CHAT_COMPRESS_THRESHOLD")]
+    pub compress_threshold: Option<usize>,
+    /// Outbound queue length (frames) per connection.
+    #[arg(long, env = "CHAT_OUTBOUND_QUEUE_FRAMES")]
+    pub outbound_queue_frames: Option<usize>,
+    /// Outbound queue size (bytes) per connection.
+    #[arg(long, env = "CHAT_OUTBOUND_QUEUE_BYTES")]
+    pub outbound_queue_bytes: Option<usize>,
+    /// Maximum rooms per session.
+    #[arg(long, env = "CHAT_MAX_ROOMS_PER_SESSION")]
+    pub max_rooms_per_session: Option<usize>,
+    /// Recovery window in seconds.
+    #[arg(long, env = "CHAT_RECOVERY_WINDOW_SECS")]
+    pub recovery_window_secs: Option<u64>,
+    /// Shutdown grace period in milliseconds.
+    #[arg(long, env = "CHAT_SHUTDOWN_GRACE_MS")]
+    pub shutdown_grace_ms: Option<u64>,
+    /// WebSocket read buffer per connection, bytes.
+    #[arg(long, env = "CHAT_WS_READ_BUFFER")]
+    pub ws_read_buffer: Option<usize>,
+}
+
+/// The TOML file: the same keys as the flags, with underscores.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    token_secret: Option<String>,
+    max_connections: Option<usize>,
+    max_connections_per_user: Option<u32>,
+    messages_per_minute: Option<u32>,
+    heartbeat_interval_ms: Option<u64>,
+    heartbeat_timeout_ms: Option<u64>,
+    connect_timeout_ms: Option<u64>,
+    max_frame_bytes: Option<usize>,
+    compress_threshold: Option<usize>,
+    outbound_queue_frames: Option<usize>,
+    outbound_queue_bytes: Option<usize>,
+    max_rooms_per_session: Option<usize>,
+    recovery_window_secs: Option<u64>,
+    shutdown_grace_ms: Option<u64>,
+    ws_read_buffer: Option<usize>,
+}
+
+impl Config {
+    /// Layers defaults, the file named by `--config`, and the overrides,
+    /// then checks the result.
+    pub fn load(o: &Overrides) -> anyhow::Result<Config> {
+        let file = match &o.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let d = Config::default();
+        let ms = Duration::from_millis;
+        let c = Config {
+            listen: o.listen.or(file.listen).unwrap_or(d.listen),
+            token_secret: o
+                .token_secret
+                .clone()
+                .or(file.token_secret)
+                .unwrap_or(d.token_secret),
+            max_connections: o
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(d.max_connections),
+            max_connections_per_user: o
+                .max_connections_per_user
+                .or(file.max_connections_per_user)
+                .unwrap_or(d.max_connections_per_user),
+            messages_per_minute: o
+                .messages_per_minute
+                .or(file.messages_per_minute)
+                .unwrap_or(d.messages_per_minute),
+            heartbeat_interval: o
+                .heartbeat_interval_ms
+                .or(file.heartbeat_interval_ms)
+                .map(ms)
+                .unwrap_or(d.heartbeat_interval),
+            heartbeat_timeout: o
+                .heartbeat_timeout_ms
+                .or(file.heartbeat_timeout_ms)
+                .map(ms)
+                .unwrap_or(d.heartbeat_timeout),
+            connect_timeout: o
+                .connect_timeout_ms
+                .or(file.connect_timeout_ms)
+                .map(ms)
+                .unwrap_or(d.connect_timeout),
+            max_frame_bytes: o
+                .max_frame_bytes
+                .or(file.max_frame_bytes)
+                .unwrap_or(d.max_frame_bytes),
+            compress_threshold: o
+                .compress_threshold
+                .or(file.compress_threshold)
+                .unwrap_or(d.compress_threshold),
+            outbound_queue_frames: o
+                .outbound_queue_frames
+                .or(file.outbound_queue_frames)
+                .unwrap_or(d.outbound_queue_frames),
+            outbound_queue_bytes: o
+                .outbound_queue_bytes
+                .or(file.outbound_queue_bytes)
+                .unwrap_or(d.outbound_queue_bytes),
+            max_rooms_per_session: o
+                .max_rooms_per_session
+                .or(file.max_rooms_per_session)
+                .unwrap_or(d.max_rooms_per_session),
+            recovery_window: o
+                .recovery_window_secs
+                .or(file.recovery_window_secs)
+                .map(Duration::from_secs)
+                .unwrap_or(d.recovery_window),
+            shutdown_grace: o
+                .shutdown_grace_ms
+                .or(file.shutdown_grace_ms)
+                .map(ms)
+                .unwrap_or(d.shutdown_grace),
+            ws_read_buffer: o
+                .ws_read_buffer
+                .or(file.ws_read_buffer)
+                .unwrap_or(d.ws_read_buffer),
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Refuses settings that are unsafe or cannot work.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.token_secret == DEV_SECRET && !self.listen.ip().is_loopback() {
+            bail!(
+                "refusing to listen on {} with the development token secret; \
+                 set CHAT_TOKEN_SECRET (or --token-secret) to a long random value",
+                self.listen
+            );
+        }
+        if self.token_secret.len() < 16 {
+            bail!("the token secret must be at least 16 bytes");
+        }
+        if self.max_frame_bytes < 1024 {
+            bail!("max_frame_bytes must be at least 1024");
+        }
+        if self.heartbeat_interval.is_zero() || self.connect_timeout.is_zero() {
+            bail!("heartbeat interval and connect timeout must be positive");
+        }
+        if self.outbound_queue_frames < 16 {
+            bail!("outbound_queue_frames must be at least 16");
+        }
+        if self.max_connections == 0 {
+            bail!("max_connections must be positive");
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_override_defaults() {
+        let dir = std::env::temp_dir().join(format!("chatgate-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "messages_per_minute = 10\nmax_connections_per_user = 2\n",
+        )
+        .unwrap();
+        let o = Overrides {
+            config: Some(path),
+            max_connections_per_user: Some(3),
+            ..Default::default()
+        };
+        let c = Config::load(&o).unwrap();
+        assert_eq!(c.messages_per_minute, 10);
+        assert_eq!(c.max_connections_per_user, 3);
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(25));
+    }
+
+    #[test]
+    fn dev_secret_is_refused_on_a_public_address() {
+        let o = Overrides {
+            listen: Some("0.0.0.0:8080".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(Config::load(&o).is_err());
+        let o = Overrides {
+            listen: Some("0.0.0.0:8080".parse().unwrap()),
+            token_secret: Some("a-long-production-secret".into()),
+            ..Default::default()
+        };
+        assert!(Config::load(&o).is_ok());
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        let dir = std::env::temp_dir().join(format!("chatgate-cfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "mesages_per_minute = 10\n").unwrap();
+        assert!(
+            Config::load(&Overrides {
+                config: Some(path),
+                ..Default::default()
+            })
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,171 @@
+//! HTTP/1.1 on the gateway port: `GET /ws` upgrades to WebSocket,
+//! `GET /health` and `GET /metrics` serve operators, anything else 404.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::sync::watch;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use chatgate_protocol::SUBPROTOCOL;
+
+use crate::connection;
+use crate::node::Node;
+
+type Body = Full<Bytes>;
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Routes one request.
+pub async fn route(
+    node: Arc<Node>,
+    req: Request<Incoming>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Response<Body>, Infallible> {
+    Ok(match (req.method(), req.uri().path()) {
+        (&Method::GET, "/ws") => upgrade(node, req, shutdown),
+        (&Method::GET, "/health") => health(&node),
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(Full::new(Bytes::from(node.metrics.render())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    })
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+fn upgrade(
+    node: Arc<Node>,
+    mut req: Request<Incoming>,
+    shutdown: watch::Receiver<bool>,
+) -> Response<Body> {
+    let h = req.headers();
+    if !header_has_token(h, header::CONNECTION, "upgrade")
+        || !header_has_token(h, header::UPGRADE, "websocket")
+        || h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13")
+    {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket upgrade (version 13)\n",
+        );
+    }
+    let Some(key) = h.get(header::SEC_WEBSOCKET_KEY) else {
+        return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+    };
+    if !header_has_token(h, header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL) {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "offer the chat.v1 subprotocol in Sec-WebSocket-Protocol\n",
+        );
+    }
+    if *shutdown.borrow() {
+        let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    }
+    let Ok(permit) = node.sessions.clone().try_acquire_owned() else {
+        node.metrics.refused_overload.inc();
+        let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "at connection capacity\n");
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(node.config.ws_read_buffer)
+        .write_buffer_size(0)
+        .max_message_size(Some(node.config.max_frame_bytes))
+        .max_frame_size(Some(node.config.max_frame_bytes));
+    tokio::spawn(async move {
+        let _permit = permit;
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(ws_config),
+                )
+                .await;
+                connection::serve(node, ws, shutdown).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = r.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(SUBPROTOCOL),
+    );
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    r
+}
+
+/// Resident set size of this process, from /proc (Linux).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
+
+fn health(node: &Node) -> Response<Body> {
+    let body = serde_json::json!({
+        "status": "ok",
+        "connections": node.connections(),
+        "rooms": node.hub.room_count(),
+        "users": node.users.len(),
+        "uptime_secs": node.started.elapsed().as_secs(),
+        "memory_rss_bytes": rss_bytes(),
+        "max_connections": node.config.max_connections,
+        "backends": {
+            "store": { "engine": node.store.engine(), "status": "ok" },
+            "fanout": { "engine": node.fanout.engine(), "status": "ok" },
+        },
+    });
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}

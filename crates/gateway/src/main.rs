@@ -1,0 +1,116 @@
+//! `chatgate`: run the gateway, or mint a development token.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use chatgate_gateway::auth::{Claims, Verifier, unix_now};
+use chatgate_gateway::config::{Config, Overrides};
+use chatgate_gateway::{Node, Server};
+
+#[derive(Parser)]
+#[command(
+    name = "chatgate",
+    version,
+    about = "Real-time chat gateway (WebSocket, binary protocol chat.v1)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    overrides: Overrides,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Print an access token signed with the configured secret.
+    Token {
+        /// User id (the token subject).
+        #[arg(long)]
+        user: String,
+        /// Display name (defaults to the user id).
+        #[arg(long)]
+        name: Option<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::load(&cli.overrides)?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Token { user, name, ttl } => {
+            let token = Verifier::new(config.token_secret.as_bytes()).mint(&Claims {
+                sub: user,
+                name,
+                exp: unix_now() + ttl,
+            });
+            println!("{token}");
+            Ok(())
+        }
+        Command::Serve => serve(config),
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("CHAT_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        let node = Node::embedded(config);
+        let server = Server::bind(node.clone())
+            .await
+            .context("binding the listen address")?;
+        let addr = server.local_addr()?;
+        tracing::info!(
+            %addr,
+            store = node.store.engine(),
+            fanout = node.fanout.engine(),
+            max_connections = node.config.max_connections,
+            "chatgate listening"
+        );
+        // Scripts and tests wait for this line.
+        println!("chatgate listening on http://{addr} (WebSocket at ws://{addr}/ws)");
+        let handle = server.shutdown_handle();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received");
+            handle.shutdown();
+        });
+        server.run().await
+    })?;
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! A connection's bounded outbound queue.
+//!
+//! Anyone may push (room broadcasts from other connections' tasks, the
+//! connection's own replies); only the connection task drains. Bounds are
+//! in frames and bytes. As the queue fills, ephemeral frames (typing) are
+//! shed first; a stored event or reply that does not fit marks the
+//! connection slow: the queue is emptied at once (its memory freed) and
+//! the connection task closes with 4001, after which the client resumes
+//! and the replay delivers what was dropped. A broadcast never waits.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use bytes::Bytes;
+use chatgate_protocol::CloseCode;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+/// What happened to a pushed frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued for writing.
+    Queued,
+    /// An ephemeral frame dropped because the queue is at least half full.
+    Shed,
+    /// The frame did not fit: the connection is now marked slow.
+    Overflow,
+    /// The connection is already closing; the frame was discarded.
+    Closed,
+}
+
+struct State {
+    queue: VecDeque<(Bytes, Instant)>,
+    bytes: usize,
+    closed: Option<CloseCode>,
+}
+
+/// The queue. Shared as `Arc<Outbox>` between the room registry and the
+/// connection task.
+pub struct Outbox {
+    state: Mutex<State>,
+    notify: Notify,
+    max_frames: usize,
+    max_bytes: usize,
+}
+
+/// Capacity kept after draining; anything larger is released so a burst
+/// does not leave an idle connection holding a big buffer.
+const KEEP_CAPACITY: usize = 16;
+
+impl Outbox {
+    /// An empty queue with the given bounds. Allocates nothing until the
+    /// first push.
+    pub fn new(max_frames: usize, max_bytes: usize) -> Self {
+        Outbox {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                bytes: 0,
+                closed: None,
+            }),
+            notify: Notify::new(),
+            max_frames,
+            max_bytes,
+        }
+    }
+
+    /// Enqueues `frame`. Never blocks beyond a short uncontended lock.
+    pub fn push(&self, frame: Bytes, ephemeral: bool) -> Pushed {
+        let mut s = self.state.lock();
+        if s.closed.is_some() {
+            return Pushed::Closed;
+        }
+        let len = s.queue.len();
+        if ephemeral && (len * 2 >= self.max_frames || s.bytes * 2 >= self.max_bytes) {
+            return Pushed::Shed;
+        }
+        if len >= self.max_frames || s.bytes + frame.len() > self.max_bytes {
+            s.closed = Some(CloseCode::SlowConsumer);
+            s.queue = VecDeque::new();
+            s.bytes = 0;
+            drop(s);
+            self.notify.notify_one();
+            return Pushed::Overflow;
+        }
+        s.bytes += frame.len();
+        s.queue.push_back((frame, Instant::now()));
+        let was_empty = len == 0;
+        drop(s);
+        // The consumer drains everything per wake-up, so only the
+        // empty -> non-empty transition needs a wake-up.
+        if was_empty {
+            self.notify.notify_one();
+        }
+        Pushed::Queued
+    }
+
+    /// Marks the queue closed with `code` (shutdown) and wakes the owner.
+    pub fn close(&self, code: CloseCode) {
+        let mut s = self.state.lock();
+        if s.closed.is_none() {
+            s.closed = Some(code);
+            s.queue = VecDeque::new();
+            s.bytes = 0;
+        }
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// The close reason, if the queue was closed.
+    pub fn closed(&self) -> Option<CloseCode> {
+        self.state.lock().closed
+    }
+
+    /// Waits until something was pushed or the queue was closed.
+    pub async fn wait(&self) {
+        self.notify.notified().await
+    }
+
+    /// Moves up to `max_frames` queued frames into `out`, oldest first.
+    /// `Err` when the queue was closed.
+    pub fn drain(
+        &self,
+        out: &mut Vec<(Bytes, Instant)>,
+        max_frames: usize,
+    ) -> Result<(), CloseCode> {
+        let mut s = self.state.lock();
+        if let Some(code) = s.closed {
+            return Err(code);
+        }
+        let n = s.queue.len().min(max_frames);
+        let mut moved = 0;
+        out.extend(s.queue.drain(..n).inspect(|(f, _)| moved += f.len()));
+        s.bytes -= moved;
+        if s.queue.is_empty() && s.queue.capacity() > KEEP_CAPACITY {
+            s.queue = VecDeque::new();
+        } else if !s.queue.is_empty() {
+            // More than one drain's worth: make sure the owner comes back.
+            drop(s);
+            self.notify.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Frames currently queued.
+    pub fn len(&self) -> usize {
+        self.state.lock().queue.len()
+    }
+
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sheds_typing_then_overflows() {
+        let q = Outbox::new(4, 1 << 20);
+        let f = Bytes::from_static(b"frame");
+        assert_eq!(q.push(f.clone(), true), Pushed::Queued);
+        assert_eq!(q.push(f.clone(), false), Pushed::Queued);
+        assert_eq!(
+            q.push(f.clone(), true),
+            Pushed::Shed,
+            "half full: typing is shed"
+        );
+        assert_eq!(q.push(f.clone(), false), Pushed::Queued);
+        assert_eq!(q.push(f.clone(), false), Pushed::Queued);
+        assert_eq!(q.push(f.clone(), false), Pushed::Overflow);
+        assert_eq!(q.len(), 0, "overflow frees the queue");
+        assert_eq!(q.push(f, false), Pushed::Closed);
+        let mut out = Vec::new();
+        assert_eq!(q.drain(&mut out, 10), Err(CloseCode::SlowConsumer));
+    }
+
+    #[test]
+    fn byte_bound_and_drain_order() {
+        let q = Outbox::new(100, 10);
+        assert_eq!(q.push(Bytes::from_static(b"12345"), false), Pushed::Queued);
+        assert_eq!(q.push(Bytes::from_static(b"678"), false), Pushed::Queued);
+        let mut out = Vec::new();
+        q.drain(&mut out, 1).unwrap();
+        assert_eq!(out[0].0, Bytes::from_static(b"12345"));
+        q.drain(&mut out, 10).unwrap();
+        assert_eq!(out[1].0, Bytes::from_static(b"678"));
+        assert!(q.is_empty());
+        assert_eq!(
+            q.push(Bytes::from_static(b"12345678901"), false),
+            Pushed::Overflow
+        );
+    }
+}

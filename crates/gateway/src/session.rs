@@ -1,0 +1,711 @@
+//! One identified connection's state and the handling of every request.
+//!
+//! Nothing here touches a socket: requests come in as decoded frames and
+//! everything going out is pushed to the connection's [`Outbox`]. That
+//! keeps the rules (membership, limits, idempotency, ordering) testable
+//! without the network, and the socket loop a thin framing layer.
+//!
+//! Requests that wait on storage (Send, React, History) are returned as
+//! futures the connection polls concurrently, so a slow database does not
+//! stall deliveries; Join and Leave change this session's membership and
+//! are handled in order.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rand::RngCore;
+
+use chatgate_fanout::{FanoutError, Position, Replay, RoomEvent};
+use chatgate_protocol::limits::HISTORY_DEFAULT_LIMIT;
+use chatgate_protocol::payload::*;
+use chatgate_protocol::{ClientFrame, CloseCode, ErrorCode, ServerFrame};
+use chatgate_storage::{
+    NewMessage as StoreMessage, ReactionChange, ReactionOutcome, StoreError, User,
+};
+
+use crate::auth::unix_now;
+use crate::node::Node;
+use crate::outbox::Outbox;
+
+/// A request still running; the connection polls it to completion.
+pub type Pending = Pin<Box<dyn Future<Output = ()> + std::marker::Send>>;
+
+/// Replies go through the outbox like events, so that per room they keep
+/// sequence order on the wire.
+#[derive(Clone)]
+struct Replier {
+    node: Arc<Node>,
+    outbox: Arc<Outbox>,
+}
+
+impl Replier {
+    fn send(&self, rid: u32, frame: &ServerFrame) {
+        if rid == 0 {
+            return;
+        }
+        self.push(rid, frame);
+    }
+
+    fn push(&self, rid: u32, frame: &ServerFrame) {
+        match self.node.codec.encode_server(rid, frame) {
+            Ok(bytes) => {
+                self.outbox.push(bytes, false);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reply could not be encoded");
+                self.error(rid, ErrorCode::Internal, 0, "reply too large");
+            }
+        }
+    }
+
+    fn error(&self, rid: u32, code: ErrorCode, retry_after_ms: u32, message: &str) {
+        self.node.metrics.error(code);
+        let frame = ServerFrame::Error(ErrorBody {
+            code: code.code(),
+            retry_after_ms,
+            message: message.to_owned(),
+        });
+        if let Ok(bytes) = self.node.codec.encode_server(rid, &frame) {
+            self.outbox.push(bytes, false);
+        }
+    }
+
+    fn store_error(&self, rid: u32, e: &StoreError) {
+        match e {
+            StoreError::NotFound => self.error(rid, ErrorCode::NotFound, 0, "not found"),
+            StoreError::Unavailable(_) => {
+                self.node.metrics.store_errors.inc();
+                self.error(
+                    rid,
+                    ErrorCode::Unavailable,
+                    1000,
+                    "storage unavailable, nothing stored",
+                )
+            }
+            StoreError::Internal(_) => {
+                self.node.metrics.store_errors.inc();
+                tracing::error!(error = %e, "store failure");
+                self.error(
+                    rid,
+                    ErrorCode::Internal,
+                    1000,
+                    "storage error, nothing stored",
+                )
+            }
+        }
+    }
+
+    fn fanout_error(&self, rid: u32, e: &FanoutError) {
+        self.node.metrics.fanout_errors.inc();
+        tracing::warn!(error = %e, "fan-out failure");
+        self.error(
+            rid,
+            ErrorCode::Unavailable,
+            1000,
+            "fan-out unavailable, retry",
+        )
+    }
+}
+
+/// An identified session.
+pub struct Session {
+    node: Arc<Node>,
+    conn: u64,
+    user_id: Arc<str>,
+    user_name: Arc<str>,
+    session_id: SessionId,
+    outbox: Arc<Outbox>,
+    rooms: HashSet<Arc<str>>,
+    /// Per room, the position the client was told (Ready, Joined, replay).
+    /// Queued events at or before it are dropped, so the client never sees
+    /// a sequence number go backwards. Cleared at the first newer event.
+    watermarks: Vec<(Arc<str>, Position)>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Session {
+    /// Authenticates `identify`, claims a per-user slot, joins the user's
+    /// rooms and, when resuming, collects the replay. Returns the session
+    /// and the frames to write before anything queued: Ready, then (when
+    /// resuming) the replayed events and Resumed.
+    pub async fn open(
+        node: Arc<Node>,
+        conn: u64,
+        outbox: Arc<Outbox>,
+        rid: u32,
+        identify: Identify,
+    ) -> Result<(Session, Vec<Bytes>), CloseCode> {
+        let claims = node
+            .verifier
+            .verify(&identify.token, unix_now())
+            .map_err(|e| {
+                node.metrics.auth_failures.inc();
+                tracing::debug!(error = %e, "identify refused");
+                CloseCode::InvalidToken
+            })?;
+        let user_id: Arc<str> = Arc::from(claims.sub.as_str());
+        let user_name: Arc<str> = Arc::from(claims.name.as_deref().unwrap_or(&claims.sub));
+        if !node.users.connect(&user_id) {
+            node.metrics.refused_user_limit.inc();
+            return Err(CloseCode::ConnectionLimit);
+        }
+        let mut session_id = [0u8; 16];
+        rand::rng().fill_bytes(&mut session_id);
+        // From here on, Drop releases the user slot and memberships.
+        let mut session = Session {
+            node: node.clone(),
+            conn,
+            user_id,
+            user_name,
+            session_id,
+            outbox,
+            rooms: HashSet::new(),
+            watermarks: Vec::new(),
+        };
+        let user = User {
+            id: claims.sub.clone(),
+            name: session.user_name.to_string(),
+            image: String::new(),
+        };
+        let stored = match node.store.upsert_user(&user).await {
+            Ok(()) => node.store.memberships(&claims.sub).await,
+            Err(e) => Err(e),
+        };
+        // A store outage must not lock users out: they get a session with
+        // the rooms they ask to resume, and can join more.
+        let mut wanted: Vec<String> = stored.unwrap_or_else(|e| {
+            node.metrics.store_errors.inc();
+            tracing::warn!(error = %e, "memberships unavailable at identify");
+            Vec::new()
+        });
+        if let Some(resume) = &identify.resume {
+            for p in &resume.positions {
+                if !wanted.contains(&p.room) {
+                    wanted.push(p.room.clone());
+                }
+            }
+        }
+        wanted.truncate(node.config.max_rooms_per_session);
+        for room in &wanted {
+            if let Some(name) = node.hub.join(room, conn, &session.outbox) {
+                session.rooms.insert(name);
+            }
+        }
+
+        let mut positions = Vec::with_capacity(wanted.len());
+        let mut replay_frames = Vec::new();
+        let mut outcomes = Vec::new();
+        for room in &wanted {
+            let name = session.room_name(room);
+            let claimed = identify
+                .resume
+                .as_ref()
+                .and_then(|r| r.positions.iter().find(|p| &p.room == room));
+            let position = match claimed {
+                None => {
+                    let current = node
+                        .fanout
+                        .position(room)
+                        .await
+                        .unwrap_or(Position { epoch: 0, seq: 0 });
+                    if identify.resume.is_some() {
+                        outcomes.push(RoomResume {
+                            room: room.clone(),
+                            recovered: false,
+                            replayed: 0,
+                            epoch: current.epoch,
+                            seq: current.seq,
+                        });
+                    }
+                    current
+                }
+                Some(p) => {
+                    let since = Position {
+                        epoch: p.epoch,
+                        seq: p.seq,
+                    };
+                    match node.fanout.replay(room, since).await {
+                        Ok(Replay::Events { frames, position }) => {
+                            outcomes.push(RoomResume {
+                                room: room.clone(),
+                                recovered: true,
+                                replayed: frames.len() as u32,
+                                epoch: position.epoch,
+                                seq: position.seq,
+                            });
+                            replay_frames.extend(frames);
+                            position
+                        }
+                        Ok(Replay::NotRecoverable { current }) => {
+                            outcomes.push(RoomResume {
+                                room: room.clone(),
+                                recovered: false,
+                                replayed: 0,
+                                epoch: current.epoch,
+                                seq: current.seq,
+                            });
+                            current
+                        }
+                        Err(e) => {
+                            node.metrics.fanout_errors.inc();
+                            tracing::warn!(error = %e, "replay unavailable");
+                            outcomes.push(RoomResume {
+                                room: room.clone(),
+                                recovered: false,
+                                replayed: 0,
+                                epoch: 0,
+                                seq: 0,
+                            });
+                            Position { epoch: 0, seq: 0 }
+                        }
+                    }
+                }
+            };
+            session.watermarks.push((name, position));
+            positions.push(RoomPosition {
+                room: room.clone(),
+                epoch: position.epoch,
+                seq: position.seq,
+            });
+        }
+
+        let ready = ServerFrame::Ready(Ready {
+            session_id,
+            user_id: claims.sub,
+            user_name: session.user_name.to_string(),
+            rooms: positions,
+            heartbeat_interval_ms: node.config.heartbeat_interval.as_millis() as u32,
+            heartbeat_timeout_ms: node.config.heartbeat_timeout.as_millis() as u32,
+            max_frame_bytes: node.config.max_frame_bytes.min(u32::MAX as usize) as u32,
+            resuming: identify.resume.is_some(),
+        });
+        let mut first = Vec::with_capacity(2 + replay_frames.len());
+        first.push(
+            node.codec
+                .encode_server(rid, &ready)
+                .map_err(|_| CloseCode::ServerError)?,
+        );
+        if identify.resume.is_some() {
+            first.extend(replay_frames);
+            let resumed = ServerFrame::Resumed(Resumed { rooms: outcomes });
+            first.push(
+                node.codec
+                    .encode_server(0, &resumed)
+                    .map_err(|_| CloseCode::ServerError)?,
+            );
+        }
+        Ok((session, first))
+    }
+
+    fn room_name(&self, room: &str) -> Arc<str> {
+        self.rooms
+            .get(room)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(room))
+    }
+
+    fn replier(&self) -> Replier {
+        Replier {
+            node: self.node.clone(),
+            outbox: self.outbox.clone(),
+        }
+    }
+
+    /// The id a client presents to resume this session.
+    pub fn session_id(&self) -> SessionId {
+        self.session_id
+    }
+
+    /// The authenticated user id.
+    pub fn user_id(&self) -> &str {
+        &self.user_id
+    }
+
+    /// Rooms this session is in.
+    pub fn rooms(&self) -> impl Iterator<Item = &str> {
+        self.rooms.iter().map(|r| &**r)
+    }
+
+    /// Handles one request. Fast requests complete here; storage-bound
+    /// ones come back as [`Pending`]. `Err` closes the connection.
+    pub async fn handle(
+        &mut self,
+        rid: u32,
+        frame: ClientFrame,
+    ) -> Result<Option<Pending>, CloseCode> {
+        let reply = self.replier();
+        if let Err(invalid) = frame.validate() {
+            reply.error(rid, ErrorCode::InvalidRequest, 0, &invalid.to_string());
+            return Ok(None);
+        }
+        match frame {
+            ClientFrame::Identify(_) => Err(CloseCode::AlreadyIdentified),
+            ClientFrame::Heartbeat => {
+                reply.send(
+                    rid,
+                    &ServerFrame::HeartbeatAck(HeartbeatAck {
+                        server_time_ms: now_ms(),
+                    }),
+                );
+                Ok(None)
+            }
+            ClientFrame::Join(r) => {
+                self.join(rid, r.rooms).await;
+                Ok(None)
+            }
+            ClientFrame::Leave(r) => {
+                self.leave(rid, r.rooms).await;
+                Ok(None)
+            }
+            ClientFrame::Typing(t) => {
+                if !self.rooms.contains(t.room.as_str()) {
+                    reply.error(rid, ErrorCode::NotInRoom, 0, "join the room first");
+                    return Ok(None);
+                }
+                let frame = ServerFrame::UserTyping(UserTyping {
+                    room: t.room.clone(),
+                    user_id: self.user_id.to_string(),
+                });
+                let Ok(bytes) = self.node.codec.encode_server(0, &frame) else {
+                    reply.error(rid, ErrorCode::Internal, 0, "typing event too large");
+                    return Ok(None);
+                };
+                let fanout = &self.node.fanout;
+                if let Err(e) = fanout
+                    .publish_ephemeral(&t.room, bytes, Some(self.conn))
+                    .await
+                {
+                    reply.fanout_error(rid, &e);
+                    return Ok(None);
+                }
+                reply.send(rid, &ServerFrame::Ok);
+                Ok(None)
+            }
+            ClientFrame::Send(s) => Ok(self.send(rid, s)),
+            ClientFrame::React(r) => Ok(self.react(rid, r)),
+            ClientFrame::History(h) => Ok(self.history(rid, h)),
+        }
+    }
+
+    async fn join(&mut self, rid: u32, rooms: Vec<String>) {
+        let reply = self.replier();
+        let new: Vec<String> = rooms
+            .iter()
+            .filter(|r| !self.rooms.contains(r.as_str()))
+            .cloned()
+            .collect();
+        if self.rooms.len() + new.len() > self.node.config.max_rooms_per_session {
+            reply.error(
+                rid,
+                ErrorCode::TooManyRooms,
+                0,
+                "room limit per session reached",
+            );
+            return;
+        }
+        if !new.is_empty()
+            && let Err(e) = self.node.store.join(&self.user_id, &new).await
+        {
+            reply.store_error(rid, &e);
+            return;
+        }
+        let mut joined = Vec::with_capacity(rooms.len());
+        for room in &rooms {
+            if let Some(name) = self.node.hub.join(room, self.conn, &self.outbox) {
+                self.rooms.insert(name);
+            }
+            // Position after joining: an event racing the join is either
+            // counted in it (and dropped from the queue by the watermark)
+            // or numbered after it.
+            let position = match self.node.fanout.position(room).await {
+                Ok(p) => p,
+                Err(e) => {
+                    reply.fanout_error(rid, &e);
+                    return;
+                }
+            };
+            let name = self.room_name(room);
+            self.watermarks.retain(|(r, _)| **r != **room);
+            self.watermarks.push((name, position));
+            joined.push(RoomPosition {
+                room: room.clone(),
+                epoch: position.epoch,
+                seq: position.seq,
+            });
+        }
+        reply.send(rid, &ServerFrame::Joined(Joined { rooms: joined }));
+    }
+
+    async fn leave(&mut self, rid: u32, rooms: Vec<String>) {
+        for room in &rooms {
+            self.node.hub.leave(room, self.conn);
+            self.rooms.remove(room.as_str());
+            self.watermarks.retain(|(r, _)| **r != **room);
+        }
+        let reply = self.replier();
+        if let Err(e) = self.node.store.leave(&self.user_id, &rooms).await {
+            reply.store_error(rid, &e);
+            return;
+        }
+        reply.send(rid, &ServerFrame::Left(Rooms { rooms }));
+    }
+
+    fn rate_limited(&self, rid: u32) -> bool {
+        match self.node.users.take_message(&self.user_id) {
+            Ok(()) => false,
+            Err(wait) => {
+                self.node.metrics.rate_limited.inc();
+                let ms = wait.as_millis().min(u32::MAX as u128) as u32;
+                self.replier().error(
+                    rid,
+                    ErrorCode::RateLimited,
+                    ms,
+                    &format!(
+                        "rate limit: {} messages per minute",
+                        self.node.config.messages_per_minute
+                    ),
+                );
+                true
+            }
+        }
+    }
+
+    fn send(&self, rid: u32, s: Send) -> Option<Pending> {
+        let reply = self.replier();
+        if !self.rooms.contains(s.room.as_str()) {
+            reply.error(rid, ErrorCode::NotInRoom, 0, "join the room first");
+            return None;
+        }
+        if self.rate_limited(rid) {
+            return None;
+        }
+        let node = self.node.clone();
+        let conn = self.conn;
+        let key = (self.user_id.clone(), s.client_msg_id.clone());
+        let msg = StoreMessage {
+            room: s.room,
+            sender_id: self.user_id.to_string(),
+            sender_name: self.user_name.to_string(),
+            client_msg_id: s.client_msg_id,
+            body: s.body,
+            attachments: s.attachments,
+        };
+        Some(Box::pin(async move {
+            let started = Instant::now();
+            if !node.sends_in_flight.insert(key.clone()) {
+                reply.error(
+                    rid,
+                    ErrorCode::Unavailable,
+                    250,
+                    "this message is being stored; retry",
+                );
+                return;
+            }
+            publish_message(&node, &reply, rid, conn, msg).await;
+            node.sends_in_flight.remove(&key);
+            node.metrics.request(
+                chatgate_protocol::Opcode::Send,
+                started.elapsed().as_secs_f64(),
+            );
+        }))
+    }
+
+    fn react(&self, rid: u32, r: React) -> Option<Pending> {
+        let reply = self.replier();
+        if !self.rooms.contains(r.room.as_str()) {
+            reply.error(rid, ErrorCode::NotInRoom, 0, "join the room first");
+            return None;
+        }
+        if self.rate_limited(rid) {
+            return None;
+        }
+        let node = self.node.clone();
+        let conn = self.conn;
+        let user_id = self.user_id.to_string();
+        Some(Box::pin(async move {
+            let started = Instant::now();
+            let change = ReactionChange {
+                room: r.room.clone(),
+                message_id: r.message_id,
+                user_id: user_id.clone(),
+                emoji: r.emoji.clone(),
+                remove: r.remove,
+            };
+            let position = match node.store.react(&change).await {
+                Err(e) => return reply.store_error(rid, &e),
+                Ok(ReactionOutcome::Unchanged) => node.fanout.position(&r.room).await,
+                Ok(ReactionOutcome::Changed) => {
+                    let event = RoomEvent::Reaction {
+                        message_id: r.message_id,
+                        user_id,
+                        emoji: r.emoji,
+                        removed: r.remove,
+                    };
+                    node.fanout
+                        .publish(&r.room, event, Some(conn))
+                        .await
+                        .map(|p| p.position)
+                }
+            };
+            match position {
+                Ok(p) => reply.send(
+                    rid,
+                    &ServerFrame::Reacted(Reacted {
+                        room: r.room,
+                        message_id: r.message_id,
+                        epoch: p.epoch,
+                        seq: p.seq,
+                    }),
+                ),
+                Err(e) => reply.fanout_error(rid, &e),
+            }
+            node.metrics.request(
+                chatgate_protocol::Opcode::React,
+                started.elapsed().as_secs_f64(),
+            );
+        }))
+    }
+
+    fn history(&self, rid: u32, h: History) -> Option<Pending> {
+        let reply = self.replier();
+        if !self.rooms.contains(h.room.as_str()) {
+            reply.error(rid, ErrorCode::NotInRoom, 0, "join the room first");
+            return None;
+        }
+        let node = self.node.clone();
+        Some(Box::pin(async move {
+            let started = Instant::now();
+            let limit = if h.limit == 0 {
+                HISTORY_DEFAULT_LIMIT
+            } else {
+                h.limit
+            };
+            match node.store.history(&h.room, h.before, limit).await {
+                Ok(page) => reply.send(
+                    rid,
+                    &ServerFrame::HistoryPage(HistoryPage {
+                        room: h.room,
+                        messages: page.messages,
+                        next: page.next,
+                    }),
+                ),
+                Err(e) => reply.store_error(rid, &e),
+            }
+            node.metrics.request(
+                chatgate_protocol::Opcode::History,
+                started.elapsed().as_secs_f64(),
+            );
+        }))
+    }
+
+    /// Whether a queued frame should be written. Drops room events the
+    /// client already has by position (see `watermarks`).
+    pub fn should_deliver(&mut self, frame: &[u8]) -> bool {
+        if self.watermarks.is_empty() {
+            return true;
+        }
+        let op = frame.first().copied().unwrap_or(0);
+        if op != chatgate_protocol::Opcode::NewMessage as u8
+            && op != chatgate_protocol::Opcode::Reaction as u8
+        {
+            return true;
+        }
+        let (room, epoch, seq) = match self.node.codec.decode_server(frame) {
+            Ok((_, ServerFrame::NewMessage(m))) => (m.message.room, m.epoch, m.message.seq),
+            Ok((_, ServerFrame::Reaction(r))) => (r.room, r.epoch, r.seq),
+            _ => return true,
+        };
+        let Some(i) = self.watermarks.iter().position(|(r, _)| **r == *room) else {
+            return true;
+        };
+        let mark = self.watermarks[i].1;
+        if epoch == mark.epoch && seq <= mark.seq {
+            return false;
+        }
+        self.watermarks.swap_remove(i);
+        true
+    }
+}
+
+/// Stores, publishes and acknowledges one message. A retry of a stored
+/// message is acknowledged with the original; one that was stored but
+/// never published (the node died in between, or fan-out failed) is
+/// published now, once.
+async fn publish_message(
+    node: &Arc<Node>,
+    reply: &Replier,
+    rid: u32,
+    conn: u64,
+    msg: StoreMessage,
+) {
+    let inserted = match node.store.insert_message(msg).await {
+        Ok(i) => i,
+        Err(e) => return reply.store_error(rid, &e),
+    };
+    let message = inserted.message;
+    if inserted.duplicate && message.seq != 0 {
+        let epoch = node
+            .fanout
+            .position(&message.room)
+            .await
+            .map(|p| p.epoch)
+            .unwrap_or(0);
+        reply.send(
+            rid,
+            &ServerFrame::MessageSent(MessageSent {
+                room: message.room,
+                message_id: message.id,
+                epoch,
+                seq: message.seq,
+                created_at_ms: message.created_at_ms,
+                duplicate: true,
+            }),
+        );
+        return;
+    }
+    let (room, id, created_at_ms) = (message.room.clone(), message.id, message.created_at_ms);
+    let published = match node
+        .fanout
+        .publish(&room, RoomEvent::Message(message), Some(conn))
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => return reply.fanout_error(rid, &e),
+    };
+    if let Err(e) = node.store.set_seq(id, published.position.seq).await {
+        // The message is stored and delivered; only history's copy of the
+        // sequence number is missing. Not worth failing the send.
+        node.metrics.store_errors.inc();
+        tracing::warn!(error = %e, message_id = id, "could not record sequence");
+    }
+    reply.send(
+        rid,
+        &ServerFrame::MessageSent(MessageSent {
+            room,
+            message_id: id,
+            epoch: published.position.epoch,
+            seq: published.position.seq,
+            created_at_ms,
+            duplicate: inserted.duplicate,
+        }),
+    );
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for room in &self.rooms {
+            self.node.hub.leave(room, self.conn);
+        }
+        self.node.users.disconnect(&self.user_id);
+    }
+}

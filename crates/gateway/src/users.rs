@@ -1,0 +1,136 @@
+//! Per-user state shared by all of a user's connections on this node:
+//! the connection count (for the per-user cap) and the message rate
+//! limiter (a token bucket, so the 61st message within a minute is
+//! refused while a steady 1/s never is).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+
+struct UserState {
+    connections: u32,
+    tokens: f64,
+    refilled: Instant,
+}
+
+/// Registry of active users.
+pub struct Users {
+    users: DashMap<Arc<str>, UserState>,
+    max_connections: u32,
+    per_minute: f64,
+}
+
+impl Users {
+    /// `max_connections` per user, `per_minute` messages per user.
+    pub fn new(max_connections: u32, per_minute: u32) -> Self {
+        Users {
+            users: DashMap::new(),
+            max_connections,
+            per_minute: per_minute as f64,
+        }
+    }
+
+    /// Counts a new connection for `user`; `false` when at the cap.
+    pub fn connect(&self, user: &Arc<str>) -> bool {
+        let mut e = self.users.entry(user.clone()).or_insert_with(|| UserState {
+            connections: 0,
+            tokens: self.per_minute,
+            refilled: Instant::now(),
+        });
+        if e.connections >= self.max_connections {
+            return false;
+        }
+        e.connections += 1;
+        true
+    }
+
+    /// Releases a connection slot. The entry is kept while its bucket is
+    /// not full, so reconnecting cannot reset a rate limit.
+    pub fn disconnect(&self, user: &str) {
+        if let Some(mut e) = self.users.get_mut(user) {
+            e.connections = e.connections.saturating_sub(1);
+        }
+        let per_minute = self.per_minute;
+        self.users.remove_if(user, |_, s| {
+            s.connections == 0 && tokens_now(s, per_minute) >= per_minute
+        });
+    }
+
+    /// Takes one message token; `Err(wait)` says when one will be free.
+    pub fn take_message(&self, user: &str) -> Result<(), Duration> {
+        let Some(mut s) = self.users.get_mut(user) else {
+            return Ok(());
+        };
+        let tokens = refill(&mut s, self.per_minute);
+        if tokens >= 1.0 {
+            s.tokens -= 1.0;
+            Ok(())
+        } else {
+            let per_sec = self.per_minute / 60.0;
+            Err(Duration::from_secs_f64(
+                ((1.0 - tokens) / per_sec).max(0.001),
+            ))
+        }
+    }
+
+    /// Drops idle users whose buckets are full again (periodic sweep).
+    pub fn sweep(&self) {
+        let per_minute = self.per_minute;
+        self.users
+            .retain(|_, s| s.connections > 0 || tokens_now(s, per_minute) < per_minute);
+    }
+
+    /// Users with state on this node.
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// True when no user has state on this node.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+}
+
+fn tokens_now(s: &UserState, per_minute: f64) -> f64 {
+    let elapsed = s.refilled.elapsed().as_secs_f64();
+    (s.tokens + elapsed * per_minute / 60.0).min(per_minute)
+}
+
+fn refill(s: &mut UserState, per_minute: f64) -> f64 {
+    let now = Instant::now();
+    let elapsed = now.duration_since(s.refilled).as_secs_f64();
+    s.tokens = (s.tokens + elapsed * per_minute / 60.0).min(per_minute);
+    s.refilled = now;
+    s.tokens
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cap_and_bucket() {
+        let u = Users::new(2, 3);
+        let a: Arc<str> = Arc::from("a");
+        assert!(u.connect(&a));
+        assert!(u.connect(&a));
+        assert!(!u.connect(&a), "third connection refused");
+        for _ in 0..3 {
+            assert!(u.take_message("a").is_ok());
+        }
+        let wait = u.take_message("a").unwrap_err();
+        assert!(
+            wait > Duration::from_secs(15) && wait <= Duration::from_secs(20),
+            "{wait:?}"
+        );
+        u.disconnect("a");
+        u.disconnect("a");
+        assert_eq!(u.len(), 1, "an empty bucket outlives the connections");
+        assert!(u.connect(&a));
+        assert!(
+            u.take_message("a").is_err(),
+            "reconnecting does not reset the limit"
+        );
+    }
+}

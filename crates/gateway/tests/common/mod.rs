@@ -1,0 +1,276 @@
+//! Test harness: runs the real `chatgate` binary on an ephemeral port and
+//! talks to it over real sockets.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)] // shared by several test files
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chatgate_client::{Incoming, RawConnection};
+use chatgate_gateway::auth::{Claims, Verifier, unix_now};
+use chatgate_gateway::config::DEV_SECRET;
+use chatgate_protocol::payload::*;
+use chatgate_protocol::{ClientFrame, ServerFrame};
+
+/// A gateway process, killed on drop.
+pub struct Gateway {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Gateway {
+    /// Starts the gateway with extra flags, waiting for its "listening"
+    /// line (no sleeps).
+    pub fn start(args: &[&str]) -> Gateway {
+        Self::start_on("127.0.0.1:0", args)
+    }
+
+    pub fn start_on(listen: &str, args: &[&str]) -> Gateway {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chatgate"))
+            .arg("--listen")
+            .arg(listen)
+            .args(args)
+            .env("CHAT_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn chatgate");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        let mut reader = BufReader::new(stdout);
+        reader.read_line(&mut line).unwrap();
+        // Keep draining so a later write to stdout never hits a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .parse()
+            .unwrap();
+        Gateway { child, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// GET a path; returns (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let status = text[9..12].parse().unwrap();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    pub fn health(&self) -> serde_json::Value {
+        serde_json::from_str(&self.get("/health").1).unwrap()
+    }
+
+    /// Value of one metric line (exact name with labels), 0 if absent.
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+
+    /// Polls `/health` until `check` holds (or panics after 20 s).
+    pub fn wait_health(
+        &self,
+        what: &str,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let h = self.health();
+            if check(&h) {
+                return h;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {h}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM to this process (by its PID).
+    pub fn terminate(&self) {
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn token(user: &str) -> String {
+    Verifier::new(DEV_SECRET.as_bytes()).mint(&Claims {
+        sub: user.into(),
+        name: Some(format!("{user} (name)")),
+        exp: unix_now() + 3600,
+    })
+}
+
+/// Connects raw and identifies as `user`; returns the connection and Ready.
+pub async fn identified(gw: &Gateway, user: &str) -> (RawConnection, Ready) {
+    let mut c = RawConnection::connect(&gw.url()).await.unwrap();
+    c.send(
+        1,
+        &ClientFrame::Identify(Identify {
+            token: token(user),
+            resume: None,
+        }),
+    )
+    .await
+    .unwrap();
+    match next_frame(&mut c).await {
+        (1, ServerFrame::Ready(r)) => (c, r),
+        other => panic!("expected Ready, got {other:?}"),
+    }
+}
+
+/// Buffered frames: a batch arrives as several frames at once.
+pub struct Conn {
+    pub raw: RawConnection,
+    pending: std::collections::VecDeque<(u32, ServerFrame)>,
+    pub closed: Option<Option<(u16, String)>>,
+}
+
+impl Conn {
+    pub fn new(raw: RawConnection) -> Conn {
+        Conn {
+            raw,
+            pending: Default::default(),
+            closed: None,
+        }
+    }
+
+    /// Next frame within `limit`, `None` on timeout or close.
+    pub async fn next(&mut self, limit: Duration) -> Option<(u32, ServerFrame)> {
+        if let Some(f) = self.pending.pop_front() {
+            return Some(f);
+        }
+        if self.closed.is_some() {
+            return None;
+        }
+        match self.raw.recv_timeout(limit).await.unwrap() {
+            None => None,
+            Some(Incoming::Frames(frames)) => {
+                self.pending.extend(frames);
+                self.pending.pop_front()
+            }
+            Some(Incoming::Closed(c)) => {
+                self.closed = Some(c);
+                None
+            }
+        }
+    }
+
+    /// Next frame or panic.
+    pub async fn expect(&mut self) -> (u32, ServerFrame) {
+        match self.next(Duration::from_secs(10)).await {
+            Some(f) => f,
+            None => panic!("no frame (closed: {:?})", self.closed),
+        }
+    }
+
+    /// Waits for the close and returns its code.
+    pub async fn close_code(&mut self) -> Option<u16> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.closed.is_none() {
+            assert!(Instant::now() < deadline, "connection did not close");
+            self.pending.clear();
+            let _ = self.next(Duration::from_secs(1)).await;
+        }
+        self.closed.clone().unwrap().map(|(c, _)| c)
+    }
+
+    /// Sends a request and returns the reply with the same request id,
+    /// keeping other frames queued.
+    pub async fn request(&mut self, rid: u32, frame: ClientFrame) -> ServerFrame {
+        self.raw.send(rid, &frame).await.unwrap();
+        let mut others = Vec::new();
+        let reply = loop {
+            let (r, f) = self.expect().await;
+            if r == rid {
+                break f;
+            }
+            others.push((r, f));
+        };
+        for f in others.into_iter().rev() {
+            self.pending.push_front(f);
+        }
+        reply
+    }
+
+    /// True when a heartbeat is answered (the connection is alive).
+    pub async fn alive(&mut self) -> bool {
+        matches!(
+            self.request(0xFFFF, ClientFrame::Heartbeat).await,
+            ServerFrame::HeartbeatAck(_)
+        )
+    }
+}
+
+pub async fn next_frame(c: &mut RawConnection) -> (u32, ServerFrame) {
+    match c.recv_timeout(Duration::from_secs(10)).await.unwrap() {
+        Some(Incoming::Frames(mut f)) => f.remove(0),
+        other => panic!("expected a frame, got {other:?}"),
+    }
+}
+
+pub async fn user(gw: &Gateway, name: &str) -> Conn {
+    let (raw, _) = identified(gw, name).await;
+    Conn::new(raw)
+}
+
+pub async fn join(c: &mut Conn, rooms: &[&str]) -> Joined {
+    match c
+        .request(
+            2,
+            ClientFrame::Join(Rooms {
+                rooms: rooms.iter().map(|r| r.to_string()).collect(),
+            }),
+        )
+        .await
+    {
+        ServerFrame::Joined(j) => j,
+        other => panic!("expected Joined, got {other:?}"),
+    }
+}
+
+pub fn send_frame(room: &str, cid: &str, body: &str) -> ClientFrame {
+    ClientFrame::Send(Send {
+        room: room.into(),
+        client_msg_id: cid.into(),
+        body: body.into(),
+        attachments: vec![],
+    })
+}

@@ -1,0 +1,805 @@
+//! End-to-end: the real gateway process, real WebSockets.
+#![allow(clippy::unwrap_used)] // a panic here is a failed test
+
+mod common;
+
+use std::time::Duration;
+
+use chatgate_client::{Client, ClientConfig, Event, RawConnection};
+use chatgate_protocol::payload::*;
+use chatgate_protocol::{ClientFrame, CloseCode, ErrorCode, ServerFrame};
+use common::*;
+
+const QUIET: Duration = Duration::from_millis(300);
+
+#[tokio::test]
+async fn two_users_chat_sender_acked_not_echoed_outsider_hears_nothing() {
+    let gw = Gateway::start(&[]);
+    let mut alice = user(&gw, "alice").await;
+    let mut alice_phone = user(&gw, "alice").await;
+    let mut bob = user(&gw, "bob").await;
+    let mut carol = user(&gw, "carol").await;
+    join(&mut alice, &["general"]).await;
+    join(&mut alice_phone, &["general"]).await;
+    join(&mut bob, &["general"]).await;
+    join(&mut carol, &["random"]).await;
+
+    let ack = match alice
+        .request(10, send_frame("general", "m1", "hi bob"))
+        .await
+    {
+        ServerFrame::MessageSent(a) => a,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(ack.seq, 1);
+    assert!(!ack.duplicate);
+    for c in [&mut bob, &mut alice_phone] {
+        match c.expect().await {
+            (0, ServerFrame::NewMessage(m)) => {
+                assert_eq!(m.message.body, "hi bob");
+                assert_eq!(m.message.id, ack.message_id);
+                assert_eq!(m.message.seq, 1);
+                assert_eq!(m.message.sender_id, "alice");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        alice.next(QUIET).await.is_none(),
+        "the sending connection got an echo"
+    );
+    assert!(
+        carol.next(QUIET).await.is_none(),
+        "a non-member got the message"
+    );
+
+    // Bob answers through the client library.
+    let (bob_client, _events) = Client::connect(ClientConfig::new(gw.url(), token("bob")))
+        .await
+        .unwrap();
+    bob_client.join(&["general"]).await.unwrap();
+    let reply = bob_client.send("general", "hello alice").await.unwrap();
+    assert_eq!(reply.seq, 2);
+    match alice.expect().await {
+        (0, ServerFrame::NewMessage(m)) => assert_eq!(m.message.body, "hello alice"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn retried_send_is_stored_and_delivered_once() {
+    let gw = Gateway::start(&[]);
+    let mut alice = user(&gw, "alice").await;
+    let mut bob = user(&gw, "bob").await;
+    join(&mut alice, &["r"]).await;
+    join(&mut bob, &["r"]).await;
+    let first = alice.request(3, send_frame("r", "same-id", "once")).await;
+    let again = alice.request(4, send_frame("r", "same-id", "once")).await;
+    let (ServerFrame::MessageSent(a), ServerFrame::MessageSent(b)) = (first, again) else {
+        panic!()
+    };
+    assert!(!a.duplicate && b.duplicate);
+    assert_eq!((a.message_id, a.seq), (b.message_id, b.seq));
+    assert!(matches!(bob.expect().await.1, ServerFrame::NewMessage(_)));
+    assert!(bob.next(QUIET).await.is_none(), "retry delivered twice");
+}
+
+#[tokio::test]
+async fn history_pages_back_newest_first() {
+    let gw = Gateway::start(&["--messages-per-minute", "1000"]);
+    let mut alice = user(&gw, "alice").await;
+    join(&mut alice, &["h"]).await;
+    for i in 0..120 {
+        let r = alice
+            .request(
+                100 + i,
+                send_frame("h", &format!("c{i}"), &format!("msg {i}")),
+            )
+            .await;
+        assert!(matches!(r, ServerFrame::MessageSent(_)), "{r:?}");
+    }
+    let mut before = None;
+    let mut seen = Vec::new();
+    let mut sizes = Vec::new();
+    loop {
+        let page = match alice
+            .request(
+                7,
+                ClientFrame::History(History {
+                    room: "h".into(),
+                    before,
+                    limit: 0,
+                }),
+            )
+            .await
+        {
+            ServerFrame::HistoryPage(p) => p,
+            other => panic!("{other:?}"),
+        };
+        sizes.push(page.messages.len());
+        seen.extend(page.messages.iter().map(|m| m.body.clone()));
+        match page.next {
+            Some(c) => before = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(sizes, vec![50, 50, 20], "default page size 50");
+    let want: Vec<String> = (0..120).rev().map(|i| format!("msg {i}")).collect();
+    assert_eq!(seen, want);
+    let r = alice
+        .request(
+            8,
+            ClientFrame::History(History {
+                room: "h".into(),
+                before: None,
+                limit: 101,
+            }),
+        )
+        .await;
+    assert!(matches!(r, ServerFrame::Error(e) if e.code == ErrorCode::InvalidRequest.code()));
+    let r = alice
+        .request(
+            9,
+            ClientFrame::History(History {
+                room: "elsewhere".into(),
+                before: None,
+                limit: 10,
+            }),
+        )
+        .await;
+    assert!(matches!(r, ServerFrame::Error(e) if e.code == ErrorCode::NotInRoom.code()));
+}
+
+#[tokio::test]
+async fn the_61st_message_in_a_minute_is_refused_and_the_connection_stays() {
+    let gw = Gateway::start(&[]);
+    let mut alice = user(&gw, "alice").await;
+    join(&mut alice, &["r"]).await;
+    for i in 0..60 {
+        let r = alice
+            .request(10 + i, send_frame("r", &format!("c{i}"), "x"))
+            .await;
+        assert!(
+            matches!(r, ServerFrame::MessageSent(_)),
+            "message {i}: {r:?}"
+        );
+    }
+    match alice.request(99, send_frame("r", "c60", "x")).await {
+        ServerFrame::Error(e) => {
+            assert_eq!(e.code, ErrorCode::RateLimited.code());
+            assert!(
+                e.retry_after_ms > 0 && e.retry_after_ms <= 1000,
+                "{}",
+                e.retry_after_ms
+            );
+        }
+        other => panic!("61st: {other:?}"),
+    }
+    // The limit is per user: a second connection of alice is limited too.
+    let mut alice2 = user(&gw, "alice").await;
+    join(&mut alice2, &["r"]).await;
+    assert!(matches!(
+        alice2.request(5, send_frame("r", "c61", "x")).await,
+        ServerFrame::Error(_)
+    ));
+    assert!(alice.alive().await, "rate limiting must not disconnect");
+    assert!(gw.metric("chat_rate_limited_total") >= 2.0);
+}
+
+#[tokio::test]
+async fn the_sixth_connection_of_a_user_is_refused() {
+    let gw = Gateway::start(&[]);
+    let mut five = Vec::new();
+    for _ in 0..5 {
+        five.push(user(&gw, "dave").await);
+    }
+    let mut sixth = RawConnection::connect(&gw.url()).await.unwrap();
+    sixth
+        .send(
+            1,
+            &ClientFrame::Identify(Identify {
+                token: token("dave"),
+                resume: None,
+            }),
+        )
+        .await
+        .unwrap();
+    let mut sixth = Conn::new(sixth);
+    assert_eq!(
+        sixth.close_code().await,
+        Some(CloseCode::ConnectionLimit.code())
+    );
+    for c in &mut five {
+        assert!(c.alive().await);
+    }
+    // Closing one frees a slot.
+    five.pop().unwrap().raw.close().await.unwrap();
+    gw.wait_health("4 connections", |h| h["connections"] == 4);
+    let _again = user(&gw, "dave").await;
+}
+
+async fn violation(gw: &Gateway, act: impl AsyncFnOnce(&mut RawConnection)) -> Option<u16> {
+    let (mut raw, _) = identified(gw, "mallory").await;
+    act(&mut raw).await;
+    Conn::new(raw).close_code().await
+}
+
+#[tokio::test]
+async fn bad_input_gets_its_close_code_and_others_are_unaffected() {
+    let gw = Gateway::start(&["--max-frame-bytes", "4096", "--connect-timeout-ms", "500"]);
+    let mut bystander = user(&gw, "bystander").await;
+
+    let code = violation(&gw, async |c| c.send_text("hello").await.unwrap()).await;
+    assert_eq!(code, Some(CloseCode::TextFrame.code()));
+    let code = violation(&gw, async |c| {
+        c.send_bytes(vec![0x05, 0, 1, 0, 0, 0, 9, 9]).await.unwrap()
+    })
+    .await;
+    assert_eq!(code, Some(CloseCode::ProtocolViolation.code()));
+    let code = violation(&gw, async |c| {
+        c.send_bytes(vec![0x3E, 0, 1, 0, 0, 0]).await.unwrap()
+    })
+    .await;
+    assert_eq!(
+        code,
+        Some(CloseCode::ProtocolViolation.code()),
+        "unknown opcode"
+    );
+    let code = violation(&gw, async |c| {
+        c.send_bytes(vec![0x05; 10_000]).await.unwrap()
+    })
+    .await;
+    assert_eq!(code, Some(CloseCode::FrameTooLarge.code()));
+    let code = violation(&gw, async |c| {
+        c.send(
+            5,
+            &ClientFrame::Identify(Identify {
+                token: token("mallory"),
+                resume: None,
+            }),
+        )
+        .await
+        .unwrap()
+    })
+    .await;
+    assert_eq!(code, Some(CloseCode::AlreadyIdentified.code()));
+
+    // Before Identify.
+    let mut silent = Conn::new(RawConnection::connect(&gw.url()).await.unwrap());
+    assert_eq!(
+        silent.close_code().await,
+        Some(CloseCode::IdentifyTimeout.code())
+    );
+    let mut early = RawConnection::connect(&gw.url()).await.unwrap();
+    early.send(1, &ClientFrame::Heartbeat).await.unwrap();
+    assert_eq!(
+        Conn::new(early).close_code().await,
+        Some(CloseCode::ProtocolViolation.code())
+    );
+    for bad in ["not-a-token", &token("x")[..20]] {
+        let mut c = RawConnection::connect(&gw.url()).await.unwrap();
+        c.send(
+            1,
+            &ClientFrame::Identify(Identify {
+                token: bad.into(),
+                resume: None,
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            Conn::new(c).close_code().await,
+            Some(CloseCode::InvalidToken.code())
+        );
+    }
+    // A token signed with another secret.
+    let forged = chatgate_gateway::auth::Verifier::new(b"some-other-secret-value").mint(
+        &chatgate_gateway::auth::Claims {
+            sub: "alice".into(),
+            name: None,
+            exp: u64::MAX / 2,
+        },
+    );
+    let mut c = RawConnection::connect(&gw.url()).await.unwrap();
+    c.send(
+        1,
+        &ClientFrame::Identify(Identify {
+            token: forged,
+            resume: None,
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        Conn::new(c).close_code().await,
+        Some(CloseCode::InvalidToken.code())
+    );
+
+    // Invalid request fields are an Error frame, not a close.
+    match bystander
+        .request(
+            3,
+            ClientFrame::Join(Rooms {
+                rooms: vec![String::new()],
+            }),
+        )
+        .await
+    {
+        ServerFrame::Error(e) => assert_eq!(e.code, ErrorCode::InvalidRequest.code()),
+        other => panic!("{other:?}"),
+    }
+    assert!(bystander.alive().await, "the bystander was affected");
+    assert!(gw.metric("chat_auth_failures_total") >= 3.0);
+    assert!(gw.metric("chat_closes_total{code=\"text_frame\"}") >= 1.0);
+}
+
+#[tokio::test]
+async fn upgrade_without_the_subprotocol_is_refused() {
+    let gw = Gateway::start(&[]);
+    let err = RawConnection::connect_with(&gw.url(), Default::default(), None)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("400"), "{err}");
+    assert_eq!(gw.get("/nope").0, 404);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_as_slow_and_others_keep_up() {
+    let gw = Gateway::start(&[
+        "--messages-per-minute",
+        "100000",
+        "--outbound-queue-frames",
+        "64",
+        "--outbound-queue-bytes",
+        "262144",
+    ]);
+    let mut sender = user(&gw, "sender").await;
+    let mut reader = user(&gw, "reader").await;
+    let (mut sloth, _) = identified(&gw, "sloth").await;
+    join(&mut sender, &["busy"]).await;
+    join(&mut reader, &["busy"]).await;
+    sloth
+        .send(
+            2,
+            &ClientFrame::Join(Rooms {
+                rooms: vec!["busy".into()],
+            }),
+        )
+        .await
+        .unwrap();
+    gw.wait_health("3 members", |h| h["connections"] == 3);
+    // sloth never reads again. Random letters barely compress, so socket
+    // buffers (several MiB on loopback) fill after a few hundred messages.
+    let body: String = {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        (0..12_000)
+            .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+            .collect()
+    };
+    let rss_before = gw.health()["memory_rss_bytes"].as_u64().unwrap();
+    let total = 2000;
+    let reader_task = tokio::spawn(async move {
+        let mut got = 0;
+        while got < total {
+            match reader.next(Duration::from_secs(10)).await {
+                Some((_, ServerFrame::NewMessage(_))) => got += 1,
+                Some(_) => {}
+                None => break,
+            }
+        }
+        (got, reader)
+    });
+    for i in 0..total {
+        let ack = sender
+            .request(1000 + i, send_frame("busy", &format!("f{i}"), &body))
+            .await;
+        assert!(matches!(ack, ServerFrame::MessageSent(_)), "{ack:?}");
+    }
+    let (got, mut reader) = reader_task.await.unwrap();
+    assert_eq!(got, total, "the reading member missed messages");
+    gw.wait_health("sloth closed", |h| h["connections"] == 2);
+    assert!(reader.alive().await);
+    assert_eq!(gw.metric("chat_slow_consumer_disconnects_total"), 1.0);
+    assert_eq!(gw.metric("chat_closes_total{code=\"slow_consumer\"}"), 1.0);
+    let rss_after = gw.health()["memory_rss_bytes"].as_u64().unwrap();
+    // 24 MB of messages went through (and are stored in memory); the
+    // sloth's queue is capped at 256 KiB, so it holds none of that.
+    assert!(
+        rss_after < rss_before + 96 * 1024 * 1024,
+        "RSS grew from {rss_before} to {rss_after}"
+    );
+    // The sloth's socket ends: with its close code if its buffers had room.
+    let code = Conn::new(sloth).close_code().await;
+    assert!(
+        code.is_none() || code == Some(CloseCode::SlowConsumer.code()),
+        "{code:?}"
+    );
+}
+
+#[tokio::test]
+async fn silent_clients_time_out_and_heartbeats_keep_them() {
+    let gw = Gateway::start(&[
+        "--heartbeat-interval-ms",
+        "300",
+        "--heartbeat-timeout-ms",
+        "300",
+    ]);
+    let (silent, ready) = identified(&gw, "quiet").await;
+    assert_eq!(ready.heartbeat_interval_ms, 300);
+    let mut talker = user(&gw, "talker").await;
+    let beat = tokio::spawn(async move {
+        for _ in 0..8 {
+            assert!(talker.alive().await);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    assert_eq!(
+        Conn::new(silent).close_code().await,
+        Some(CloseCode::HeartbeatTimeout.code())
+    );
+    beat.await.unwrap();
+}
+
+#[tokio::test]
+async fn resume_replays_exactly_the_missed_events() {
+    let gw = Gateway::start(&["--messages-per-minute", "1000"]);
+    let mut alice = user(&gw, "alice").await;
+    let (mut bob_raw, bob_ready) = identified(&gw, "bob").await;
+    join(&mut alice, &["r"]).await;
+    let mut bob = Conn::new(bob_raw);
+    let joined = join(&mut bob, &["r"]).await;
+    let start = joined.rooms[0].clone();
+    for i in 0..3 {
+        alice
+            .request(
+                10 + i,
+                send_frame("r", &format!("a{i}"), &format!("seen {i}")),
+            )
+            .await;
+    }
+    let mut last = start.seq;
+    for _ in 0..3 {
+        if let (_, ServerFrame::NewMessage(m)) = bob.expect().await {
+            last = m.message.seq;
+        }
+    }
+    bob.raw.close().await.unwrap();
+    drop(bob);
+    for i in 0..5 {
+        alice
+            .request(
+                20 + i,
+                send_frame("r", &format!("b{i}"), &format!("missed {i}")),
+            )
+            .await;
+    }
+    // Bob resumes from where he was.
+    bob_raw = RawConnection::connect(&gw.url()).await.unwrap();
+    let resume = Resume {
+        session_id: bob_ready.session_id,
+        positions: vec![RoomPosition {
+            room: "r".into(),
+            epoch: start.epoch,
+            seq: last,
+        }],
+    };
+    bob_raw
+        .send(
+            1,
+            &ClientFrame::Identify(Identify {
+                token: token("bob"),
+                resume: Some(resume),
+            }),
+        )
+        .await
+        .unwrap();
+    let mut bob = Conn::new(bob_raw);
+    assert!(matches!(bob.expect().await, (1, ServerFrame::Ready(r)) if r.resuming));
+    let mut bodies = Vec::new();
+    loop {
+        match bob.expect().await.1 {
+            ServerFrame::NewMessage(m) => bodies.push(m.message.body),
+            ServerFrame::Resumed(r) => {
+                assert_eq!(r.rooms.len(), 1);
+                assert!(r.rooms[0].recovered);
+                assert_eq!(r.rooms[0].replayed, 5);
+                assert_eq!(r.rooms[0].seq, last + 5);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        bodies,
+        (0..5).map(|i| format!("missed {i}")).collect::<Vec<_>>()
+    );
+    // Live traffic continues after the replay, without duplicates.
+    alice.request(40, send_frame("r", "c", "live")).await;
+    match bob.expect().await.1 {
+        ServerFrame::NewMessage(m) => {
+            assert_eq!((m.message.body.as_str(), m.message.seq), ("live", last + 6))
+        }
+        other => panic!("{other:?}"),
+    }
+    // A position from another epoch is reported, not silently skipped.
+    let mut stale = RawConnection::connect(&gw.url()).await.unwrap();
+    let resume = Resume {
+        session_id: [0; 16],
+        positions: vec![RoomPosition {
+            room: "r".into(),
+            epoch: start.epoch + 1,
+            seq: 1,
+        }],
+    };
+    stale
+        .send(
+            1,
+            &ClientFrame::Identify(Identify {
+                token: token("carol"),
+                resume: Some(resume),
+            }),
+        )
+        .await
+        .unwrap();
+    let mut stale = Conn::new(stale);
+    stale.expect().await;
+    match stale.expect().await.1 {
+        ServerFrame::Resumed(r) => assert!(!r.rooms[0].recovered),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn typing_and_reactions_reach_the_room() {
+    let gw = Gateway::start(&[]);
+    let mut alice = user(&gw, "alice").await;
+    let mut bob = user(&gw, "bob").await;
+    join(&mut alice, &["r"]).await;
+    join(&mut bob, &["r"]).await;
+    assert!(matches!(
+        alice
+            .request(3, ClientFrame::Typing(Typing { room: "r".into() }))
+            .await,
+        ServerFrame::Ok
+    ));
+    assert!(matches!(bob.expect().await.1, ServerFrame::UserTyping(t) if t.user_id == "alice"));
+    let sent = match alice.request(4, send_frame("r", "m", "react to me")).await {
+        ServerFrame::MessageSent(s) => s,
+        other => panic!("{other:?}"),
+    };
+    bob.expect().await;
+    let react = ClientFrame::React(React {
+        room: "r".into(),
+        message_id: sent.message_id,
+        emoji: "👍".into(),
+        remove: false,
+    });
+    match bob.request(5, react).await {
+        ServerFrame::Reacted(r) => assert_eq!(r.seq, sent.seq + 1),
+        other => panic!("{other:?}"),
+    }
+    match alice.expect().await.1 {
+        ServerFrame::Reaction(r) => assert_eq!(
+            (r.user_id.as_str(), r.emoji.as_str(), r.seq),
+            ("bob", "👍", sent.seq + 1)
+        ),
+        other => panic!("{other:?}"),
+    }
+    let page = match alice
+        .request(
+            6,
+            ClientFrame::History(History {
+                room: "r".into(),
+                before: None,
+                limit: 5,
+            }),
+        )
+        .await
+    {
+        ServerFrame::HistoryPage(p) => p,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        page.messages[0].reactions,
+        vec![ReactionCount {
+            emoji: "👍".into(),
+            count: 1
+        }]
+    );
+    let missing = ClientFrame::React(React {
+        room: "r".into(),
+        message_id: 999_999,
+        emoji: "x".into(),
+        remove: false,
+    });
+    assert!(
+        matches!(bob.request(7, missing).await, ServerFrame::Error(e) if e.code == ErrorCode::NotFound.code())
+    );
+}
+
+#[tokio::test]
+async fn stored_memberships_are_joined_at_identify() {
+    let gw = Gateway::start(&[]);
+    let mut first = user(&gw, "erin").await;
+    join(&mut first, &["a", "b"]).await;
+    let (_, ready) = identified(&gw, "erin").await;
+    let rooms: Vec<&str> = ready.rooms.iter().map(|r| r.room.as_str()).collect();
+    assert_eq!(rooms, vec!["a", "b"]);
+    assert!(matches!(
+        first
+            .request(
+                3,
+                ClientFrame::Leave(Rooms {
+                    rooms: vec!["a".into()]
+                })
+            )
+            .await,
+        ServerFrame::Left(_)
+    ));
+    let (_, ready) = identified(&gw, "erin").await;
+    assert_eq!(ready.rooms.len(), 1);
+}
+
+#[tokio::test]
+async fn metrics_and_health_follow_activity() {
+    let gw = Gateway::start(&[]);
+    assert_eq!(gw.health()["connections"], 0);
+    let mut a = user(&gw, "a").await;
+    let mut b = user(&gw, "b").await;
+    join(&mut a, &["m"]).await;
+    join(&mut b, &["m"]).await;
+    a.request(3, send_frame("m", "1", "x")).await;
+    b.expect().await;
+    let h = gw.health();
+    assert_eq!(h["connections"], 2);
+    assert_eq!(h["rooms"], 1);
+    assert_eq!(h["status"], "ok");
+    assert!(h["memory_rss_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(gw.metric("chat_connections"), 2.0);
+    assert_eq!(gw.metric("chat_frames_in_total{opcode=\"send\"}"), 1.0);
+    assert_eq!(gw.metric("chat_frames_in_total{opcode=\"join\"}"), 2.0);
+    assert_eq!(gw.metric("chat_deliveries_total"), 1.0);
+    assert!(gw.metric("chat_frames_out_total{opcode=\"new_message\"}") >= 1.0);
+    assert!(gw.metric("chat_bytes_in_total") > 0.0);
+    assert!(gw.metric("chat_process_resident_memory_bytes") > 0.0);
+    assert!(gw.metric("chat_request_duration_seconds_count{opcode=\"send\"}") >= 1.0);
+}
+
+#[tokio::test]
+async fn at_capacity_upgrades_get_503_with_retry_after() {
+    let gw = Gateway::start(&["--max-connections", "2"]);
+    let _a = user(&gw, "a").await;
+    let _b = user(&gw, "b").await;
+    let err = RawConnection::connect(&gw.url()).await.err().unwrap();
+    assert!(err.to_string().contains("503"), "{err}");
+    assert_eq!(gw.metric("chat_connections_refused_overload_total"), 1.0);
+    assert_eq!(gw.get("/health").0, 200, "HTTP still served at capacity");
+}
+
+#[tokio::test]
+async fn sigterm_closes_sessions_with_4000_and_exits_cleanly() {
+    let mut gw = Gateway::start(&[]);
+    let (c, _) = identified(&gw, "a").await;
+    let mut c = Conn::new(c);
+    gw.terminate();
+    assert_eq!(c.close_code().await, Some(CloseCode::ShuttingDown.code()));
+    let status = gw.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn ten_thousand_connections_open_and_close_without_leaks() {
+    let gw = Gateway::start(&[]);
+    let url = gw.url();
+    for wave in 0..20 {
+        let mut tasks = Vec::new();
+        for i in 0..500 {
+            let url = url.clone();
+            tasks.push(tokio::spawn(async move {
+                let name = format!("u{wave}-{i}");
+                let mut c = RawConnection::connect(&url).await.unwrap();
+                c.send(
+                    1,
+                    &ClientFrame::Identify(Identify {
+                        token: token(&name),
+                        resume: None,
+                    }),
+                )
+                .await
+                .unwrap();
+                let rooms = vec![format!("room-{}", i % 50), "lobby".to_string()];
+                c.send(2, &ClientFrame::Join(Rooms { rooms }))
+                    .await
+                    .unwrap();
+                let mut c = Conn::new(c);
+                loop {
+                    if let (2, f) = c.expect().await {
+                        assert!(matches!(f, ServerFrame::Joined(_)));
+                        break;
+                    }
+                }
+                if i % 2 == 0 {
+                    c.raw.close().await.unwrap();
+                }
+                // Odd ones just drop the socket (no close handshake).
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+    let h = gw.wait_health("everything released", |h| {
+        h["connections"] == 0 && h["rooms"] == 0 && h["users"] == 0
+    });
+    assert_eq!(gw.metric("chat_connections_total"), 10_000.0, "{h}");
+    assert_eq!(gw.metric("chat_rooms"), 0.0);
+}
+
+#[tokio::test]
+async fn the_client_library_reconnects_and_rejoins_after_a_restart() {
+    // Reserve a port, then run two gateways on it one after the other.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let first = Gateway::start_on(&listen, &[]);
+    let mut config = ClientConfig::new(first.url(), token("alice"));
+    config.backoff_base = Duration::from_millis(50);
+    let (client, mut events) = Client::connect(config).await.unwrap();
+    client.join(&["r"]).await.unwrap();
+    first.terminate();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Event::Disconnected { code, reconnecting } => {
+                assert_eq!(code, Some(CloseCode::ShuttingDown.code()));
+                assert!(reconnecting);
+                break;
+            }
+            _ => continue,
+        }
+    }
+    drop(first);
+    let second = Gateway::start_on(&listen, &[]);
+    // The new node has a new epoch: the client hears it could not recover.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Event::Resumed(r) => {
+                assert_eq!(r.rooms.len(), 1);
+                assert!(!r.rooms[0].recovered);
+                break;
+            }
+            _ => continue,
+        }
+    }
+    // It is back in the room: messages reach it.
+    let mut bob = user(&second, "bob").await;
+    join(&mut bob, &["r"]).await;
+    bob.request(3, send_frame("r", "x", "welcome back")).await;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Event::Message(m) => {
+                assert_eq!(m.message.body, "welcome back");
+                break;
+            }
+            _ => continue,
+        }
+    }
+    // Requests work on the new connection.
+    assert_eq!(client.send("r", "thanks").await.unwrap().seq, 2);
+}

@@ -1,0 +1,313 @@
+//! In-memory engine: the embedded default, so the gateway runs with
+//! nothing installed. Data lives as long as the process.
+//!
+//! Memory is bounded: each room keeps its newest `max_messages_per_room`
+//! messages (older ones, their reactions and idempotency keys are dropped),
+//! so a long-running development server cannot grow without limit.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry as MapEntry;
+use parking_lot::Mutex;
+
+use chatgate_protocol::payload::ReactionCount;
+
+use crate::model::{
+    Cursor, Inserted, Message, NewMessage, Page, ReactionChange, ReactionOutcome, User,
+};
+use crate::{Store, StoreError};
+
+/// Tuning for [`MemoryStore`].
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryStoreConfig {
+    /// Messages kept per room; the oldest are dropped beyond this.
+    /// Default 10,000: deep enough for development and demos, and a
+    /// few MiB per busy room at most.
+    pub max_messages_per_room: usize,
+}
+
+impl Default for MemoryStoreConfig {
+    fn default() -> Self {
+        MemoryStoreConfig {
+            max_messages_per_room: 10_000,
+        }
+    }
+}
+
+struct Stored {
+    message: Message,
+    reactions: BTreeMap<String, BTreeSet<String>>,
+}
+
+#[derive(Default)]
+struct RoomData {
+    /// Oldest first; (created_at_ms, id) strictly increasing.
+    messages: VecDeque<Stored>,
+}
+
+impl RoomData {
+    fn position_of(&self, id: u64) -> Option<usize> {
+        // Ids are assigned under this room's lock, so they increase along
+        // the deque and binary search applies.
+        self.messages
+            .binary_search_by_key(&id, |s| s.message.id)
+            .ok()
+    }
+}
+
+/// The in-memory [`Store`].
+pub struct MemoryStore {
+    config: MemoryStoreConfig,
+    next_id: AtomicU64,
+    users: DashMap<String, User>,
+    memberships: DashMap<String, HashSet<String>>,
+    rooms: DashMap<String, Arc<Mutex<RoomData>>>,
+    /// (sender, client message id) -> (room, message id).
+    idempotency: DashMap<(String, String), (String, u64)>,
+    /// message id -> room.
+    message_rooms: DashMap<u64, String>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new(MemoryStoreConfig::default())
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn with_reactions(s: &Stored) -> Message {
+    let mut m = s.message.clone();
+    m.reactions = s
+        .reactions
+        .iter()
+        .filter(|(_, users)| !users.is_empty())
+        .map(|(emoji, users)| ReactionCount {
+            emoji: emoji.clone(),
+            count: users.len() as u32,
+        })
+        .collect();
+    m
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new(config: MemoryStoreConfig) -> Self {
+        MemoryStore {
+            config,
+            next_id: AtomicU64::new(1),
+            users: DashMap::new(),
+            memberships: DashMap::new(),
+            rooms: DashMap::new(),
+            idempotency: DashMap::new(),
+            message_rooms: DashMap::new(),
+        }
+    }
+
+    fn room(&self, room: &str) -> Arc<Mutex<RoomData>> {
+        if let Some(r) = self.rooms.get(room) {
+            return r.clone();
+        }
+        self.rooms.entry(room.to_owned()).or_default().clone()
+    }
+
+    fn find(&self, room: &str, id: u64) -> Option<Message> {
+        let data = self.rooms.get(room)?.clone();
+        let data = data.lock();
+        data.position_of(id)
+            .map(|i| with_reactions(&data.messages[i]))
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn engine(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn upsert_user(&self, user: &User) -> Result<(), StoreError> {
+        self.users.insert(user.id.clone(), user.clone());
+        Ok(())
+    }
+
+    async fn memberships(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
+        let mut rooms: Vec<String> = self
+            .memberships
+            .get(user_id)
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default();
+        rooms.sort();
+        Ok(rooms)
+    }
+
+    async fn join(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
+        let mut set = self.memberships.entry(user_id.to_owned()).or_default();
+        set.extend(rooms.iter().cloned());
+        Ok(())
+    }
+
+    async fn leave(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
+        if let Some(mut set) = self.memberships.get_mut(user_id) {
+            for r in rooms {
+                set.remove(r);
+            }
+        }
+        self.memberships.remove_if(user_id, |_, set| set.is_empty());
+        Ok(())
+    }
+
+    async fn insert_message(&self, msg: NewMessage) -> Result<Inserted, StoreError> {
+        let key = (msg.sender_id.clone(), msg.client_msg_id.clone());
+        let mut evicted = Vec::new();
+        let inserted = match self.idempotency.entry(key) {
+            MapEntry::Occupied(e) => {
+                let (room, id) = e.get().clone();
+                drop(e);
+                let message = self.find(&room, id).ok_or_else(|| {
+                    StoreError::Internal("idempotency key without message".into())
+                })?;
+                return Ok(Inserted {
+                    message,
+                    duplicate: true,
+                });
+            }
+            MapEntry::Vacant(slot) => {
+                let data = self.room(&msg.room);
+                let mut data = data.lock();
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let last = data
+                    .messages
+                    .back()
+                    .map(|s| s.message.created_at_ms)
+                    .unwrap_or(0);
+                let message = Message {
+                    id,
+                    room: msg.room.clone(),
+                    seq: 0,
+                    sender_id: msg.sender_id,
+                    sender_name: msg.sender_name,
+                    client_msg_id: msg.client_msg_id,
+                    body: msg.body,
+                    attachments: msg.attachments,
+                    reactions: Vec::new(),
+                    created_at_ms: now_ms().max(last),
+                };
+                data.messages.push_back(Stored {
+                    message: message.clone(),
+                    reactions: BTreeMap::new(),
+                });
+                while data.messages.len() > self.config.max_messages_per_room {
+                    if let Some(old) = data.messages.pop_front() {
+                        evicted.push(old.message);
+                    }
+                }
+                drop(data);
+                slot.insert((msg.room, id));
+                self.message_rooms.insert(id, message.room.clone());
+                Inserted {
+                    message,
+                    duplicate: false,
+                }
+            }
+        };
+        // Outside the room lock: the idempotency map is locked before room
+        // locks on insert, never after.
+        for old in evicted {
+            self.idempotency.remove(&(old.sender_id, old.client_msg_id));
+            self.message_rooms.remove(&old.id);
+        }
+        Ok(inserted)
+    }
+
+    async fn set_seq(&self, message_id: u64, seq: u64) -> Result<(), StoreError> {
+        let Some(room) = self.message_rooms.get(&message_id).map(|r| r.clone()) else {
+            return Err(StoreError::NotFound);
+        };
+        let data = self.room(&room);
+        let mut data = data.lock();
+        let i = data.position_of(message_id).ok_or(StoreError::NotFound)?;
+        data.messages[i].message.seq = seq;
+        Ok(())
+    }
+
+    async fn react(&self, change: &ReactionChange) -> Result<ReactionOutcome, StoreError> {
+        let data = self
+            .rooms
+            .get(&change.room)
+            .map(|r| r.clone())
+            .ok_or(StoreError::NotFound)?;
+        let mut data = data.lock();
+        let i = data
+            .position_of(change.message_id)
+            .ok_or(StoreError::NotFound)?;
+        let reactions = &mut data.messages[i].reactions;
+        let changed = if change.remove {
+            let changed = reactions
+                .get_mut(&change.emoji)
+                .is_some_and(|users| users.remove(&change.user_id));
+            reactions.retain(|_, users| !users.is_empty());
+            changed
+        } else {
+            reactions
+                .entry(change.emoji.clone())
+                .or_default()
+                .insert(change.user_id.clone())
+        };
+        Ok(if changed {
+            ReactionOutcome::Changed
+        } else {
+            ReactionOutcome::Unchanged
+        })
+    }
+
+    async fn history(
+        &self,
+        room: &str,
+        before: Option<Cursor>,
+        limit: u32,
+    ) -> Result<Page, StoreError> {
+        let Some(data) = self.rooms.get(room).map(|r| r.clone()) else {
+            return Ok(Page {
+                messages: Vec::new(),
+                next: None,
+            });
+        };
+        let data = data.lock();
+        let end = match before {
+            None => data.messages.len(),
+            Some(c) => data.messages.partition_point(|s| {
+                (s.message.created_at_ms, s.message.id) < (c.created_at_ms, c.message_id)
+            }),
+        };
+        let start = end.saturating_sub(limit as usize);
+        let messages: Vec<Message> = data
+            .messages
+            .range(start..end)
+            .rev()
+            .map(with_reactions)
+            .collect();
+        let next = if start > 0 {
+            messages.last().map(|m| Cursor {
+                created_at_ms: m.created_at_ms,
+                message_id: m.id,
+            })
+        } else {
+            None
+        };
+        Ok(Page { messages, next })
+    }
+}

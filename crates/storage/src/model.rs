@@ -1,0 +1,77 @@
+//! Records exchanged with a [`crate::Store`]. Messages and cursors are the
+//! protocol's own types, so history pages go to the wire without copying
+//! field by field.
+
+pub use chatgate_protocol::payload::{Attachment, Cursor, Message};
+
+/// A user profile as the gateway knows it (from the access token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// Stable user id (the token's subject).
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Avatar URL, possibly empty.
+    pub image: String,
+}
+
+/// A message to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    /// Room.
+    pub room: String,
+    /// Sender's user id.
+    pub sender_id: String,
+    /// Sender's display name at send time.
+    pub sender_name: String,
+    /// Idempotency key, unique per sender.
+    pub client_msg_id: String,
+    /// Text.
+    pub body: String,
+    /// Attachment metadata.
+    pub attachments: Vec<Attachment>,
+}
+
+/// Result of an idempotent insert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inserted {
+    /// The stored message (the original one when `duplicate`). Its `seq`
+    /// is 0 until [`crate::Store::set_seq`] records the room sequence.
+    pub message: Message,
+    /// True when (sender, client id) was already stored.
+    pub duplicate: bool,
+}
+
+/// A reaction being added or removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReactionChange {
+    /// Room the message must belong to.
+    pub room: String,
+    /// Message id.
+    pub message_id: u64,
+    /// Reacting user.
+    pub user_id: String,
+    /// Emoji.
+    pub emoji: String,
+    /// Remove instead of add.
+    pub remove: bool,
+}
+
+/// What a reaction change did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReactionOutcome {
+    /// The reaction set changed; the change should be published.
+    Changed,
+    /// Nothing to do (already present, or already absent).
+    Unchanged,
+}
+
+/// One page of history, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// Messages, newest first, each with its reactions and attachments.
+    pub messages: Vec<Message>,
+    /// Cursor for the next older page; `None` when this page reached the
+    /// beginning of the room.
+    pub next: Option<Cursor>,
+}

@@ -1,0 +1,264 @@
+//! The behavioural contract of [`Store`], as runnable checks.
+//!
+//! Each engine's test file calls [`run_all`] with a fresh store; a check
+//! panics with a message naming the broken rule. Room and user names are
+//! prefixed with `tag` so several runs can share one database.
+#![allow(clippy::unwrap_used)] // a panic here is a failed test
+
+use std::sync::Arc;
+
+use crate::model::{Attachment, Cursor, NewMessage, ReactionChange, ReactionOutcome, User};
+use crate::{Store, StoreError};
+
+fn new_msg(room: &str, sender: &str, cid: &str, body: &str) -> NewMessage {
+    NewMessage {
+        room: room.into(),
+        sender_id: sender.into(),
+        sender_name: format!("{sender} name"),
+        client_msg_id: cid.into(),
+        body: body.into(),
+        attachments: vec![],
+    }
+}
+
+/// Runs every check against `store`.
+pub async fn run_all(store: Arc<dyn Store>, tag: &str) {
+    store.ping().await.unwrap();
+    memberships(&*store, tag).await;
+    idempotent_insert(&*store, tag).await;
+    concurrent_duplicates_store_once(store.clone(), tag).await;
+    history_pages_newest_first(&*store, tag).await;
+    history_carries_reactions_attachments_and_seq(&*store, tag).await;
+    reactions(&*store, tag).await;
+}
+
+/// Join/leave are idempotent and memberships list exactly the joined rooms.
+pub async fn memberships(store: &dyn Store, tag: &str) {
+    let u = format!("{tag}-mem-user");
+    store
+        .upsert_user(&User {
+            id: u.clone(),
+            name: "M".into(),
+            image: String::new(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        store.memberships(&u).await.unwrap().is_empty(),
+        "new user has no rooms"
+    );
+    let rooms: Vec<String> = ["b", "a", "c"]
+        .iter()
+        .map(|r| format!("{tag}-{r}"))
+        .collect();
+    store.join(&u, &rooms).await.unwrap();
+    store.join(&u, &rooms[..1]).await.unwrap();
+    let mut want = rooms.clone();
+    want.sort();
+    assert_eq!(
+        store.memberships(&u).await.unwrap(),
+        want,
+        "memberships after join"
+    );
+    store.leave(&u, &rooms[1..2]).await.unwrap();
+    store.leave(&u, &rooms[1..2]).await.unwrap();
+    let mut want: Vec<String> = vec![rooms[0].clone(), rooms[2].clone()];
+    want.sort();
+    assert_eq!(
+        store.memberships(&u).await.unwrap(),
+        want,
+        "memberships after leave"
+    );
+}
+
+/// A retried (sender, client id) returns the original and stores nothing.
+pub async fn idempotent_insert(store: &dyn Store, tag: &str) {
+    let room = format!("{tag}-idem");
+    let first = store
+        .insert_message(new_msg(&room, "alice", "cid-1", "one"))
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    let again = store
+        .insert_message(new_msg(&room, "alice", "cid-1", "changed"))
+        .await
+        .unwrap();
+    assert!(again.duplicate, "retry must be flagged duplicate");
+    assert_eq!(again.message.id, first.message.id);
+    assert_eq!(
+        again.message.body, "one",
+        "retry returns the original message"
+    );
+    // Same client id from another sender is a different message.
+    let other = store
+        .insert_message(new_msg(&room, "bob", "cid-1", "bob's"))
+        .await
+        .unwrap();
+    assert!(!other.duplicate);
+    assert_ne!(other.message.id, first.message.id);
+    let page = store.history(&room, None, 100).await.unwrap();
+    assert_eq!(page.messages.len(), 2, "exactly two messages stored");
+}
+
+/// Racing retries of one message store it exactly once.
+pub async fn concurrent_duplicates_store_once(store: Arc<dyn Store>, tag: &str) {
+    let room = format!("{tag}-race");
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let s = store.clone();
+        let room = room.clone();
+        tasks.push(tokio::spawn(async move {
+            s.insert_message(new_msg(&room, "carol", "same", "x"))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut ids = Vec::new();
+    let mut fresh = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        ids.push(r.message.id);
+        fresh += usize::from(!r.duplicate);
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "all retries see one id");
+    assert_eq!(fresh, 1, "exactly one insert is not a duplicate");
+    assert_eq!(
+        store
+            .history(&room, None, 100)
+            .await
+            .unwrap()
+            .messages
+            .len(),
+        1
+    );
+}
+
+/// Keyset pagination walks every message once, newest first.
+pub async fn history_pages_newest_first(store: &dyn Store, tag: &str) {
+    let room = format!("{tag}-hist");
+    let empty = store.history(&room, None, 50).await.unwrap();
+    assert!(
+        empty.messages.is_empty() && empty.next.is_none(),
+        "empty room"
+    );
+    let mut ids = Vec::new();
+    for i in 0..125 {
+        let m = store
+            .insert_message(new_msg(&room, "dave", &format!("h{i}"), &format!("m{i}")))
+            .await;
+        ids.push(m.unwrap().message.id);
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<Cursor> = None;
+    let mut pages = 0;
+    loop {
+        let page = store.history(&room, cursor, 50).await.unwrap();
+        pages += 1;
+        assert!(page.messages.len() <= 50);
+        for w in page.messages.windows(2) {
+            assert!(
+                (w[0].created_at_ms, w[0].id) > (w[1].created_at_ms, w[1].id),
+                "page not newest first"
+            );
+        }
+        seen.extend(page.messages.iter().map(|m| m.id));
+        match page.next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+        assert!(pages < 10, "pagination does not terminate");
+    }
+    assert_eq!(pages, 3, "125 messages are 3 pages of 50");
+    ids.reverse();
+    assert_eq!(seen, ids, "every message exactly once, newest first");
+    let newest = store.history(&room, None, 1).await.unwrap();
+    assert_eq!(newest.messages[0].body, "m124");
+}
+
+/// History returns reactions, attachments and the recorded sequence.
+pub async fn history_carries_reactions_attachments_and_seq(store: &dyn Store, tag: &str) {
+    let room = format!("{tag}-rich");
+    let mut m = new_msg(&room, "erin", "r1", "with file");
+    m.attachments = vec![Attachment {
+        url: "https://cdn.example/x.png".into(),
+        name: "x.png".into(),
+        mime: "image/png".into(),
+        size: 1234,
+    }];
+    let stored = store.insert_message(m).await.unwrap().message;
+    store.set_seq(stored.id, 7).await.unwrap();
+    for (user, emoji) in [("u1", "👍"), ("u2", "👍"), ("u1", "🎉")] {
+        let change = ReactionChange {
+            room: room.clone(),
+            message_id: stored.id,
+            user_id: user.into(),
+            emoji: emoji.into(),
+            remove: false,
+        };
+        assert_eq!(
+            store.react(&change).await.unwrap(),
+            ReactionOutcome::Changed
+        );
+    }
+    let page = store.history(&room, None, 10).await.unwrap();
+    let got = &page.messages[0];
+    assert_eq!(got.seq, 7, "recorded sequence");
+    assert_eq!(got.attachments.len(), 1);
+    assert_eq!(got.attachments[0].size, 1234);
+    let mut counts: Vec<(String, u32)> = got
+        .reactions
+        .iter()
+        .map(|r| (r.emoji.clone(), r.count))
+        .collect();
+    counts.sort();
+    assert_eq!(counts, vec![("🎉".to_string(), 1), ("👍".to_string(), 2)]);
+}
+
+/// Reactions are idempotent per (user, emoji) and checked against the room.
+pub async fn reactions(store: &dyn Store, tag: &str) {
+    let room = format!("{tag}-react");
+    let msg = store
+        .insert_message(new_msg(&room, "frank", "x1", "react to me"))
+        .await
+        .unwrap();
+    let mut change = ReactionChange {
+        room: room.clone(),
+        message_id: msg.message.id,
+        user_id: "grace".into(),
+        emoji: "🔥".into(),
+        remove: false,
+    };
+    assert_eq!(
+        store.react(&change).await.unwrap(),
+        ReactionOutcome::Changed
+    );
+    assert_eq!(
+        store.react(&change).await.unwrap(),
+        ReactionOutcome::Unchanged
+    );
+    change.remove = true;
+    assert_eq!(
+        store.react(&change).await.unwrap(),
+        ReactionOutcome::Changed
+    );
+    assert_eq!(
+        store.react(&change).await.unwrap(),
+        ReactionOutcome::Unchanged
+    );
+    let page = store.history(&room, None, 1).await.unwrap();
+    assert!(
+        page.messages[0].reactions.is_empty(),
+        "removed reaction is gone"
+    );
+    let wrong_room = ReactionChange {
+        room: format!("{tag}-elsewhere"),
+        ..change.clone()
+    };
+    assert_eq!(store.react(&wrong_room).await, Err(StoreError::NotFound));
+    let missing = ReactionChange {
+        message_id: u64::MAX - 1,
+        ..change
+    };
+    assert_eq!(store.react(&missing).await, Err(StoreError::NotFound));
+}

@@ -1,0 +1,165 @@
+//! Idle-server latency: how long a new session takes to become Ready, and
+//! how long a message takes to be acknowledged and delivered.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+
+use chatgate_client::{Incoming, RawConnection};
+use chatgate_protocol::payload::{Identify, Rooms, Send};
+use chatgate_protocol::{ClientFrame, ServerFrame};
+
+use crate::report::{self, histogram, record};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct LatencyOptions {
+    /// WebSocket URL of the gateway.
+    pub url: String,
+    /// Token secret of the gateway.
+    pub secret: String,
+    /// Sessions to open (one sample each).
+    pub connects: usize,
+    /// Sessions opened concurrently.
+    pub concurrency: usize,
+    /// Messages to send (one ack and one delivery sample each).
+    pub messages: usize,
+}
+
+async fn frames(c: &mut RawConnection) -> anyhow::Result<Vec<(u32, ServerFrame)>> {
+    match c.recv_timeout(Duration::from_secs(10)).await? {
+        Some(Incoming::Frames(f)) => Ok(f),
+        Some(Incoming::Closed(code)) => bail!("closed: {code:?}"),
+        None => bail!("no reply within 10 s"),
+    }
+}
+
+async fn open(url: &str, token: String) -> anyhow::Result<RawConnection> {
+    let mut c = RawConnection::connect(url).await?;
+    c.send(
+        1,
+        &ClientFrame::Identify(Identify {
+            token,
+            resume: None,
+        }),
+    )
+    .await?;
+    loop {
+        for (_, f) in frames(&mut c).await? {
+            if let ServerFrame::Ready(_) = f {
+                return Ok(c);
+            }
+        }
+    }
+}
+
+/// Connect + Identify -> Ready, `connects` times.
+pub async fn connects(o: &LatencyOptions) -> anyhow::Result<(Histogram<u64>, Duration)> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    let per_task = o.connects.div_ceil(o.concurrency.max(1));
+    for t in 0..o.concurrency.max(1) {
+        let o = o.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut h = histogram();
+            for i in 0..per_task {
+                let user = format!("lat-{t}-{i}");
+                let t0 = Instant::now();
+                let mut c = open(&o.url, crate::token(&o.secret, &user)).await?;
+                record(&mut h, t0.elapsed());
+                let _ = c.close().await;
+            }
+            anyhow::Ok(h)
+        }));
+    }
+    let mut all = histogram();
+    for t in tasks {
+        all.add(t.await??).context("merging histograms")?;
+    }
+    Ok((all, started.elapsed()))
+}
+
+/// Send -> MessageSent (ack) and send -> NewMessage at the other member
+/// (delivery), one message at a time.
+pub async fn round_trips(o: &LatencyOptions) -> anyhow::Result<(Histogram<u64>, Histogram<u64>)> {
+    let room = "latency-room".to_string();
+    let mut a = open(&o.url, crate::token(&o.secret, "lat-sender")).await?;
+    let mut b = open(&o.url, crate::token(&o.secret, "lat-receiver")).await?;
+    for c in [&mut a, &mut b] {
+        c.send(
+            2,
+            &ClientFrame::Join(Rooms {
+                rooms: vec![room.clone()],
+            }),
+        )
+        .await?;
+        while !frames(c).await?.iter().any(|(rid, _)| *rid == 2) {}
+    }
+    let (mut ack, mut delivery) = (histogram(), histogram());
+    let receiver = tokio::spawn(async move {
+        let mut got = Vec::with_capacity(1 << 14);
+        while let Ok(Some(Incoming::Frames(f))) = b.recv_timeout(Duration::from_secs(5)).await {
+            let now = Instant::now();
+            got.extend(
+                f.iter()
+                    .filter(|(_, f)| matches!(f, ServerFrame::NewMessage(_)))
+                    .map(|_| now),
+            );
+        }
+        got
+    });
+    let mut sent_at = Vec::with_capacity(o.messages);
+    for i in 0..o.messages {
+        let frame = ClientFrame::Send(Send {
+            room: room.clone(),
+            client_msg_id: format!("lat-{i}"),
+            body: "a typical short chat message, about sixty bytes long, ok".into(),
+            attachments: vec![],
+        });
+        let t0 = Instant::now();
+        a.send(10, &frame).await?;
+        loop {
+            if frames(&mut a)
+                .await?
+                .iter()
+                .any(|(rid, f)| *rid == 10 && matches!(f, ServerFrame::MessageSent(_)))
+            {
+                break;
+            }
+        }
+        record(&mut ack, t0.elapsed());
+        sent_at.push(t0);
+    }
+    let _ = a.close().await;
+    let got = receiver.await?;
+    if got.len() != sent_at.len() {
+        bail!("receiver got {} of {} messages", got.len(), sent_at.len());
+    }
+    for (s, r) in sent_at.iter().zip(&got) {
+        record(&mut delivery, r.saturating_duration_since(*s));
+    }
+    Ok((ack, delivery))
+}
+
+/// Runs both measurements, prints the summary, returns the JSON report.
+pub async fn run(o: &LatencyOptions) -> anyhow::Result<Value> {
+    let (connect, elapsed) = connects(o).await?;
+    println!("{}", report::line("connect+identify -> Ready", &connect));
+    let rate = connect.len() as f64 / elapsed.as_secs_f64();
+    println!(
+        "{:<28} {rate:.0} sessions/s (concurrency {})",
+        "", o.concurrency
+    );
+    let (ack, delivery) = round_trips(o).await?;
+    println!("{}", report::line("send -> ack", &ack));
+    println!("{}", report::line("send -> delivered", &delivery));
+    Ok(json!({
+        "scenario": "latency",
+        "connect_to_ready": report::json(&connect),
+        "sessions_per_sec": rate,
+        "send_to_ack": report::json(&ack),
+        "send_to_delivery": report::json(&delivery),
+    }))
+}
