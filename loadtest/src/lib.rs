@@ -21,6 +21,7 @@ pub fn token(secret: &str, user: &str) -> String {
     Verifier::new(secret.as_bytes()).mint(&Claims {
         sub: user.to_owned(),
         name: Some(user.to_owned()),
+        picture: None,
         exp: unix_now() + 86_400,
     })
 }

@@ -264,6 +264,7 @@ mod tests {
             seq: 0,
             sender_id: "u".into(),
             sender_name: "U".into(),
+            sender_image: String::new(),
             client_msg_id: body.into(),
             body: body.into(),
             attachments: vec![],

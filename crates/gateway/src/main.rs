@@ -35,6 +35,9 @@ enum Command {
         /// Display name (defaults to the user id).
         #[arg(long)]
         name: Option<String>,
+        /// Avatar URL.
+        #[arg(long)]
+        picture: Option<String>,
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 86_400)]
         ttl: u64,
@@ -45,10 +48,16 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::load(&cli.overrides)?;
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Token { user, name, ttl } => {
+        Command::Token {
+            user,
+            name,
+            picture,
+            ttl,
+        } => {
             let token = Verifier::new(config.token_secret.as_bytes()).mint(&Claims {
                 sub: user,
                 name,
+                picture,
                 exp: unix_now() + ttl,
             });
             println!("{token}");

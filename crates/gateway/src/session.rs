@@ -117,6 +117,7 @@ pub struct Session {
     conn: u64,
     user_id: Arc<str>,
     user_name: Arc<str>,
+    user_image: Arc<str>,
     session_id: SessionId,
     outbox: Arc<Outbox>,
     rooms: HashSet<Arc<str>>,
@@ -155,6 +156,7 @@ impl Session {
             })?;
         let user_id: Arc<str> = Arc::from(claims.sub.as_str());
         let user_name: Arc<str> = Arc::from(claims.name.as_deref().unwrap_or(&claims.sub));
+        let user_image: Arc<str> = Arc::from(claims.picture.as_deref().unwrap_or(""));
         if !node.users.connect(&user_id) {
             node.metrics.refused_user_limit.inc();
             return Err(CloseCode::ConnectionLimit);
@@ -167,6 +169,7 @@ impl Session {
             conn,
             user_id,
             user_name,
+            user_image,
             session_id,
             outbox,
             rooms: HashSet::new(),
@@ -175,7 +178,7 @@ impl Session {
         let user = User {
             id: claims.sub.clone(),
             name: session.user_name.to_string(),
-            image: String::new(),
+            image: session.user_image.to_string(),
         };
         let stored = match node.store.upsert_user(&user).await {
             Ok(()) => node.store.memberships(&claims.sub).await,
@@ -496,6 +499,7 @@ impl Session {
             room: s.room,
             sender_id: self.user_id.to_string(),
             sender_name: self.user_name.to_string(),
+            sender_image: self.user_image.to_string(),
             client_msg_id: s.client_msg_id,
             body: s.body,
             attachments: s.attachments,

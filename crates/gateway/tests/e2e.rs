@@ -297,6 +297,7 @@ async fn bad_input_gets_its_close_code_and_others_are_unaffected() {
         &chatgate_gateway::auth::Claims {
             sub: "alice".into(),
             name: None,
+            picture: None,
             exp: u64::MAX / 2,
         },
     );

@@ -18,6 +18,7 @@ fn event(body: String) -> ServerFrame {
             seq: 98_765,
             sender_id: "u-3f2a9c".into(),
             sender_name: "Alice Example".into(),
+            sender_image: "https://cdn.example/u/3f2a9c.png".into(),
             client_msg_id: "0b6c8f0e-6f7e-4d1e-9a53-3c2f1d7a9e11".into(),
             body,
             attachments: vec![],

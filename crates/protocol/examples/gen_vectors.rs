@@ -19,6 +19,7 @@ fn msg(id: u64, seq: u64, body: &str) -> Message {
         seq,
         sender_id: "u-alice".into(),
         sender_name: "Alice".into(),
+        sender_image: "https://i.example/a.png".into(),
         client_msg_id: format!("c-{id}"),
         body: body.into(),
         attachments: vec![],

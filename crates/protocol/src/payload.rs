@@ -85,6 +85,9 @@ pub struct Message {
     /// Sender's display name at the time of sending.
     #[serde(deserialize_with = "wire::text")]
     pub sender_name: String,
+    /// Sender's avatar URL at the time of sending (may be empty).
+    #[serde(deserialize_with = "wire::text")]
+    pub sender_image: String,
     /// The sender's idempotency key (lets the sender's other devices
     /// match their own optimistic copy).
     #[serde(deserialize_with = "wire::text")]

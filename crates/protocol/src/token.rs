@@ -23,6 +23,9 @@ pub struct Claims {
     /// Display name; defaults to the user id.
     #[serde(default)]
     pub name: Option<String>,
+    /// Avatar URL (the OpenID Connect claim name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub picture: Option<String>,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
 }
@@ -128,6 +131,7 @@ mod tests {
         Claims {
             sub: "alice".into(),
             name: Some("Alice".into()),
+            picture: None,
             exp,
         }
     }

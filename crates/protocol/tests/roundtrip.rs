@@ -48,7 +48,7 @@ fn cursor() -> impl Strategy<Value = Cursor> {
 
 fn message() -> impl Strategy<Value = Message> {
     (
-        (int(), text(), int(), text(), text(), text(), text()),
+        (int(), text(), int(), text(), text(), text(), text(), text()),
         vec(attachment(), 0..3),
         vec(
             (text(), any::<u32>()).prop_map(|(emoji, count)| ReactionCount { emoji, count }),
@@ -58,7 +58,7 @@ fn message() -> impl Strategy<Value = Message> {
     )
         .prop_map(
             |(
-                (id, room, seq, sender_id, sender_name, client_msg_id, body),
+                (id, room, seq, sender_id, sender_name, sender_image, client_msg_id, body),
                 attachments,
                 reactions,
                 created_at_ms,
@@ -69,6 +69,7 @@ fn message() -> impl Strategy<Value = Message> {
                     seq,
                     sender_id,
                     sender_name,
+                    sender_image,
                     client_msg_id,
                     body,
                     attachments,

@@ -200,6 +200,7 @@ impl Store for MemoryStore {
                     seq: 0,
                     sender_id: msg.sender_id,
                     sender_name: msg.sender_name,
+                    sender_image: msg.sender_image,
                     client_msg_id: msg.client_msg_id,
                     body: msg.body,
                     attachments: msg.attachments,

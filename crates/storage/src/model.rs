@@ -24,6 +24,8 @@ pub struct NewMessage {
     pub sender_id: String,
     /// Sender's display name at send time.
     pub sender_name: String,
+    /// Sender's avatar URL at send time.
+    pub sender_image: String,
     /// Idempotency key, unique per sender.
     pub client_msg_id: String,
     /// Text.

@@ -15,6 +15,7 @@ fn new_msg(room: &str, sender: &str, cid: &str, body: &str) -> NewMessage {
         room: room.into(),
         sender_id: sender.into(),
         sender_name: format!("{sender} name"),
+        sender_image: format!("https://i.example/{sender}.png"),
         client_msg_id: cid.into(),
         body: body.into(),
         attachments: vec![],

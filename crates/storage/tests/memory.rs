@@ -22,6 +22,7 @@ async fn memory_store_keeps_only_the_newest_messages_per_room() {
                 room: "r".into(),
                 sender_id: "u".into(),
                 sender_name: "U".into(),
+                sender_image: String::new(),
                 client_msg_id: format!("c{i}"),
                 body: format!("{i}"),
                 attachments: vec![],

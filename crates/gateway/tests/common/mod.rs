@@ -134,6 +134,7 @@ pub fn token(user: &str) -> String {
     Verifier::new(DEV_SECRET.as_bytes()).mint(&Claims {
         sub: user.into(),
         name: Some(format!("{user} (name)")),
+        picture: Some(format!("https://i.example/{user}.png")),
         exp: unix_now() + 3600,
     })
 }
