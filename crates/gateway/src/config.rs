@@ -58,6 +58,12 @@ pub struct Config {
     /// WebSocket read buffer per connection. Default 4 KiB: enough for any
     /// chat frame header and typical message; idle sockets stay cheap.
     pub ws_read_buffer: usize,
+    /// PostgreSQL URL. Unset (the default): the in-memory store.
+    pub database_url: Option<String>,
+    /// Pooled Postgres connections. Default 16.
+    pub db_pool_size: usize,
+    /// Redis URL for the cache of hot data. Unset: no cache.
+    pub redis_url: Option<String>,
 }
 
 impl Default for Config {
@@ -79,6 +85,9 @@ impl Default for Config {
             recovery_window: Duration::from_secs(120),
             shutdown_grace: Duration::from_secs(10),
             ws_read_buffer: 4096,
+            database_url: None,
+            db_pool_size: 16,
+            redis_url: None,
         }
     }
 }
@@ -151,6 +160,15 @@ pub struct Overrides {
     /// WebSocket read buffer per connection, bytes.
     #[arg(long, env = "CHAT_WS_READ_BUFFER")]
     pub ws_read_buffer: Option<usize>,
+    /// PostgreSQL URL (unset: in-memory store).
+    #[arg(long, env = "CHAT_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Pooled Postgres connections.
+    #[arg(long, env = "CHAT_DB_POOL_SIZE")]
+    pub db_pool_size: Option<usize>,
+    /// Redis URL (cache of hot data).
+    #[arg(long, env = "CHAT_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
 }
 
 /// The TOML file: the same keys as the flags, with underscores.
@@ -173,6 +191,9 @@ struct FileConfig {
     recovery_window_secs: Option<u64>,
     shutdown_grace_ms: Option<u64>,
     ws_read_buffer: Option<usize>,
+    database_url: Option<String>,
+    db_pool_size: Option<usize>,
+    redis_url: Option<String>,
 }
 
 impl Config {
@@ -253,6 +274,12 @@ impl Config {
                 .ws_read_buffer
                 .or(file.ws_read_buffer)
                 .unwrap_or(d.ws_read_buffer),
+            database_url: o.database_url.clone().or(file.database_url),
+            db_pool_size: o
+                .db_pool_size
+                .or(file.db_pool_size)
+                .unwrap_or(d.db_pool_size),
+            redis_url: o.redis_url.clone().or(file.redis_url),
         };
         c.validate()?;
         Ok(c)

@@ -149,8 +149,15 @@ pub fn rss_bytes() -> u64 {
 }
 
 fn health(node: &Node) -> Response<Body> {
+    let store = if node.store_up() { "ok" } else { "degraded" };
+    let cache = match node.cache_degraded() {
+        None => serde_json::Value::Null,
+        Some(false) => serde_json::json!({ "engine": "redis", "status": "ok" }),
+        Some(true) => serde_json::json!({ "engine": "redis", "status": "degraded" }),
+    };
+    let degraded = !node.store_up() || node.cache_degraded() == Some(true);
     let body = serde_json::json!({
-        "status": "ok",
+        "status": if degraded { "degraded" } else { "ok" },
         "connections": node.connections(),
         "rooms": node.hub.room_count(),
         "users": node.users.len(),
@@ -158,7 +165,8 @@ fn health(node: &Node) -> Response<Body> {
         "memory_rss_bytes": rss_bytes(),
         "max_connections": node.config.max_connections,
         "backends": {
-            "store": { "engine": node.store.engine(), "status": "ok" },
+            "store": { "engine": node.store.engine(), "status": store },
+            "cache": cache,
             "fanout": { "engine": node.fanout.engine(), "status": "ok" },
         },
     });

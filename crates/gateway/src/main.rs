@@ -80,7 +80,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async move {
-        let node = Node::embedded(config);
+        let node = Node::build(config).await?;
         let server = Server::bind(node.clone())
             .await
             .context("binding the listen address")?;

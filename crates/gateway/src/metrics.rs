@@ -3,8 +3,8 @@
 //! label lookup per frame).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use chatgate_protocol::close::ALL_CLOSE_CODES;
@@ -49,6 +49,8 @@ pub struct Metrics {
     pub store_errors: IntCounter,
     /// Fan-out calls that failed.
     pub fanout_errors: IntCounter,
+    /// 1 when a backend answered its last probe, by backend.
+    pub backend_up: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -191,6 +193,16 @@ impl Metrics {
             errors,
             store_errors: counter(r, "store_errors_total", "Failed store calls"),
             fanout_errors: counter(r, "fanout_errors_total", "Failed fan-out calls"),
+            backend_up: {
+                let g = IntGaugeVec::new(
+                    Opts::new("backend_up", "1 when the backend answered its last probe"),
+                    &["backend"],
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+                r.register(Box::new(g.clone()))
+                    .unwrap_or_else(|e| panic!("{e}"));
+                g
+            },
             registry,
         }
     }

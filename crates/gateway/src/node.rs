@@ -2,15 +2,17 @@
 //! shared as `Arc<Node>`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
 
 use dashmap::DashSet;
 use tokio::sync::Semaphore;
 
 use chatgate_fanout::{Fanout, LocalFanout, LocalFanoutConfig};
 use chatgate_protocol::{Codec, CodecConfig};
-use chatgate_storage::{MemoryStore, Store};
+use chatgate_storage::{CacheConfig, CachedStore, MemoryStore, PgConfig, PgStore, Store};
 
 use crate::auth::Verifier;
 use crate::config::Config;
@@ -30,6 +32,9 @@ pub struct Node {
     pub batch_codec: Codec,
     /// Message storage.
     pub store: Arc<dyn Store>,
+    /// The Redis cache inside `store`, when configured (for `/health`).
+    cache: Option<Arc<CachedStore>>,
+    store_up: AtomicBool,
     /// Room event fan-out.
     pub fanout: Arc<dyn Fanout>,
     /// Local room membership.
@@ -52,9 +57,36 @@ pub struct Node {
 }
 
 impl Node {
-    /// A node on the embedded engines: in-memory store, local fan-out.
-    pub fn embedded(config: Config) -> Arc<Node> {
+    /// Builds a node with the backends the configuration names: Postgres
+    /// (with the Redis cache when `redis_url` is set) or the in-memory
+    /// store; the local fan-out.
+    pub async fn build(config: Config) -> anyhow::Result<Arc<Node>> {
         let metrics = Arc::new(Metrics::new());
+        let (store, cache): (Arc<dyn Store>, Option<Arc<CachedStore>>) = match &config.database_url
+        {
+            None => {
+                if config.redis_url.is_some() {
+                    tracing::warn!("redis_url without database_url: nothing to cache, ignoring it");
+                }
+                (Arc::new(MemoryStore::default()), None)
+            }
+            Some(url) => {
+                let mut pg = PgConfig::new(url.clone());
+                pg.pool_size = config.db_pool_size;
+                let pg: Arc<dyn Store> = Arc::new(connect_pg(pg).await?);
+                match &config.redis_url {
+                    None => (pg, None),
+                    Some(url) => {
+                        let cached = Arc::new(
+                            CachedStore::connect(pg, CacheConfig::new(url.clone()))
+                                .await
+                                .context("configuring the Redis cache")?,
+                        );
+                        (cached.clone(), Some(cached))
+                    }
+                }
+            }
+        };
         let codec = codec_for(&config);
         let hub = Arc::new(Hub::new(metrics.clone()));
         let fanout = Arc::new(LocalFanout::new(
@@ -65,14 +97,15 @@ impl Node {
             },
             hub.clone(),
         ));
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
-        Arc::new(Node {
+        Ok(Arc::new(Node {
             codec,
             batch_codec: Codec::new(CodecConfig {
                 compress_threshold: usize::MAX,
                 ..*codec.config()
             }),
             store,
+            cache,
+            store_up: AtomicBool::new(true),
             fanout: fanout.clone(),
             hub,
             users: Users::new(config.max_connections_per_user, config.messages_per_minute),
@@ -84,7 +117,43 @@ impl Node {
             local_fanout: Some(fanout),
             metrics,
             config,
-        })
+        }))
+    }
+
+    /// Probes the store (called every few seconds) and records the result
+    /// for `/health` and the `backend_up` metric.
+    pub async fn check_backends(&self) {
+        let up = matches!(
+            tokio::time::timeout(Duration::from_secs(2), self.store.ping()).await,
+            Ok(Ok(()))
+        );
+        if up != self.store_up.swap(up, Ordering::Relaxed) {
+            if up {
+                tracing::info!(engine = self.store.engine(), "store reachable again");
+            } else {
+                tracing::warn!(engine = self.store.engine(), "store unreachable");
+            }
+        }
+        self.metrics
+            .backend_up
+            .with_label_values(&["store"])
+            .set(i64::from(up));
+        if let Some(cache) = &self.cache {
+            self.metrics
+                .backend_up
+                .with_label_values(&["cache"])
+                .set(i64::from(!cache.degraded()));
+        }
+    }
+
+    /// Whether the last store probe succeeded.
+    pub fn store_up(&self) -> bool {
+        self.store_up.load(Ordering::Relaxed)
+    }
+
+    /// Whether the Redis cache is currently bypassed (`None`: no cache).
+    pub fn cache_degraded(&self) -> Option<bool> {
+        self.cache.as_ref().map(|c| c.degraded())
     }
 
     /// A fresh connection id, unique within this process.
@@ -114,4 +183,22 @@ pub fn codec_for(config: &Config) -> Codec {
         compress_threshold: config.compress_threshold,
         ..CodecConfig::default()
     })
+}
+
+/// Connects to Postgres, retrying for up to 30 s so a gateway started
+/// alongside its database (compose, systemd) waits for it.
+async fn connect_pg(config: PgConfig) -> anyhow::Result<PgStore> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match PgStore::connect(config.clone()).await {
+            Ok(store) => return Ok(store),
+            Err(e) if e.retryable() && Instant::now() < deadline => {
+                tracing::warn!(error = %e, "database not reachable yet; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(anyhow::anyhow!(e)).context("connecting to the database"),
+        }
+    }
 }

@@ -90,10 +90,15 @@ impl Server {
         let maintenance = {
             let node = node.clone();
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut n = 0u64;
                 loop {
                     tick.tick().await;
-                    node.maintain();
+                    node.check_backends().await;
+                    if n.is_multiple_of(5) {
+                        node.maintain();
+                    }
+                    n += 1;
                 }
             })
         };

@@ -6,6 +6,10 @@
 //! - [`model`]: the records passed in and out ([`NewMessage`], [`Page`]...).
 //! - [`error`]: [`StoreError`], classified by who is at fault.
 //! - [`memory`]: [`MemoryStore`], the embedded default (no services needed).
+//! - [`pg`]: [`PgStore`], PostgreSQL, what production uses.
+//! - [`migrate`]: the numbered SQL files of `migrations/`, applied at start.
+//! - [`cache`]: [`CachedStore`], a Redis read-through cache in front of a
+//!   store; Redis trouble falls back to the store.
 //! - [`suite`] (feature `testsuite`): one behavioural test suite that every
 //!   engine runs, so engines cannot drift apart.
 //!
@@ -15,14 +19,19 @@
 //! - Message writes are idempotent on (sender, client message id).
 //! - History is keyset-paginated on (created_at, id), newest first.
 
+pub mod cache;
 pub mod error;
 pub mod memory;
+pub mod migrate;
 pub mod model;
+pub mod pg;
 pub mod store;
 #[cfg(feature = "testsuite")]
 pub mod suite;
 
+pub use cache::{CacheConfig, CacheStats, CachedStore};
 pub use error::StoreError;
 pub use memory::{MemoryStore, MemoryStoreConfig};
 pub use model::{Inserted, NewMessage, Page, ReactionChange, ReactionOutcome, User};
+pub use pg::{PgConfig, PgStore};
 pub use store::Store;

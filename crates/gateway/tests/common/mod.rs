@@ -275,3 +275,184 @@ pub fn send_frame(room: &str, cid: &str, body: &str) -> ClientFrame {
         attachments: vec![],
     })
 }
+
+/// A free TCP port on loopback (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
+
+fn pg_bin(name: &str) -> String {
+    // Debian keeps the server tools out of PATH.
+    for dir in std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let p = dir.path().join("bin").join(name);
+        if p.exists() {
+            return p.to_string_lossy().into_owned();
+        }
+    }
+    name.to_owned()
+}
+
+/// A private PostgreSQL server in a temp dir on a spare port, for tests
+/// that stop and start it. Never touches the shared server.
+pub struct PrivatePostgres {
+    pub dir: std::path::PathBuf,
+    pub port: u16,
+}
+
+impl PrivatePostgres {
+    fn run(&self, args: &[&str]) -> std::process::ExitStatus {
+        let mut cmd = if is_root() {
+            // initdb and postgres refuse to run as root.
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(pg_bin(args[0]));
+            c
+        } else {
+            Command::new(pg_bin(args[0]))
+        };
+        cmd.args(&args[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+    }
+
+    pub fn start() -> PrivatePostgres {
+        let dir = std::env::temp_dir().join(format!(
+            "chatgate-pg-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .unwrap();
+        }
+        let pg = PrivatePostgres {
+            dir,
+            port: free_port(),
+        };
+        let data = pg.dir.join("data");
+        let data = data.to_str().unwrap();
+        assert!(
+            pg.run(&["initdb", "-D", data, "-A", "trust", "-U", "postgres"])
+                .success(),
+            "initdb failed"
+        );
+        pg.resume();
+        pg
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts (again) and waits until it accepts connections.
+    pub fn resume(&self) {
+        let data = self.dir.join("data");
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("log");
+        let ok = self.run(&[
+            "pg_ctl",
+            "-D",
+            data.to_str().unwrap(),
+            "-o",
+            &opts,
+            "-l",
+            log.to_str().unwrap(),
+            "-w",
+            "start",
+        ]);
+        assert!(ok.success(), "pg_ctl start failed");
+    }
+
+    /// Stops immediately (like a crash or an operator's fast shutdown).
+    pub fn stop(&self) {
+        let data = self.dir.join("data");
+        let _ = self.run(&[
+            "pg_ctl",
+            "-D",
+            data.to_str().unwrap(),
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        ]);
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A private redis-server on a spare port (killed by PID on drop).
+pub struct PrivateRedis {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl PrivateRedis {
+    pub fn start() -> PrivateRedis {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        PrivateRedis { child, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,120 @@
+//! The gateway on Postgres and Redis: outages of either are survived,
+//! nothing unstored is acknowledged, and service resumes by itself.
+//! These tests run private server instances; the shared ones are never
+//! stopped.
+#![allow(clippy::unwrap_used)] // a panic here is a failed test
+
+mod common;
+
+use std::time::Duration;
+
+use chatgate_protocol::payload::History;
+use chatgate_protocol::{ClientFrame, ErrorCode, ServerFrame};
+use common::*;
+
+#[tokio::test]
+async fn a_postgres_outage_refuses_sends_acks_nothing_unstored_and_recovers() {
+    let pg = PrivatePostgres::start();
+    let gw = Gateway::start(&["--database-url", &pg.url()]);
+    assert_eq!(gw.health()["backends"]["store"]["engine"], "postgres");
+    let mut alice = user(&gw, "alice").await;
+    let mut bob = user(&gw, "bob").await;
+    join(&mut alice, &["ops"]).await;
+    join(&mut bob, &["ops"]).await;
+    assert!(matches!(
+        alice.request(3, send_frame("ops", "m1", "before")).await,
+        ServerFrame::MessageSent(_)
+    ));
+    assert!(matches!(bob.expect().await.1, ServerFrame::NewMessage(_)));
+
+    pg.stop();
+    match alice.request(4, send_frame("ops", "m2", "during")).await {
+        ServerFrame::Error(e) => {
+            assert_eq!(e.code, ErrorCode::Unavailable.code(), "{e:?}");
+            assert!(e.retry_after_ms > 0);
+        }
+        other => panic!("a send during the outage must fail, got {other:?}"),
+    }
+    assert!(
+        bob.next(Duration::from_millis(300)).await.is_none(),
+        "an unstored message was delivered"
+    );
+    gw.wait_health("store degraded", |h| {
+        h["backends"]["store"]["status"] == "degraded"
+    });
+    assert_eq!(gw.health()["status"], "degraded");
+    assert!(alice.alive().await, "connections stay up during the outage");
+    assert!(gw.metric("chat_errors_total{code=\"unavailable\"}") >= 1.0);
+
+    pg.resume();
+    gw.wait_health("store back", |h| h["backends"]["store"]["status"] == "ok");
+    // The client retries with the same id: stored once, now acknowledged.
+    let retry = alice.request(5, send_frame("ops", "m2", "during")).await;
+    let ServerFrame::MessageSent(ack) = retry else {
+        panic!("{retry:?}")
+    };
+    assert!(!ack.duplicate, "it was never stored before");
+    assert!(
+        matches!(bob.expect().await.1, ServerFrame::NewMessage(m) if m.message.body == "during")
+    );
+    let page = alice
+        .request(
+            6,
+            ClientFrame::History(History {
+                room: "ops".into(),
+                before: None,
+                limit: 10,
+            }),
+        )
+        .await;
+    let ServerFrame::HistoryPage(page) = page else {
+        panic!()
+    };
+    let bodies: Vec<&str> = page.messages.iter().map(|m| m.body.as_str()).collect();
+    assert_eq!(bodies, vec!["during", "before"]);
+    assert_eq!(
+        page.messages[0].seq, ack.seq,
+        "history records the room sequence"
+    );
+}
+
+#[tokio::test]
+async fn memberships_survive_restarts_in_postgres_and_redis_outages_are_invisible() {
+    let pg = PrivatePostgres::start();
+    let mut redis = PrivateRedis::start();
+    let args = ["--database-url", &pg.url(), "--redis-url", &redis.url()];
+    let gw = Gateway::start(&args);
+    let mut erin = user(&gw, "erin").await;
+    join(&mut erin, &["a", "b"]).await;
+    drop(erin);
+    drop(gw);
+    // A new process on the same database: memberships come back at Identify.
+    let gw = Gateway::start(&args);
+    let (_c, ready) = identified(&gw, "erin").await;
+    assert_eq!(
+        ready
+            .rooms
+            .iter()
+            .map(|r| r.room.as_str())
+            .collect::<Vec<_>>(),
+        vec!["a", "b"]
+    );
+    assert_eq!(gw.health()["backends"]["cache"]["status"], "ok");
+
+    redis.kill();
+    let (mut c, ready) = identified(&gw, "erin").await;
+    assert_eq!(
+        ready.rooms.len(),
+        2,
+        "memberships read from Postgres while Redis is down"
+    );
+    let mut c2 = Conn::new(c);
+    join(&mut c2, &["c"]).await;
+    c = c2.raw;
+    drop(c);
+    let (_c, ready) = identified(&gw, "erin").await;
+    assert_eq!(ready.rooms.len(), 3, "a join during the outage is not lost");
+    gw.wait_health("cache degraded", |h| {
+        h["backends"]["cache"]["status"] == "degraded"
+    });
+}

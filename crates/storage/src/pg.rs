@@ -1,0 +1,456 @@
+//! PostgreSQL engine (tokio-postgres + deadpool-postgres).
+//!
+//! Every operation is one statement, one round trip, prepared once per
+//! pooled connection. A send is a single autocommitted INSERT (with its
+//! attachments in the same statement), so it is durable when it returns;
+//! a history page is one query that joins the sender's profile and
+//! aggregates attachments and reactions per message (no query per
+//! message).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::{NoTls, Row};
+
+use chatgate_protocol::payload::ReactionCount;
+
+use crate::migrate::migrate;
+use crate::model::{
+    Attachment, Cursor, Inserted, Message, NewMessage, Page, ReactionChange, ReactionOutcome, User,
+};
+use crate::{Store, StoreError};
+
+/// Connection settings for [`PgStore`].
+#[derive(Debug, Clone)]
+pub struct PgConfig {
+    /// `postgres://user@host:port/db?options=...` URL.
+    pub url: String,
+    /// Pooled connections. Default 16: enough to keep a 2-4 core database
+    /// busy; more only adds contention.
+    pub pool_size: usize,
+    /// Waiting for a pooled connection, and connecting. Default 2 s: a
+    /// send should fail fast with a retryable error, not hang.
+    pub timeout: Duration,
+    /// Server-side statement timeout. Default 5 s.
+    pub statement_timeout: Duration,
+}
+
+impl PgConfig {
+    /// Defaults for `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        PgConfig {
+            url: url.into(),
+            pool_size: 16,
+            timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The Postgres [`Store`].
+pub struct PgStore {
+    pool: Pool,
+    statements: Arc<AtomicU64>,
+}
+
+const INSERT_MESSAGE: &str = "
+WITH ins AS (
+    INSERT INTO messages (channel, sender_id, sender_name, sender_image, client_msg_id, body)
+    VALUES ($1, $2, $3, $4, $5, $6)
+    ON CONFLICT (sender_id, client_msg_id) DO NOTHING
+    RETURNING id, created_at
+), att AS (
+    INSERT INTO attachments (message_id, position, url, name, mime, size)
+    SELECT ins.id, a.ord - 1, a.url, a.name, a.mime, a.size
+    FROM ins, unnest($7::text[], $8::text[], $9::text[], $10::bigint[])
+         WITH ORDINALITY AS a (url, name, mime, size, ord)
+)
+SELECT id, (extract(epoch FROM created_at) * 1000)::bigint FROM ins";
+
+/// The columns every message query selects, in [`message_from_row`] order.
+const MESSAGE_COLUMNS: &str = "
+    m.id, m.channel, m.seq, m.sender_id,
+    COALESCE(u.name, m.sender_name), COALESCE(u.image, m.sender_image),
+    m.client_msg_id, m.body, (extract(epoch FROM m.created_at) * 1000)::bigint,
+    a.urls, a.names, a.mimes, a.sizes, r.emojis, r.counts";
+
+const MESSAGE_JOINS: &str = "
+    LEFT JOIN users u ON u.id = m.sender_id
+    LEFT JOIN LATERAL (
+        SELECT array_agg(url ORDER BY position) AS urls, array_agg(name ORDER BY position) AS names,
+               array_agg(mime ORDER BY position) AS mimes, array_agg(size ORDER BY position) AS sizes
+        FROM attachments WHERE message_id = m.id
+    ) a ON true
+    LEFT JOIN LATERAL (
+        SELECT array_agg(emoji ORDER BY emoji) AS emojis, array_agg(n ORDER BY emoji) AS counts
+        FROM (SELECT emoji, count(*)::int AS n FROM reactions WHERE message_id = m.id GROUP BY emoji) x
+    ) r ON true";
+
+fn history_newest() -> String {
+    format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages m {MESSAGE_JOINS}
+         WHERE m.channel = $1
+         ORDER BY m.created_at DESC, m.id DESC LIMIT $2"
+    )
+}
+
+fn history_before() -> String {
+    format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages m {MESSAGE_JOINS}
+         WHERE m.channel = $1
+           AND (m.created_at, m.id) < ('epoch'::timestamptz + $2::bigint * interval '1 millisecond', $3)
+         ORDER BY m.created_at DESC, m.id DESC LIMIT $4"
+    )
+}
+
+fn message_by_key() -> String {
+    format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages m {MESSAGE_JOINS}
+         WHERE m.sender_id = $1 AND m.client_msg_id = $2"
+    )
+}
+
+fn message_from_row(row: &Row) -> Message {
+    let urls: Option<Vec<String>> = row.get(9);
+    let names: Option<Vec<String>> = row.get(10);
+    let mimes: Option<Vec<String>> = row.get(11);
+    let sizes: Option<Vec<i64>> = row.get(12);
+    let attachments = match (urls, names, mimes, sizes) {
+        (Some(u), Some(n), Some(m), Some(s)) => u
+            .into_iter()
+            .zip(n)
+            .zip(m)
+            .zip(s)
+            .map(|(((url, name), mime), size)| Attachment {
+                url,
+                name,
+                mime,
+                size: size.max(0) as u64,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let emojis: Option<Vec<String>> = row.get(13);
+    let counts: Option<Vec<i32>> = row.get(14);
+    let reactions = match (emojis, counts) {
+        (Some(e), Some(c)) => e
+            .into_iter()
+            .zip(c)
+            .map(|(emoji, n)| ReactionCount {
+                emoji,
+                count: n.max(0) as u32,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    Message {
+        id: row.get::<_, i64>(0) as u64,
+        room: row.get(1),
+        seq: row.get::<_, i64>(2) as u64,
+        sender_id: row.get(3),
+        sender_name: row.get(4),
+        sender_image: row.get(5),
+        client_msg_id: row.get(6),
+        body: row.get(7),
+        attachments,
+        reactions,
+        created_at_ms: row.get::<_, i64>(8).max(0) as u64,
+    }
+}
+
+/// Maps driver errors to store errors: connection trouble, timeouts and
+/// server shutdowns are retryable, anything else is a bug.
+fn pg_error(e: tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            // 08: connection exception, 53: insufficient resources,
+            // 57P0x: server shutting down, 57014: statement timeout,
+            // 40001/40P01: serialization failure / deadlock.
+            if code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || code == "57014"
+                || code == "40001"
+                || code == "40P01"
+            {
+                StoreError::Unavailable(db.to_string())
+            } else {
+                StoreError::Internal(db.to_string())
+            }
+        }
+        None => {
+            let detail = match std::error::Error::source(&e) {
+                Some(cause) => format!("{e}: {cause}"),
+                None => e.to_string(),
+            };
+            let transport = e.is_closed()
+                || std::error::Error::source(&e).is_some_and(|c| c.is::<std::io::Error>())
+                || detail.contains("timeout")
+                || detail.contains("connect");
+            if transport {
+                StoreError::Unavailable(detail)
+            } else {
+                StoreError::Internal(detail)
+            }
+        }
+    }
+}
+
+fn pool_error(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) => pg_error(e),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+impl PgStore {
+    /// Connects, applies pending migrations and returns the store.
+    pub async fn connect(config: PgConfig) -> Result<PgStore, StoreError> {
+        let mut pg: tokio_postgres::Config = config
+            .url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::Internal(e.to_string()))?;
+        pg.connect_timeout(config.timeout);
+        let existing = pg.get_options().unwrap_or("").to_owned();
+        pg.options(format!(
+            "{existing} -c statement_timeout={}",
+            config.statement_timeout.as_millis()
+        ));
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .wait_timeout(Some(config.timeout))
+            .create_timeout(Some(config.timeout))
+            .recycle_timeout(Some(config.timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let store = PgStore {
+            pool,
+            statements: Arc::new(AtomicU64::new(0)),
+        };
+        let mut client = store.pool.get().await.map_err(pool_error)?;
+        let applied = migrate(&mut client).await.map_err(pg_error)?;
+        if !applied.is_empty() {
+            tracing::info!(?applied, "database migrations applied");
+        }
+        Ok(store)
+    }
+
+    /// Statements sent to the server since start (a test hook proving
+    /// how many round trips an operation takes).
+    pub fn statements(&self) -> u64 {
+        self.statements.load(Ordering::Relaxed)
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
+        self.statements.fetch_add(1, Ordering::Relaxed);
+        client.query(&stmt, params).await.map_err(pg_error)
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn engine(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.query("SELECT 1", &[]).await.map(|_| ())
+    }
+
+    async fn upsert_user(&self, user: &User) -> Result<(), StoreError> {
+        self.query(
+            "INSERT INTO users (id, name, image) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, image = EXCLUDED.image, updated_at = now()
+             WHERE users.name IS DISTINCT FROM EXCLUDED.name OR users.image IS DISTINCT FROM EXCLUDED.image",
+            &[&user.id, &user.name, &user.image],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn memberships(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT channel FROM channel_members WHERE user_id = $1 ORDER BY channel",
+                &[&user_id],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn join(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
+        // The user row exists (Identify upserts it); channels are created
+        // on first join.
+        self.query(
+            "WITH ch AS (INSERT INTO channels (name) SELECT unnest($2::text[]) ON CONFLICT DO NOTHING)
+             INSERT INTO channel_members (user_id, channel)
+             SELECT $1, unnest($2::text[])
+             ON CONFLICT DO NOTHING",
+            &[&user_id, &rooms],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn leave(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
+        self.query(
+            "DELETE FROM channel_members WHERE user_id = $1 AND channel = ANY($2::text[])",
+            &[&user_id, &rooms],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn insert_message(&self, msg: NewMessage) -> Result<Inserted, StoreError> {
+        let urls: Vec<&str> = msg.attachments.iter().map(|a| a.url.as_str()).collect();
+        let names: Vec<&str> = msg.attachments.iter().map(|a| a.name.as_str()).collect();
+        let mimes: Vec<&str> = msg.attachments.iter().map(|a| a.mime.as_str()).collect();
+        let sizes: Vec<i64> = msg
+            .attachments
+            .iter()
+            .map(|a| a.size.min(i64::MAX as u64) as i64)
+            .collect();
+        let rows = self
+            .query(
+                INSERT_MESSAGE,
+                &[
+                    &msg.room,
+                    &msg.sender_id,
+                    &msg.sender_name,
+                    &msg.sender_image,
+                    &msg.client_msg_id,
+                    &msg.body,
+                    &urls,
+                    &names,
+                    &mimes,
+                    &sizes,
+                ],
+            )
+            .await?;
+        if let Some(row) = rows.first() {
+            let id: i64 = row.get(0);
+            let created: i64 = row.get(1);
+            return Ok(Inserted {
+                message: Message {
+                    id: id as u64,
+                    room: msg.room,
+                    seq: 0,
+                    sender_id: msg.sender_id,
+                    sender_name: msg.sender_name,
+                    sender_image: msg.sender_image,
+                    client_msg_id: msg.client_msg_id,
+                    body: msg.body,
+                    attachments: msg.attachments,
+                    reactions: Vec::new(),
+                    created_at_ms: created.max(0) as u64,
+                },
+                duplicate: false,
+            });
+        }
+        // The key exists: return the original.
+        let rows = self
+            .query(&message_by_key(), &[&msg.sender_id, &msg.client_msg_id])
+            .await?;
+        let row = rows.first().ok_or_else(|| {
+            StoreError::Internal("idempotency conflict without a stored message".into())
+        })?;
+        Ok(Inserted {
+            message: message_from_row(row),
+            duplicate: true,
+        })
+    }
+
+    async fn set_seq(&self, message_id: u64, seq: u64) -> Result<(), StoreError> {
+        let rows = self
+            .query(
+                "UPDATE messages SET seq = $2 WHERE id = $1 RETURNING 1",
+                &[&(message_id as i64), &(seq as i64)],
+            )
+            .await?;
+        if rows.is_empty() {
+            Err(StoreError::NotFound)
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn react(&self, change: &ReactionChange) -> Result<ReactionOutcome, StoreError> {
+        let sql = if change.remove {
+            "WITH m AS (SELECT id FROM messages WHERE id = $1 AND channel = $2),
+                  d AS (DELETE FROM reactions r USING m
+                        WHERE r.message_id = m.id AND r.emoji = $4 AND r.user_id = $3 RETURNING 1)
+             SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM d)"
+        } else {
+            "WITH m AS (SELECT id FROM messages WHERE id = $1 AND channel = $2),
+                  i AS (INSERT INTO reactions (message_id, emoji, user_id)
+                        SELECT id, $4, $3 FROM m ON CONFLICT DO NOTHING RETURNING 1)
+             SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM i)"
+        };
+        let id = change.message_id.min(i64::MAX as u64) as i64;
+        let rows = self
+            .query(sql, &[&id, &change.room, &change.user_id, &change.emoji])
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| StoreError::Internal("no result row".into()))?;
+        let (found, changed): (i64, i64) = (row.get(0), row.get(1));
+        match (found, changed) {
+            (0, _) => Err(StoreError::NotFound),
+            (_, 0) => Ok(ReactionOutcome::Unchanged),
+            _ => Ok(ReactionOutcome::Changed),
+        }
+    }
+
+    async fn history(
+        &self,
+        room: &str,
+        before: Option<Cursor>,
+        limit: u32,
+    ) -> Result<Page, StoreError> {
+        let limit = i64::from(limit);
+        // One extra row tells whether an older page exists.
+        let fetch = limit + 1;
+        let rows = match before {
+            None => self.query(&history_newest(), &[&room, &fetch]).await?,
+            Some(c) => {
+                let at = c.created_at_ms.min(i64::MAX as u64) as i64;
+                let id = c.message_id.min(i64::MAX as u64) as i64;
+                self.query(&history_before(), &[&room, &at, &id, &fetch])
+                    .await?
+            }
+        };
+        let more = rows.len() as i64 > limit;
+        let messages: Vec<Message> = rows
+            .iter()
+            .take(limit as usize)
+            .map(message_from_row)
+            .collect();
+        let next = if more {
+            messages.last().map(|m| Cursor {
+                created_at_ms: m.created_at_ms,
+                message_id: m.id,
+            })
+        } else {
+            None
+        };
+        Ok(Page { messages, next })
+    }
+}

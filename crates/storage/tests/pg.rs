@@ -1,0 +1,216 @@
+//! The shared Store suite against real PostgreSQL (and Redis), plus the
+//! Postgres engine's own promises: one statement per history page,
+//! concurrent-safe migrations, cache invalidation, Redis fallback.
+//!
+//! Uses `CHAT_TEST_DATABASE_URL` (default the local `test` database) and
+//! `CHAT_TEST_REDIS_URL` (default local Redis); each test works in its own
+//! fresh schema, so tests run in parallel.
+#![allow(clippy::unwrap_used)] // a panic here is a failed test
+
+use std::sync::Arc;
+
+use chatgate_storage::model::Attachment;
+use chatgate_storage::{
+    CacheConfig, CachedStore, NewMessage, PgConfig, PgStore, ReactionChange, Store, User, suite,
+};
+use rand::Rng;
+
+fn base_url() -> String {
+    std::env::var("CHAT_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn redis_url() -> String {
+    std::env::var("CHAT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// A fresh schema; returns a URL whose connections use it.
+async fn fresh_schema() -> (String, String) {
+    let schema = format!("t_{:016x}", rand::rng().random::<u64>());
+    let (client, conn) = tokio_postgres::connect(&base_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    let sep = if base_url().contains('?') { '&' } else { '?' };
+    (
+        format!("{}{sep}options=-csearch_path%3D{schema}", base_url()),
+        schema,
+    )
+}
+
+async fn pg() -> Arc<PgStore> {
+    let (url, _) = fresh_schema().await;
+    Arc::new(PgStore::connect(PgConfig::new(url)).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_store_passes_the_suite() {
+    suite::run_all(pg().await, "pg").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_pg_store_passes_the_suite() {
+    let tag = format!("c{:x}", rand::rng().random::<u32>());
+    let cached = CachedStore::connect(pg().await, CacheConfig::new(redis_url()))
+        .await
+        .unwrap();
+    suite::run_all(Arc::new(cached), &tag).await;
+}
+
+#[tokio::test]
+async fn a_page_of_50_with_reactions_and_attachments_is_one_statement() {
+    let store = pg().await;
+    store
+        .upsert_user(&User {
+            id: "sam".into(),
+            name: "Sam".into(),
+            image: "s.png".into(),
+        })
+        .await
+        .unwrap();
+    for i in 0..60 {
+        let m = store
+            .insert_message(NewMessage {
+                room: "n1".into(),
+                sender_id: "sam".into(),
+                sender_name: "Sam then".into(),
+                sender_image: String::new(),
+                client_msg_id: format!("k{i}"),
+                body: format!("message {i}"),
+                attachments: (0..2)
+                    .map(|j| Attachment {
+                        url: format!("https://f/{i}/{j}"),
+                        name: format!("f{j}"),
+                        mime: "image/png".into(),
+                        size: j,
+                    })
+                    .collect(),
+            })
+            .await
+            .unwrap();
+        for (user, emoji) in [("a", "👍"), ("b", "👍"), ("a", "🎉")] {
+            let change = ReactionChange {
+                room: "n1".into(),
+                message_id: m.message.id,
+                user_id: user.into(),
+                emoji: emoji.into(),
+                remove: false,
+            };
+            store.react(&change).await.unwrap();
+        }
+    }
+    let before = store.statements();
+    let page = store.history("n1", None, 50).await.unwrap();
+    assert_eq!(
+        store.statements() - before,
+        1,
+        "a history page must be one statement"
+    );
+    assert_eq!(page.messages.len(), 50);
+    for m in &page.messages {
+        assert_eq!(m.attachments.len(), 2);
+        assert_eq!(
+            m.attachments[1].url,
+            format!("https://f/{}/1", &m.body[8..])
+        );
+        assert_eq!(m.reactions.len(), 2);
+        assert_eq!(m.sender_name, "Sam", "history shows the current profile");
+        assert_eq!(m.sender_image, "s.png");
+    }
+    let before = store.statements();
+    let older = store.history("n1", page.next, 50).await.unwrap();
+    assert_eq!(store.statements() - before, 1);
+    assert_eq!(older.messages.len(), 10);
+    assert!(older.next.is_none());
+}
+
+#[tokio::test]
+async fn nodes_starting_together_apply_migrations_once() {
+    let (url, schema) = fresh_schema().await;
+    let mut starts = Vec::new();
+    for _ in 0..4 {
+        let url = url.clone();
+        starts.push(tokio::spawn(async move {
+            PgStore::connect(PgConfig::new(url)).await.map(|_| ())
+        }));
+    }
+    for s in starts {
+        s.await.unwrap().unwrap();
+    }
+    let (client, conn) = tokio_postgres::connect(&base_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let rows = client
+        .query(
+            &format!("SELECT version FROM {schema}.schema_migrations"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), chatgate_storage::migrate::MIGRATIONS.len());
+}
+
+#[tokio::test]
+async fn membership_changes_are_visible_through_the_cache_at_once() {
+    let user = format!("cache-{:x}", rand::rng().random::<u64>());
+    let cached = CachedStore::connect(pg().await, CacheConfig::new(redis_url()))
+        .await
+        .unwrap();
+    cached
+        .upsert_user(&User {
+            id: user.clone(),
+            name: "C".into(),
+            image: String::new(),
+        })
+        .await
+        .unwrap();
+    cached.join(&user, &["one".into()]).await.unwrap();
+    assert_eq!(cached.memberships(&user).await.unwrap(), vec!["one"]);
+    assert_eq!(cached.memberships(&user).await.unwrap(), vec!["one"]);
+    let stats = cached.stats();
+    assert!(
+        stats.hits.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+        "second read is a hit"
+    );
+    cached.join(&user, &["two".into()]).await.unwrap();
+    assert_eq!(cached.memberships(&user).await.unwrap(), vec!["one", "two"]);
+    cached.leave(&user, &["one".into()]).await.unwrap();
+    assert_eq!(cached.memberships(&user).await.unwrap(), vec!["two"]);
+    // The entry really is in Redis, with a TTL.
+    let redis =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis_url()).unwrap())
+            .build()
+            .unwrap();
+    use fred::prelude::{ClientLike, KeysInterface};
+    redis.init().await.unwrap();
+    let key = format!("chat:{{u:{user}}}:rooms");
+    let value: Option<String> = redis.get(&key).await.unwrap();
+    assert_eq!(value.as_deref(), Some(r#"["two"]"#));
+    let ttl: i64 = redis.ttl(&key).await.unwrap();
+    assert!(ttl > 0 && ttl <= 300, "ttl {ttl}");
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_falls_back_to_the_database() {
+    let store = pg().await;
+    // Nothing listens on port 1.
+    let cached = CachedStore::connect(store, CacheConfig::new("redis://127.0.0.1:1/0"))
+        .await
+        .unwrap();
+    cached
+        .upsert_user(&User {
+            id: "r".into(),
+            name: "R".into(),
+            image: String::new(),
+        })
+        .await
+        .unwrap();
+    cached.join("r", &["x".into()]).await.unwrap();
+    assert_eq!(cached.memberships("r").await.unwrap(), vec!["x"]);
+    assert!(cached.degraded(), "the cache reports itself degraded");
+}
