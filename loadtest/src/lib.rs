@@ -6,9 +6,12 @@
 //! - [`report`]: latency histograms and the printed/JSON summary.
 //! - [`latency`]: connect-to-Ready and message round-trip latency on an
 //!   otherwise idle server.
+//! - [`throughput`]: closed-loop stored-and-acked sends per second, and
+//!   history page latency.
 
 pub mod latency;
 pub mod report;
+pub mod throughput;
 
 use chatgate_protocol::token::{Claims, Verifier, unix_now};
 

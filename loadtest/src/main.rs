@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 use chatgate_loadtest::latency::{self, LatencyOptions};
+use chatgate_loadtest::throughput::{self, HistoryOptions, SendOptions};
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +39,30 @@ enum Scenario {
         #[arg(long, default_value_t = 10_000)]
         messages: usize,
     },
+    /// Stored-and-acknowledged sends per second (closed loop).
+    Sends {
+        /// Concurrent senders.
+        #[arg(long, default_value_t = 64)]
+        senders: usize,
+        /// Rooms they are spread over.
+        #[arg(long, default_value_t = 16)]
+        rooms: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+    /// History page latency, walking back through a room.
+    History {
+        /// Room to read.
+        #[arg(long, default_value = "history-1m")]
+        room: String,
+        /// Pages to fetch.
+        #[arg(long, default_value_t = 10_000)]
+        pages: usize,
+        /// Messages per page.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
 }
 
 #[tokio::main]
@@ -57,6 +82,30 @@ async fn main() -> anyhow::Result<()> {
                 messages,
             };
             latency::run(&o).await?
+        }
+        Scenario::Sends {
+            senders,
+            rooms,
+            seconds,
+        } => {
+            let o = SendOptions {
+                url: cli.url,
+                secret: cli.token_secret,
+                senders,
+                rooms,
+                duration: std::time::Duration::from_secs(seconds),
+            };
+            throughput::sends(&o).await?
+        }
+        Scenario::History { room, pages, limit } => {
+            let o = HistoryOptions {
+                url: cli.url,
+                secret: cli.token_secret,
+                room,
+                pages,
+                limit,
+            };
+            throughput::history(&o).await?
         }
     };
     if let Some(path) = cli.json {
