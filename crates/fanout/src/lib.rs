@@ -9,6 +9,9 @@
 //! # Layout
 //! - [`event`]: [`RoomEvent`], [`Position`], [`Replay`] and the error type.
 //! - [`local`]: [`LocalFanout`], the single-node engine.
+//! - [`redis`]: [`RedisStreamsFanout`], the cluster engine (Redis Streams,
+//!   one atomic script per event, one blocking reader per node).
+//! - [`cluster`]: node registry and cluster-wide per-user limits.
 //!
 //! # Invariants
 //! - Within a room and epoch, sequence numbers are 1, 2, 3... with no gap
@@ -16,14 +19,17 @@
 //!   so every member's queue sees the room's events in order.
 //! - An event is encoded once per node, never per recipient.
 
+pub mod cluster;
 pub mod event;
 pub mod local;
+pub mod redis;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use event::{FanoutError, Position, Published, Replay, RoomEvent};
 pub use local::{LocalFanout, LocalFanoutConfig};
+pub use redis::{FanoutStats, RedisFanoutConfig, RedisStreamsFanout};
 
 /// Where encoded room frames go on this node. Implemented by the
 /// gateway's room registry; must not block (it only enqueues).

@@ -62,8 +62,23 @@ pub struct Config {
     pub database_url: Option<String>,
     /// Pooled Postgres connections. Default 16.
     pub db_pool_size: usize,
-    /// Redis URL for the cache of hot data. Unset: no cache.
+    /// Redis URL: the cache of hot data (with a database) and, with
+    /// `cluster`, the fan-out between nodes. Unset: neither.
     pub redis_url: Option<String>,
+    /// Run as one node of a cluster: room events go through Redis
+    /// Streams and per-user limits are shared. Default off (one node).
+    pub cluster: bool,
+    /// This node's id in the cluster. Default: a random one per start.
+    pub node_id: String,
+    /// Prefix of every Redis key. Default `chat`; separate deployments
+    /// sharing one Redis use different prefixes.
+    pub redis_namespace: String,
+    /// Redis delivery streams (rooms hash onto them). Default 16.
+    pub stream_partitions: u32,
+    /// Share the listening port with other gateway processes on this host
+    /// (SO_REUSEPORT): several processes, each under its open-files limit,
+    /// serve one port. Default off.
+    pub reuse_port: bool,
 }
 
 impl Default for Config {
@@ -88,8 +103,18 @@ impl Default for Config {
             database_url: None,
             db_pool_size: 16,
             redis_url: None,
+            cluster: false,
+            node_id: random_node_id(),
+            redis_namespace: "chat".into(),
+            stream_partitions: 16,
+            reuse_port: false,
         }
     }
+}
+
+fn random_node_id() -> String {
+    use rand::Rng;
+    format!("node-{:08x}", rand::rng().random::<u32>())
 }
 
 /// The soft open-files limit of this process (Linux), or 1024.
@@ -166,9 +191,24 @@ pub struct Overrides {
     /// Pooled Postgres connections.
     #[arg(long, env = "CHAT_DB_POOL_SIZE")]
     pub db_pool_size: Option<usize>,
-    /// Redis URL (cache of hot data).
+    /// Redis URL (cache of hot data; cluster fan-out).
     #[arg(long, env = "CHAT_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// Join the cluster through Redis Streams (needs --redis-url).
+    #[arg(long, env = "CHAT_CLUSTER", num_args = 0..=1, default_missing_value = "true")]
+    pub cluster: Option<bool>,
+    /// Node id (default random).
+    #[arg(long, env = "CHAT_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Redis key prefix.
+    #[arg(long, env = "CHAT_REDIS_NAMESPACE")]
+    pub redis_namespace: Option<String>,
+    /// Redis delivery streams.
+    #[arg(long, env = "CHAT_STREAM_PARTITIONS")]
+    pub stream_partitions: Option<u32>,
+    /// Share the port with other processes (SO_REUSEPORT).
+    #[arg(long, env = "CHAT_REUSE_PORT", num_args = 0..=1, default_missing_value = "true")]
+    pub reuse_port: Option<bool>,
 }
 
 /// The TOML file: the same keys as the flags, with underscores.
@@ -194,6 +234,11 @@ struct FileConfig {
     database_url: Option<String>,
     db_pool_size: Option<usize>,
     redis_url: Option<String>,
+    cluster: Option<bool>,
+    node_id: Option<String>,
+    redis_namespace: Option<String>,
+    stream_partitions: Option<u32>,
+    reuse_port: Option<bool>,
 }
 
 impl Config {
@@ -280,6 +325,18 @@ impl Config {
                 .or(file.db_pool_size)
                 .unwrap_or(d.db_pool_size),
             redis_url: o.redis_url.clone().or(file.redis_url),
+            cluster: o.cluster.or(file.cluster).unwrap_or(d.cluster),
+            node_id: o.node_id.clone().or(file.node_id).unwrap_or(d.node_id),
+            redis_namespace: o
+                .redis_namespace
+                .clone()
+                .or(file.redis_namespace)
+                .unwrap_or(d.redis_namespace),
+            stream_partitions: o
+                .stream_partitions
+                .or(file.stream_partitions)
+                .unwrap_or(d.stream_partitions),
+            reuse_port: o.reuse_port.or(file.reuse_port).unwrap_or(d.reuse_port),
         };
         c.validate()?;
         Ok(c)
@@ -305,6 +362,12 @@ impl Config {
         }
         if self.outbound_queue_frames < 16 {
             bail!("outbound_queue_frames must be at least 16");
+        }
+        if self.cluster && self.redis_url.is_none() {
+            bail!("cluster mode needs redis_url (CHAT_REDIS_URL)");
+        }
+        if self.stream_partitions == 0 {
+            bail!("stream_partitions must be positive");
         }
         if self.max_connections == 0 {
             bail!("max_connections must be positive");

@@ -137,11 +137,19 @@ async fn run(
             biased;
             _ = shutdown.changed() => return Ended::Close(CloseCode::ShuttingDown),
             _ = outbox.wait() => {
-                if let Err(code) = outbox.drain(&mut queued, DRAIN_FRAMES) {
-                    return Ended::Close(code);
-                }
-                if let Err(end) = write_queued(node, ws, session, outbox, &mut queued).await {
-                    return end;
+                // Drain until the queue is seen empty: a wake-up consumed
+                // while writing must not leave frames stranded (pushes
+                // only notify on the empty -> non-empty transition).
+                loop {
+                    if let Err(code) = outbox.drain(&mut queued, DRAIN_FRAMES) {
+                        return Ended::Close(code);
+                    }
+                    if queued.is_empty() {
+                        break;
+                    }
+                    if let Err(end) = write_queued(node, ws, session, outbox, &mut queued).await {
+                        return end;
+                    }
                 }
             }
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}

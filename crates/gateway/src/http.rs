@@ -155,7 +155,18 @@ fn health(node: &Node) -> Response<Body> {
         Some(false) => serde_json::json!({ "engine": "redis", "status": "ok" }),
         Some(true) => serde_json::json!({ "engine": "redis", "status": "degraded" }),
     };
-    let degraded = !node.store_up() || node.cache_degraded() == Some(true);
+    let fanout_up = node
+        .fanout_stats()
+        .map(|s| s.connected.load(std::sync::atomic::Ordering::Relaxed))
+        .unwrap_or(true);
+    let degraded = !node.store_up() || node.cache_degraded() == Some(true) || !fanout_up;
+    let cluster = node
+        .cluster
+        .as_ref()
+        .map(|c| serde_json::json!({ "node_id": c.node_id(), "live_nodes": c.live_nodes() }));
+    let lag = node
+        .fanout_stats()
+        .map(|s| s.lag_ms.load(std::sync::atomic::Ordering::Relaxed));
     let body = serde_json::json!({
         "status": if degraded { "degraded" } else { "ok" },
         "connections": node.connections(),
@@ -163,11 +174,17 @@ fn health(node: &Node) -> Response<Body> {
         "users": node.users.len(),
         "uptime_secs": node.started.elapsed().as_secs(),
         "memory_rss_bytes": rss_bytes(),
-        "max_connections": node.config.max_connections,
+    "max_connections": node.config.max_connections,
+        "node_id": node.config.node_id,
+        "cluster": cluster,
         "backends": {
             "store": { "engine": node.store.engine(), "status": store },
             "cache": cache,
-            "fanout": { "engine": node.fanout.engine(), "status": "ok" },
+    "fanout": {
+                "engine": node.fanout.engine(),
+                "status": if fanout_up { "ok" } else { "degraded" },
+                "lag_ms": lag,
+            },
         },
     });
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));

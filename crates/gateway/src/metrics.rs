@@ -51,6 +51,12 @@ pub struct Metrics {
     pub fanout_errors: IntCounter,
     /// 1 when a backend answered its last probe, by backend.
     pub backend_up: IntGaugeVec,
+    /// Age of the last stream entry when this node delivered it (ms).
+    pub fanout_lag_ms: IntGauge,
+    /// Fan-out reader errors since start.
+    pub fanout_read_errors: IntGauge,
+    /// Fan-out reader recoveries (reconnects) since start.
+    pub fanout_reconnects: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -193,6 +199,17 @@ impl Metrics {
             errors,
             store_errors: counter(r, "store_errors_total", "Failed store calls"),
             fanout_errors: counter(r, "fanout_errors_total", "Failed fan-out calls"),
+            fanout_lag_ms: gauge(
+                r,
+                "fanout_lag_ms",
+                "Age of the last delivered stream entry, ms",
+            ),
+            fanout_read_errors: gauge(r, "fanout_read_errors", "Fan-out reader errors since start"),
+            fanout_reconnects: gauge(
+                r,
+                "fanout_reconnects",
+                "Fan-out reader reconnects since start",
+            ),
             backend_up: {
                 let g = IntGaugeVec::new(
                     Opts::new("backend_up", "1 when the backend answered its last probe"),

@@ -10,7 +10,10 @@ use anyhow::Context;
 use dashmap::DashSet;
 use tokio::sync::Semaphore;
 
-use chatgate_fanout::{Fanout, LocalFanout, LocalFanoutConfig};
+use chatgate_fanout::cluster::Cluster;
+use chatgate_fanout::{
+    Fanout, FanoutStats, LocalFanout, LocalFanoutConfig, RedisFanoutConfig, RedisStreamsFanout,
+};
 use chatgate_protocol::{Codec, CodecConfig};
 use chatgate_storage::{CacheConfig, CachedStore, MemoryStore, PgConfig, PgStore, Store};
 
@@ -54,6 +57,9 @@ pub struct Node {
     pub sends_in_flight: DashSet<(Arc<str>, String)>,
     next_conn: AtomicU64,
     local_fanout: Option<Arc<LocalFanout>>,
+    redis_fanout: Option<Arc<RedisStreamsFanout>>,
+    /// Cluster registry (node heartbeats), when clustered.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl Node {
@@ -78,9 +84,13 @@ impl Node {
                     None => (pg, None),
                     Some(url) => {
                         let cached = Arc::new(
-                            CachedStore::connect(pg, CacheConfig::new(url.clone()))
-                                .await
-                                .context("configuring the Redis cache")?,
+                            CachedStore::connect(pg, {
+                                let mut c = CacheConfig::new(url.clone());
+                                c.namespace = config.redis_namespace.clone();
+                                c
+                            })
+                            .await
+                            .context("configuring the Redis cache")?,
                         );
                         (cached.clone(), Some(cached))
                     }
@@ -89,14 +99,43 @@ impl Node {
         };
         let codec = codec_for(&config);
         let hub = Arc::new(Hub::new(metrics.clone()));
-        let fanout = Arc::new(LocalFanout::new(
-            codec,
-            LocalFanoutConfig {
-                recovery_window: config.recovery_window,
-                ..Default::default()
-            },
-            hub.clone(),
-        ));
+        let mut users = Users::new(config.max_connections_per_user, config.messages_per_minute);
+        let (fanout, local_fanout, redis_fanout, cluster): (Arc<dyn Fanout>, _, _, _) =
+            match (&config.redis_url, config.cluster) {
+                (Some(url), true) => {
+                    let mut rc = RedisFanoutConfig::new(url.clone(), config.node_id.clone());
+                    rc.namespace = config.redis_namespace.clone();
+                    rc.partitions = config.stream_partitions;
+                    rc.recovery_window = config.recovery_window;
+                    let redis = Arc::new(
+                        RedisStreamsFanout::connect(rc, codec, hub.clone())
+                            .await
+                            .map_err(|e| anyhow::anyhow!(e))
+                            .context("starting the Redis Streams fan-out")?,
+                    );
+                    let cluster = Arc::new(Cluster::new(
+                        redis.client().clone(),
+                        &config.redis_namespace,
+                        &config.node_id,
+                    ));
+                    if let Err(e) = cluster.heartbeat().await {
+                        tracing::warn!(error = %e, "first cluster heartbeat failed; will retry");
+                    }
+                    users = users.with_cluster(cluster.clone());
+                    (redis.clone(), None, Some(redis), Some(cluster))
+                }
+                _ => {
+                    let local = Arc::new(LocalFanout::new(
+                        codec,
+                        LocalFanoutConfig {
+                            recovery_window: config.recovery_window,
+                            ..Default::default()
+                        },
+                        hub.clone(),
+                    ));
+                    (local.clone(), Some(local), None, None)
+                }
+            };
         Ok(Arc::new(Node {
             codec,
             batch_codec: Codec::new(CodecConfig {
@@ -106,15 +145,17 @@ impl Node {
             store,
             cache,
             store_up: AtomicBool::new(true),
-            fanout: fanout.clone(),
+            fanout,
+            redis_fanout,
+            cluster,
             hub,
-            users: Users::new(config.max_connections_per_user, config.messages_per_minute),
+            users,
             verifier: Verifier::new(config.token_secret.as_bytes()),
             started: Instant::now(),
             sessions: Arc::new(Semaphore::new(config.max_connections)),
             sends_in_flight: DashSet::new(),
             next_conn: AtomicU64::new(1),
-            local_fanout: Some(fanout),
+            local_fanout,
             metrics,
             config,
         }))
@@ -144,6 +185,29 @@ impl Node {
                 .with_label_values(&["cache"])
                 .set(i64::from(!cache.degraded()));
         }
+        if let Some(cluster) = &self.cluster {
+            let up = cluster.heartbeat().await.is_ok();
+            self.metrics
+                .backend_up
+                .with_label_values(&["cluster"])
+                .set(i64::from(up));
+        }
+        if let Some(stats) = self.fanout_stats() {
+            let m = &self.metrics;
+            m.backend_up
+                .with_label_values(&["fanout"])
+                .set(i64::from(stats.connected.load(Ordering::Relaxed)));
+            m.fanout_lag_ms.set(stats.lag_ms.load(Ordering::Relaxed));
+            m.fanout_read_errors
+                .set(stats.read_errors.load(Ordering::Relaxed) as i64);
+            m.fanout_reconnects
+                .set(stats.reconnects.load(Ordering::Relaxed) as i64);
+        }
+    }
+
+    /// Redis fan-out health counters, when clustered.
+    pub fn fanout_stats(&self) -> Option<Arc<FanoutStats>> {
+        self.redis_fanout.as_ref().map(|r| r.stats())
     }
 
     /// Whether the last store probe succeeded.

@@ -117,7 +117,8 @@ impl Outbox {
     }
 
     /// Moves up to `max_frames` queued frames into `out`, oldest first.
-    /// `Err` when the queue was closed.
+    /// `Err` when the queue was closed. The owner drains until it sees
+    /// the queue empty before it waits again.
     pub fn drain(
         &self,
         out: &mut Vec<(Bytes, Instant)>,
@@ -133,10 +134,6 @@ impl Outbox {
         s.bytes -= moved;
         if s.queue.is_empty() && s.queue.capacity() > KEEP_CAPACITY {
             s.queue = VecDeque::new();
-        } else if !s.queue.is_empty() {
-            // More than one drain's worth: make sure the owner comes back.
-            drop(s);
-            self.notify.notify_one();
         }
         Ok(())
     }

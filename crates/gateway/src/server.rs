@@ -53,6 +53,9 @@ impl Server {
             Some(socket2::Protocol::TCP),
         )?;
         socket.set_reuse_address(true)?;
+        if node.config.reuse_port {
+            socket.set_reuse_port(true)?;
+        }
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
         // A deep backlog absorbs connection bursts (thousands per second

@@ -30,6 +30,7 @@ use chatgate_storage::{
 use crate::auth::unix_now;
 use crate::node::Node;
 use crate::outbox::Outbox;
+use crate::users::Slot;
 
 /// A request still running; the connection polls it to completion.
 pub type Pending = Pin<Box<dyn Future<Output = ()> + std::marker::Send>>;
@@ -119,6 +120,7 @@ pub struct Session {
     user_name: Arc<str>,
     user_image: Arc<str>,
     session_id: SessionId,
+    slot: Slot,
     outbox: Arc<Outbox>,
     rooms: HashSet<Arc<str>>,
     /// Per room, the position the client was told (Ready, Joined, replay).
@@ -157,10 +159,10 @@ impl Session {
         let user_id: Arc<str> = Arc::from(claims.sub.as_str());
         let user_name: Arc<str> = Arc::from(claims.name.as_deref().unwrap_or(&claims.sub));
         let user_image: Arc<str> = Arc::from(claims.picture.as_deref().unwrap_or(""));
-        if !node.users.connect(&user_id) {
+        let Some(slot) = node.users.connect(&user_id).await else {
             node.metrics.refused_user_limit.inc();
             return Err(CloseCode::ConnectionLimit);
-        }
+        };
         let mut session_id = [0u8; 16];
         rand::rng().fill_bytes(&mut session_id);
         // From here on, Drop releases the user slot and memberships.
@@ -171,6 +173,7 @@ impl Session {
             user_name,
             user_image,
             session_id,
+            slot,
             outbox,
             rooms: HashSet::new(),
             watermarks: Vec::new(),
@@ -394,8 +397,8 @@ impl Session {
                 reply.send(rid, &ServerFrame::Ok);
                 Ok(None)
             }
-            ClientFrame::Send(s) => Ok(self.send(rid, s)),
-            ClientFrame::React(r) => Ok(self.react(rid, r)),
+            ClientFrame::Send(s) => Ok(self.send(rid, s).await),
+            ClientFrame::React(r) => Ok(self.react(rid, r).await),
             ClientFrame::History(h) => Ok(self.history(rid, h)),
         }
     }
@@ -463,8 +466,8 @@ impl Session {
         reply.send(rid, &ServerFrame::Left(Rooms { rooms }));
     }
 
-    fn rate_limited(&self, rid: u32) -> bool {
-        match self.node.users.take_message(&self.user_id) {
+    async fn rate_limited(&self, rid: u32) -> bool {
+        match self.node.users.take_message(&self.user_id).await {
             Ok(()) => false,
             Err(wait) => {
                 self.node.metrics.rate_limited.inc();
@@ -483,13 +486,13 @@ impl Session {
         }
     }
 
-    fn send(&self, rid: u32, s: Send) -> Option<Pending> {
+    async fn send(&self, rid: u32, s: Send) -> Option<Pending> {
         let reply = self.replier();
         if !self.rooms.contains(s.room.as_str()) {
             reply.error(rid, ErrorCode::NotInRoom, 0, "join the room first");
             return None;
         }
-        if self.rate_limited(rid) {
+        if self.rate_limited(rid).await {
             return None;
         }
         let node = self.node.clone();
@@ -524,13 +527,13 @@ impl Session {
         }))
     }
 
-    fn react(&self, rid: u32, r: React) -> Option<Pending> {
+    async fn react(&self, rid: u32, r: React) -> Option<Pending> {
         let reply = self.replier();
         if !self.rooms.contains(r.room.as_str()) {
             reply.error(rid, ErrorCode::NotInRoom, 0, "join the room first");
             return None;
         }
-        if self.rate_limited(rid) {
+        if self.rate_limited(rid).await {
             return None;
         }
         let node = self.node.clone();
@@ -710,6 +713,6 @@ impl Drop for Session {
         for room in &self.rooms {
             self.node.hub.leave(room, self.conn);
         }
-        self.node.users.disconnect(&self.user_id);
+        self.node.users.disconnect(&self.user_id, self.slot);
     }
 }

@@ -1,12 +1,18 @@
-//! Per-user state shared by all of a user's connections on this node:
-//! the connection count (for the per-user cap) and the message rate
-//! limiter (a token bucket, so the 61st message within a minute is
-//! refused while a steady 1/s never is).
+//! Per-user limits: the connection cap and the message rate limit (a
+//! token bucket, so the 61st message within a minute is refused while a
+//! steady 1/s never is).
+//!
+//! On one node the state lives here. In a cluster the authoritative
+//! counts live in Redis ([`Cluster`]), shared by every node; if Redis
+//! cannot be reached the node falls back to its own counts, so limits
+//! degrade to per-node rather than disappearing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+
+use chatgate_fanout::cluster::Cluster;
 
 struct UserState {
     connections: u32,
@@ -19,6 +25,14 @@ pub struct Users {
     users: DashMap<Arc<str>, UserState>,
     max_connections: u32,
     per_minute: f64,
+    cluster: Option<Arc<Cluster>>,
+}
+
+/// A claimed connection slot; give it back with [`Users::disconnect`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// Also counted in the cluster (Redis) and to be released there.
+    pub in_cluster: bool,
 }
 
 impl Users {
@@ -28,11 +42,68 @@ impl Users {
             users: DashMap::new(),
             max_connections,
             per_minute: per_minute as f64,
+            cluster: None,
         }
     }
 
-    /// Counts a new connection for `user`; `false` when at the cap.
-    pub fn connect(&self, user: &Arc<str>) -> bool {
+    /// Shares the limits with the cluster through Redis.
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// Claims a connection slot for `user`, cluster-wide when clustered;
+    /// `None` at the cap.
+    pub async fn connect(&self, user: &Arc<str>) -> Option<Slot> {
+        if !self.connect_local(user) {
+            return None;
+        }
+        let Some(cluster) = &self.cluster else {
+            return Some(Slot { in_cluster: false });
+        };
+        match cluster.acquire_connection(user, self.max_connections).await {
+            Ok(true) => Some(Slot { in_cluster: true }),
+            Ok(false) => {
+                self.disconnect_local(user);
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster connection count unavailable; per-node cap only");
+                Some(Slot { in_cluster: false })
+            }
+        }
+    }
+
+    /// Releases a slot from [`Users::connect`].
+    pub fn disconnect(&self, user: &Arc<str>, slot: Slot) {
+        self.disconnect_local(user);
+        if let (true, Some(cluster)) = (slot.in_cluster, &self.cluster) {
+            let cluster = cluster.clone();
+            let user = user.clone();
+            tokio::spawn(async move {
+                if let Err(e) = cluster.release_connection(&user).await {
+                    tracing::warn!(error = %e, "could not release a cluster connection slot");
+                }
+            });
+        }
+    }
+
+    /// Takes one message token (cluster-wide when clustered).
+    pub async fn take_message(&self, user: &str) -> Result<(), Duration> {
+        if let Some(cluster) = &self.cluster {
+            match cluster.take_message(user, self.per_minute as u32).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(wait)) => return Err(wait),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cluster rate limit unavailable; per-node bucket")
+                }
+            }
+        }
+        self.take_message_local(user)
+    }
+
+    /// Counts a new connection for `user` on this node; `false` at the cap.
+    pub fn connect_local(&self, user: &Arc<str>) -> bool {
         let mut e = self.users.entry(user.clone()).or_insert_with(|| UserState {
             connections: 0,
             tokens: self.per_minute,
@@ -47,7 +118,7 @@ impl Users {
 
     /// Releases a connection slot. The entry is kept while its bucket is
     /// not full, so reconnecting cannot reset a rate limit.
-    pub fn disconnect(&self, user: &str) {
+    pub fn disconnect_local(&self, user: &str) {
         if let Some(mut e) = self.users.get_mut(user) {
             e.connections = e.connections.saturating_sub(1);
         }
@@ -57,8 +128,9 @@ impl Users {
         });
     }
 
-    /// Takes one message token; `Err(wait)` says when one will be free.
-    pub fn take_message(&self, user: &str) -> Result<(), Duration> {
+    /// Takes one token from this node's bucket; `Err(wait)` says when
+    /// one will be free.
+    pub fn take_message_local(&self, user: &str) -> Result<(), Duration> {
         let Some(mut s) = self.users.get_mut(user) else {
             return Ok(());
         };
@@ -113,23 +185,23 @@ mod tests {
     fn cap_and_bucket() {
         let u = Users::new(2, 3);
         let a: Arc<str> = Arc::from("a");
-        assert!(u.connect(&a));
-        assert!(u.connect(&a));
-        assert!(!u.connect(&a), "third connection refused");
+        assert!(u.connect_local(&a));
+        assert!(u.connect_local(&a));
+        assert!(!u.connect_local(&a), "third connection refused");
         for _ in 0..3 {
-            assert!(u.take_message("a").is_ok());
+            assert!(u.take_message_local("a").is_ok());
         }
-        let wait = u.take_message("a").unwrap_err();
+        let wait = u.take_message_local("a").unwrap_err();
         assert!(
             wait > Duration::from_secs(15) && wait <= Duration::from_secs(20),
             "{wait:?}"
         );
-        u.disconnect("a");
-        u.disconnect("a");
+        u.disconnect_local("a");
+        u.disconnect_local("a");
         assert_eq!(u.len(), 1, "an empty bucket outlives the connections");
-        assert!(u.connect(&a));
+        assert!(u.connect_local(&a));
         assert!(
-            u.take_message("a").is_err(),
+            u.take_message_local("a").is_err(),
             "reconnecting does not reset the limit"
         );
     }

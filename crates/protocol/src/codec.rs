@@ -135,6 +135,28 @@ impl Codec {
         Ok(buf.freeze())
     }
 
+    /// Compresses an already-encoded, uncompressed frame when its payload
+    /// passes the threshold (and shrinks); otherwise returns it as is.
+    /// Frames assembled elsewhere (the cluster script) go through this
+    /// once per node before fan-out.
+    pub fn compress_frame(&self, frame: Bytes) -> Bytes {
+        if frame.len() <= HEADER_LEN
+            || frame[1] & FLAG_COMPRESSED != 0
+            || frame.len() - HEADER_LEN <= self.config.compress_threshold
+        {
+            return frame;
+        }
+        let mut z = Vec::with_capacity(frame.len() / 2 + HEADER_LEN);
+        z.extend_from_slice(&frame[..HEADER_LEN]);
+        deflate(&frame[HEADER_LEN..], self.config.compression_level, &mut z);
+        if z.len() > HEADER_LEN && z.len() < frame.len() {
+            z[1] |= FLAG_COMPRESSED;
+            Bytes::from(z)
+        } else {
+            frame
+        }
+    }
+
     /// Reads and checks the header: size, opcode known, reserved flags
     /// clear. Does not look at the payload.
     pub fn header(&self, frame: &[u8]) -> Result<Header, DecodeError> {

@@ -13,6 +13,8 @@
 //!   back, with size caps and compression.
 //! - [`limits`]: per-field request limits, shared by server and clients.
 //! - [`close`]: WebSocket close codes and the client action for each.
+//! - [`template`]: event frames split around epoch and sequence, for the
+//!   cluster script that assigns them.
 //! - [`error_code`]: codes carried in `Error` frames.
 //! - `token` (feature `token`): HS256 access tokens.
 //! - `compress`, `wire` (private): capped raw DEFLATE, and serde helpers
@@ -34,6 +36,7 @@ pub mod frame;
 pub mod limits;
 pub mod opcode;
 pub mod payload;
+pub mod template;
 #[cfg(feature = "token")]
 pub mod token;
 mod wire;
@@ -45,6 +48,7 @@ pub use error::{DecodeError, EncodeError};
 pub use error_code::ErrorCode;
 pub use frame::{ClientFrame, HEADER_LEN, Header, ServerFrame};
 pub use opcode::Opcode;
+pub use template::EventTemplate;
 
 /// The WebSocket subprotocol a client must offer (`Sec-WebSocket-Protocol`).
 pub const SUBPROTOCOL: &str = "chat.v1";

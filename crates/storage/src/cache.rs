@@ -36,6 +36,9 @@ pub struct CacheConfig {
     pub command_timeout: Duration,
     /// How long to bypass Redis after an error. Default 5 s.
     pub open_circuit_for: Duration,
+    /// Key prefix (deployments sharing a Redis use different ones).
+    /// Default `chat`.
+    pub namespace: String,
 }
 
 impl CacheConfig {
@@ -46,6 +49,7 @@ impl CacheConfig {
             ttl: Duration::from_secs(300),
             command_timeout: Duration::from_millis(250),
             open_circuit_for: Duration::from_secs(5),
+            namespace: "chat".into(),
         }
     }
 }
@@ -70,15 +74,6 @@ pub struct CachedStore {
     /// Milliseconds since `started` until which Redis is bypassed.
     open_until_ms: AtomicU64,
     stats: Arc<CacheStats>,
-}
-
-fn rooms_key(user: &str) -> String {
-    // The hash tag keeps a user's keys in one Redis Cluster slot.
-    format!("chat:{{u:{user}}}:rooms")
-}
-
-fn profile_key(user: &str) -> String {
-    format!("chat:{{u:{user}}}:profile")
 }
 
 impl CachedStore {
@@ -112,6 +107,15 @@ impl CachedStore {
             open_until_ms: AtomicU64::new(0),
             stats: Arc::new(CacheStats::default()),
         })
+    }
+
+    fn rooms_key(&self, user: &str) -> String {
+        // The hash tag keeps a user's keys in one Redis Cluster slot.
+        format!("{}:{{u:{user}}}:rooms", self.config.namespace)
+    }
+
+    fn profile_key(&self, user: &str) -> String {
+        format!("{}:{{u:{user}}}:profile", self.config.namespace)
     }
 
     /// Hit/miss/error counters.
@@ -183,7 +187,7 @@ impl Store for CachedStore {
     }
 
     async fn upsert_user(&self, user: &User) -> Result<(), StoreError> {
-        let key = profile_key(&user.id);
+        let key = self.profile_key(&user.id);
         let value = serde_json::json!([user.name, user.image]).to_string();
         if self.get(&key).await.as_deref() == Some(value.as_str()) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -196,7 +200,7 @@ impl Store for CachedStore {
     }
 
     async fn memberships(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
-        let key = rooms_key(user_id);
+        let key = self.rooms_key(user_id);
         if let Some(rooms) = self
             .get(&key)
             .await
@@ -213,13 +217,13 @@ impl Store for CachedStore {
 
     async fn join(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
         self.inner.join(user_id, rooms).await?;
-        self.invalidate(vec![rooms_key(user_id)]).await;
+        self.invalidate(vec![self.rooms_key(user_id)]).await;
         Ok(())
     }
 
     async fn leave(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
         self.inner.leave(user_id, rooms).await?;
-        self.invalidate(vec![rooms_key(user_id)]).await;
+        self.invalidate(vec![self.rooms_key(user_id)]).await;
         Ok(())
     }
 

@@ -414,11 +414,37 @@ impl Drop for PrivatePostgres {
 pub struct PrivateRedis {
     pub child: Child,
     pub port: u16,
+    dir: std::path::PathBuf,
+    durable: bool,
 }
 
 impl PrivateRedis {
+    /// A throwaway Redis (no persistence).
     pub fn start() -> PrivateRedis {
-        let port = free_port();
+        Self::launch(free_port(), false)
+    }
+
+    /// A Redis that keeps its data across restarts (append-only file,
+    /// fsync on every write), as production runs it.
+    pub fn start_durable() -> PrivateRedis {
+        Self::launch(free_port(), true)
+    }
+
+    fn launch(port: u16, durable: bool) -> PrivateRedis {
+        let dir =
+            std::env::temp_dir().join(format!("chatgate-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Self::spawn(port, &dir, durable);
+        PrivateRedis {
+            child,
+            port,
+            dir,
+            durable,
+        }
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path, durable: bool) -> Child {
+        let aof = if durable { "yes" } else { "no" };
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -427,9 +453,10 @@ impl PrivateRedis {
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
             ])
+            .args(["--appendonly", aof, "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(dir)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server");
@@ -438,7 +465,14 @@ impl PrivateRedis {
             assert!(Instant::now() < deadline, "redis did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
-        PrivateRedis { child, port }
+        child
+    }
+
+    /// Kills the server (SIGKILL, by PID) and starts it again on the same
+    /// port and data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(self.port, &self.dir, self.durable);
     }
 
     pub fn url(&self) -> String {
@@ -454,5 +488,63 @@ impl PrivateRedis {
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A fresh schema in the shared test database; returns a URL whose
+/// connections use it.
+pub async fn fresh_database_url() -> String {
+    let base = std::env::var("CHAT_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let schema = format!("t_{:016x}", rand::random::<u64>());
+    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}options=-csearch_path%3D{schema}")
+}
+
+pub fn shared_redis_url() -> String {
+    std::env::var("CHAT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// A running cluster: several gateway processes on one Postgres schema
+/// and one Redis namespace.
+pub struct Cluster {
+    pub nodes: Vec<Gateway>,
+    pub args: Vec<String>,
+}
+
+impl Cluster {
+    pub async fn start(n: usize, redis_url: &str, extra: &[&str]) -> Cluster {
+        let db = fresh_database_url().await;
+        let ns = format!("t{:x}", rand::random::<u64>());
+        let mut args: Vec<String> = vec![
+            "--cluster".into(),
+            "--redis-url".into(),
+            redis_url.into(),
+            "--redis-namespace".into(),
+            ns,
+            "--database-url".into(),
+            db,
+            "--messages-per-minute".into(),
+            "100000".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let nodes = (0..n).map(|i| Self::node(&args, i)).collect();
+        Cluster { nodes, args }
+    }
+
+    fn node(args: &[String], i: usize) -> Gateway {
+        let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let id = format!("node-{i}");
+        a.extend(["--node-id", &id]);
+        Gateway::start(&a)
     }
 }

@@ -1,0 +1,745 @@
+//! Multi-node fan-out through Redis Streams.
+//!
+//! # Keys
+//! Rooms are spread over `partitions` delivery streams by a stable hash
+//! of the room name (FNV-1a, the same on every node). Every key of a room
+//! carries its partition's hash tag, so the publish script's keys share a
+//! Redis Cluster slot and partitions spread over the cluster:
+//!
+//! | key | what |
+//! |---|---|
+//! | `{ns}:{p<N>}:events` | delivery stream of partition N (capped with MAXLEN) |
+//! | `{ns}:{p<N>}:room:<room>:epoch` | the room stream's epoch |
+//! | `{ns}:{p<N>}:room:<room>:seq` | last sequence number |
+//! | `{ns}:{p<N>}:room:<room>:log` | recovery stream, entry id `<seq>-1`, capped and expiring |
+//! | `{ns}:{p<N>}:room:<room>:published` | message id -> seq, so a retried publish whose first reply was lost is not published twice |
+//!
+//! # Publish
+//! One Lua script, atomically: create the epoch if missing (Redis `TIME`
+//! in ms — a Redis that lost its data starts a new epoch), `INCR` the
+//! sequence, assemble the finished frame from the template
+//! ([`chatgate_protocol::EventTemplate`]), append it to the room's
+//! recovery stream and to the partition's delivery stream. A gap in a
+//! sequence can therefore never exist.
+//!
+//! # Delivery
+//! Every node, the publisher included, delivers from its own blocking
+//! `XREAD` over all partitions, on a dedicated connection (a blocked
+//! connection cannot carry other commands). Reading in stream order is
+//! what keeps a room's events in sequence order on every node. The
+//! publisher waits for its reader to have delivered the event before it
+//! acknowledges, so the sender's ack never overtakes earlier events.
+//!
+//! # Faults
+//! Redis errors surface as [`FanoutError::Unavailable`] (sends are then
+//! refused with a retryable error and retried by clients with the same
+//! id; stored-but-unpublished messages are published on the retry). The
+//! reader reconnects by itself and continues from the last entry it
+//! delivered; if the stream went backwards (Redis restarted without its
+//! data) it starts over from the beginning of the new stream.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use dashmap::DashMap;
+use fred::prelude::{Builder, Client, ClientLike, Config, ReconnectPolicy, StreamsInterface};
+use fred::types::Value;
+use fred::types::scripts::Script;
+use tokio::sync::oneshot;
+
+use chatgate_protocol::payload::{NewMessage, Reaction};
+use chatgate_protocol::{Codec, EventTemplate, ServerFrame};
+
+use crate::{Fanout, FanoutError, LocalDelivery, Position, Published, Replay, RoomEvent};
+
+/// Settings for [`RedisStreamsFanout`].
+#[derive(Debug, Clone)]
+pub struct RedisFanoutConfig {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// Key prefix, so several deployments (or tests) can share a Redis.
+    /// Default `chat`.
+    pub namespace: String,
+    /// This node's id (unique in the cluster).
+    pub node_id: String,
+    /// Delivery streams. Default 16: enough to spread over a Redis
+    /// Cluster; every node reads all of them in one XREAD.
+    pub partitions: u32,
+    /// Events kept per room for resume. Default 10,000.
+    pub max_log: u64,
+    /// Idle time after which a room's recovery stream expires. Default
+    /// 2 minutes (the recovery window).
+    pub recovery_window: Duration,
+    /// Delivery stream cap per partition. Default 100,000 entries: far
+    /// more than any node falls behind by before it counts as lagging.
+    pub partition_maxlen: u64,
+    /// How long a publisher waits for its own reader before acking
+    /// anyway (the event is stored in Redis either way). Default 5 s.
+    pub self_delivery_timeout: Duration,
+}
+
+impl RedisFanoutConfig {
+    /// Defaults for `url` and `node_id`.
+    pub fn new(url: impl Into<String>, node_id: impl Into<String>) -> Self {
+        RedisFanoutConfig {
+            url: url.into(),
+            namespace: "chat".into(),
+            node_id: node_id.into(),
+            partitions: 16,
+            max_log: 10_000,
+            recovery_window: Duration::from_secs(120),
+            partition_maxlen: 100_000,
+            self_delivery_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+const PUBLISH: &str = r#"
+local function varint(v)
+  if v < 251 then return string.char(v) end
+  local marker, n
+  if v <= 65535 then marker, n = 251, 2
+  elseif v <= 4294967295 then marker, n = 252, 4
+  else marker, n = 253, 8 end
+  local t = { string.char(marker) }
+  for i = 1, n do
+    t[#t + 1] = string.char(v % 256)
+    v = math.floor(v / 256)
+  end
+  return table.concat(t)
+end
+local epoch = redis.call('GET', KEYS[1])
+if epoch and ARGV[11] ~= '' then
+  -- A retry of an event whose first publish succeeded but whose reply
+  -- was lost: answer with the original position, publish nothing.
+  local prev = redis.call('HGET', KEYS[5], ARGV[11])
+  if prev then return { epoch, tonumber(prev), 1 } end
+end
+if not epoch then
+  local t = redis.call('TIME')
+  epoch = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  redis.call('SET', KEYS[1], epoch)
+end
+local seq = redis.call('INCR', KEYS[2])
+if ARGV[11] ~= '' then
+  redis.call('HSET', KEYS[5], ARGV[11], seq)
+  redis.call('PEXPIRE', KEYS[5], ARGV[10])
+end
+local frame = ARGV[1] .. varint(tonumber(epoch)) .. ARGV[2] .. varint(seq) .. ARGV[3]
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], seq .. '-1', 'f', frame)
+redis.call('PEXPIRE', KEYS[3], ARGV[10])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*',
+  'r', ARGV[4], 'f', frame, 'n', ARGV[5], 'c', ARGV[6], 'p', ARGV[7])
+return { epoch, seq, 0 }
+"#;
+
+const POSITION: &str = r#"
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  local t = redis.call('TIME')
+  epoch = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  redis.call('SET', KEYS[1], epoch, 'NX')
+  epoch = redis.call('GET', KEYS[1])
+end
+local seq = redis.call('GET', KEYS[2]) or '0'
+return { epoch, tonumber(seq) }
+"#;
+
+/// Stable 64-bit FNV-1a (the partition of a room must not depend on the
+/// process, as Rust's default hasher does).
+fn fnv1a(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Health counters for `/metrics` and `/health`.
+#[derive(Debug, Default)]
+pub struct FanoutStats {
+    /// True while the reader's last XREAD succeeded.
+    pub connected: AtomicBool,
+    /// Reader errors (each followed by a reconnect attempt).
+    pub read_errors: AtomicU64,
+    /// Times the reader recovered after errors.
+    pub reconnects: AtomicU64,
+    /// Age in ms of the last delivered entry when it was delivered.
+    pub lag_ms: AtomicI64,
+    /// Entries delivered from the streams.
+    pub delivered: AtomicU64,
+    /// Publish script failures.
+    pub publish_errors: AtomicU64,
+}
+
+type Waiters = DashMap<u64, oneshot::Sender<Bytes>>;
+
+/// The Redis Streams [`Fanout`].
+pub struct RedisStreamsFanout {
+    config: RedisFanoutConfig,
+    codec: Codec,
+    client: Client,
+    publish: Script,
+    position: Script,
+    waiters: Arc<Waiters>,
+    next_pid: AtomicU64,
+    stats: Arc<FanoutStats>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+fn err(e: impl std::fmt::Display) -> FanoutError {
+    FanoutError::Unavailable(e.to_string())
+}
+
+/// A fred client configured for this engine. `blocking` clients get no
+/// command timeout (a BLOCK read is long by design).
+pub fn redis_client(url: &str, command_timeout: Option<Duration>) -> Result<Client, FanoutError> {
+    let config = Config::from_url(url).map_err(err)?;
+    let mut builder = Builder::from_config(config);
+    builder
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(2);
+            c.internal_command_timeout = Duration::from_secs(2);
+            c.max_command_attempts = 1;
+        })
+        .with_config(|c| c.fail_fast = true)
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
+    if let Some(t) = command_timeout {
+        builder.with_performance_config(|p| p.default_command_timeout = t);
+    }
+    builder.build().map_err(err)
+}
+
+impl RedisStreamsFanout {
+    /// Connects and starts this node's reader.
+    pub async fn connect(
+        config: RedisFanoutConfig,
+        codec: Codec,
+        sink: Arc<dyn LocalDelivery>,
+    ) -> Result<RedisStreamsFanout, FanoutError> {
+        let client = redis_client(&config.url, Some(Duration::from_secs(2)))?;
+        let _ = client.init().await;
+        let reader_client = redis_client(&config.url, None)?;
+        let _ = reader_client.init().await;
+        let waiters: Arc<Waiters> = Arc::new(DashMap::new());
+        let stats = Arc::new(FanoutStats::default());
+        let reader = Reader {
+            client: reader_client,
+            keys: (0..config.partitions)
+                .map(|p| partition_key(&config.namespace, p))
+                .collect(),
+            node_id: config.node_id.clone(),
+            codec,
+            sink,
+            waiters: waiters.clone(),
+            stats: stats.clone(),
+        };
+        let start_ids = reader.current_ids().await;
+        let reader = tokio::spawn(reader.run(start_ids));
+        Ok(RedisStreamsFanout {
+            publish: Script::from_lua(PUBLISH),
+            position: Script::from_lua(POSITION),
+            config,
+            codec,
+            client,
+            waiters,
+            next_pid: AtomicU64::new(1),
+            stats,
+            reader,
+        })
+    }
+
+    /// Health counters.
+    pub fn stats(&self) -> Arc<FanoutStats> {
+        self.stats.clone()
+    }
+
+    /// The command connection (node registry and limits share it).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn partition(&self, room: &str) -> u32 {
+        (fnv1a(room) % u64::from(self.config.partitions.max(1))) as u32
+    }
+
+    fn room_key(&self, room: &str, what: &str) -> String {
+        format!(
+            "{}:{{p{}}}:room:{room}:{what}",
+            self.config.namespace,
+            self.partition(room)
+        )
+    }
+
+    fn event_frame(&self, room: &str, event: RoomEvent) -> ServerFrame {
+        match event {
+            RoomEvent::Message(message) => {
+                ServerFrame::NewMessage(NewMessage { epoch: 0, message })
+            }
+            RoomEvent::Reaction {
+                message_id,
+                user_id,
+                emoji,
+                removed,
+            } => ServerFrame::Reaction(Reaction {
+                room: room.to_owned(),
+                epoch: 0,
+                seq: 0,
+                message_id,
+                user_id,
+                emoji,
+                removed,
+            }),
+        }
+    }
+}
+
+impl Drop for RedisStreamsFanout {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+fn partition_key(namespace: &str, p: u32) -> String {
+    format!("{namespace}:{{p{p}}}:events")
+}
+
+fn as_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::Integer(i) => u64::try_from(*i).ok(),
+        Value::String(s) => s.parse().ok(),
+        Value::Bytes(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+fn as_bytes(v: &Value) -> Option<Bytes> {
+    match v {
+        Value::Bytes(b) => Some(b.clone()),
+        Value::String(s) => Some(Bytes::copy_from_slice(s.as_bytes())),
+        _ => None,
+    }
+}
+
+fn as_str(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.to_string()),
+        Value::Bytes(b) => String::from_utf8(b.to_vec()).ok(),
+        Value::Integer(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn pair(v: Value) -> Result<(u64, u64), FanoutError> {
+    match v {
+        Value::Array(a) if a.len() == 2 => match (as_u64(&a[0]), as_u64(&a[1])) {
+            (Some(e), Some(s)) => Ok((e, s)),
+            _ => Err(FanoutError::Unavailable("unexpected script reply".into())),
+        },
+        other => Err(FanoutError::Unavailable(format!(
+            "unexpected script reply {other:?}"
+        ))),
+    }
+}
+
+fn triple(v: Value) -> Result<(u64, u64, bool), FanoutError> {
+    match v {
+        Value::Array(a) if a.len() == 3 => match (as_u64(&a[0]), as_u64(&a[1]), as_u64(&a[2])) {
+            (Some(e), Some(s), Some(r)) => Ok((e, s, r == 1)),
+            _ => Err(FanoutError::Unavailable("unexpected script reply".into())),
+        },
+        other => Err(FanoutError::Unavailable(format!(
+            "unexpected script reply {other:?}"
+        ))),
+    }
+}
+
+/// Stream entries as (id, field -> value).
+fn entries(v: &Value) -> Vec<(String, HashMap<String, Value>)> {
+    let Value::Array(list) = v else {
+        return Vec::new();
+    };
+    list.iter()
+        .filter_map(|e| match e {
+            Value::Array(parts) if parts.len() == 2 => {
+                let id = as_str(&parts[0])?;
+                let mut fields = HashMap::new();
+                match &parts[1] {
+                    Value::Array(kv) => {
+                        for chunk in kv.chunks(2) {
+                            if let [k, v] = chunk {
+                                fields.insert(as_str(k)?, v.clone());
+                            }
+                        }
+                    }
+                    Value::Map(m) => {
+                        for (k, v) in m.clone().inner() {
+                            fields.insert(k.as_str()?.to_string(), v.clone());
+                        }
+                    }
+                    _ => return None,
+                }
+                Some((id, fields))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[async_trait]
+impl Fanout for RedisStreamsFanout {
+    fn engine(&self) -> &'static str {
+        "redis-streams"
+    }
+
+    async fn publish(
+        &self,
+        room: &str,
+        event: RoomEvent,
+        exclude: Option<u64>,
+    ) -> Result<Published, FanoutError> {
+        let dedupe = match &event {
+            RoomEvent::Message(m) => format!("m{}", m.id),
+            RoomEvent::Reaction { .. } => String::new(),
+        };
+        let frame = self.event_frame(room, event);
+        let template = EventTemplate::of(&frame, self.codec.config().max_frame_bytes)
+            .map_err(|e| FanoutError::Encode(e.to_string()))?
+            .ok_or_else(|| FanoutError::Encode("not a room event".into()))?;
+        let p = self.partition(room);
+        let keys = vec![
+            self.room_key(room, "epoch"),
+            self.room_key(room, "seq"),
+            self.room_key(room, "log"),
+            partition_key(&self.config.namespace, p),
+            self.room_key(room, "published"),
+        ];
+        let pid = self.next_pid.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.waiters.insert(pid, tx);
+        let args: Vec<Value> = vec![
+            Value::Bytes(template.head.into()),
+            Value::Bytes(template.mid.into()),
+            Value::Bytes(template.tail.into()),
+            room.into(),
+            self.config.node_id.as_str().into(),
+            (exclude.unwrap_or(0) as i64).into(),
+            (pid as i64).into(),
+            (self.config.max_log as i64).into(),
+            (self.config.partition_maxlen as i64).into(),
+            (self.config.recovery_window.as_millis() as i64).into(),
+            dedupe.into(),
+        ];
+        let reply: Result<Value, _> = self
+            .publish
+            .evalsha_with_reload(&self.client, keys, args)
+            .await;
+        let (epoch, seq, repeated) = match reply.map_err(err).and_then(triple) {
+            Ok(v) => v,
+            Err(e) => {
+                self.waiters.remove(&pid);
+                self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        if repeated {
+            // Published before; its delivery is already in the stream.
+            self.waiters.remove(&pid);
+            return Ok(Published {
+                position: Position { epoch, seq },
+                frame: Bytes::new(),
+            });
+        }
+        // Acknowledge after this node delivered it (keeps the sender's
+        // ack behind the room's earlier events).
+        let frame = match tokio::time::timeout(self.config.self_delivery_timeout, rx).await {
+            Ok(Ok(frame)) => frame,
+            _ => {
+                self.waiters.remove(&pid);
+                tracing::warn!(
+                    room,
+                    seq,
+                    "own event not read back in time; acknowledging anyway"
+                );
+                Bytes::new()
+            }
+        };
+        Ok(Published {
+            position: Position { epoch, seq },
+            frame,
+        })
+    }
+
+    async fn publish_ephemeral(
+        &self,
+        room: &str,
+        frame: Bytes,
+        exclude: Option<u64>,
+    ) -> Result<(), FanoutError> {
+        // Typing is best effort: it rides the delivery stream (so other
+        // nodes see it) but takes no sequence and no log entry.
+        let p = self.partition(room);
+        let key = partition_key(&self.config.namespace, p);
+        let fields: Vec<(&str, Value)> = vec![
+            ("r", room.into()),
+            ("f", Value::Bytes(frame)),
+            ("n", self.config.node_id.as_str().into()),
+            ("c", (exclude.unwrap_or(0) as i64).into()),
+            ("e", 1.into()),
+        ];
+        let cap = fred::types::streams::XCap::try_from((
+            "MAXLEN",
+            "~",
+            self.config.partition_maxlen as i64,
+        ))
+        .map_err(err)?;
+        self.client
+            .xadd::<Value, _, _, _, _>(key, false, cap, "*", fields)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    async fn position(&self, room: &str) -> Result<Position, FanoutError> {
+        let keys = vec![self.room_key(room, "epoch"), self.room_key(room, "seq")];
+        let reply: Value = self
+            .position
+            .evalsha_with_reload(&self.client, keys, Vec::<Value>::new())
+            .await
+            .map_err(err)?;
+        let (epoch, seq) = pair(reply)?;
+        Ok(Position { epoch, seq })
+    }
+
+    async fn replay(&self, room: &str, since: Position) -> Result<Replay, FanoutError> {
+        let current = self.position(room).await?;
+        if since.epoch != current.epoch || since.seq > current.seq {
+            return Ok(Replay::NotRecoverable { current });
+        }
+        if since.seq == current.seq {
+            return Ok(Replay::Events {
+                frames: Vec::new(),
+                position: current,
+            });
+        }
+        let start = format!("{}-1", since.seq + 1);
+        let reply: Value = self
+            .client
+            .xrange(
+                self.room_key(room, "log"),
+                start,
+                "+",
+                Some(self.config.max_log),
+            )
+            .await
+            .map_err(err)?;
+        let list = entries(&reply);
+        let first_ok = list
+            .first()
+            .and_then(|(id, _)| id.split('-').next()?.parse::<u64>().ok())
+            .is_some_and(|s| s == since.seq + 1);
+        if !first_ok {
+            return Ok(Replay::NotRecoverable { current });
+        }
+        let mut last = since.seq;
+        let mut frames = Vec::with_capacity(list.len());
+        for (id, fields) in &list {
+            let Some(seq) = id.split('-').next().and_then(|s| s.parse::<u64>().ok()) else {
+                continue;
+            };
+            if seq != last + 1 {
+                return Ok(Replay::NotRecoverable { current });
+            }
+            let Some(frame) = fields.get("f").and_then(as_bytes) else {
+                continue;
+            };
+            frames.push(self.codec.compress_frame(frame));
+            last = seq;
+        }
+        Ok(Replay::Events {
+            frames,
+            position: Position {
+                epoch: current.epoch,
+                seq: last,
+            },
+        })
+    }
+}
+
+/// This node's reader of every partition stream.
+struct Reader {
+    client: Client,
+    keys: Vec<String>,
+    node_id: String,
+    codec: Codec,
+    sink: Arc<dyn LocalDelivery>,
+    waiters: Arc<Waiters>,
+    stats: Arc<FanoutStats>,
+}
+
+impl Reader {
+    /// The last id of every partition now: a new node starts with what is
+    /// published after it started.
+    async fn current_ids(&self) -> Vec<String> {
+        let mut ids = Vec::with_capacity(self.keys.len());
+        for key in &self.keys {
+            let last: Result<Value, _> = self.client.xrevrange(key, "+", "-", Some(1)).await;
+            let id = last
+                .ok()
+                .and_then(|v| entries(&v).into_iter().next().map(|(id, _)| id));
+            ids.push(id.unwrap_or_else(|| "0-0".into()));
+        }
+        ids
+    }
+
+    /// After an outage: a stream whose last id is older than ours (or
+    /// which is gone) was recreated; read it from its start.
+    async fn reconcile(&self, ids: &mut [String]) {
+        for (key, id) in self.keys.iter().zip(ids.iter_mut()) {
+            let last: Result<Value, _> = self.client.xrevrange(key, "+", "-", Some(1)).await;
+            let Ok(last) = last else { return };
+            let newest = entries(&last).into_iter().next().map(|(id, _)| id);
+            let behind = match &newest {
+                None => true,
+                Some(n) => stream_id(n) < stream_id(id),
+            };
+            if behind && id != "0-0" {
+                tracing::warn!(
+                    stream = key,
+                    "stream went backwards (Redis lost data); reading it from the start"
+                );
+                *id = "0-0".into();
+            }
+        }
+    }
+
+    async fn run(self, mut ids: Vec<String>) {
+        let mut failing = false;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let reply: Result<Value, _> = self
+                .client
+                .xread(Some(1000), Some(1000), self.keys.clone(), ids.clone())
+                .await;
+            match reply {
+                Ok(v) => {
+                    if failing {
+                        failing = false;
+                        backoff = Duration::from_millis(50);
+                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!("fan-out reader reconnected");
+                        self.reconcile(&mut ids).await;
+                    }
+                    self.stats.connected.store(true, Ordering::Relaxed);
+                    self.deliver(v, &mut ids);
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "fan-out reader lost Redis; retrying");
+                    }
+                    failing = true;
+                    self.stats.connected.store(false, Ordering::Relaxed);
+                    self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    fn deliver(&self, reply: Value, ids: &mut [String]) {
+        // XREAD: [[key, [[id, [f, v, ...]], ...]], ...] (or a map in RESP3).
+        let streams: Vec<(String, Value)> = match reply {
+            Value::Array(list) => list
+                .into_iter()
+                .filter_map(|s| match s {
+                    Value::Array(mut kv) if kv.len() == 2 => {
+                        let entries = kv.pop()?;
+                        Some((as_str(&kv[0])?, entries))
+                    }
+                    _ => None,
+                })
+                .collect(),
+            Value::Map(m) => m
+                .inner()
+                .into_iter()
+                .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        for (key, list) in streams {
+            let Some(i) = self.keys.iter().position(|k| *k == key) else {
+                continue;
+            };
+            for (id, fields) in entries(&list) {
+                ids[i] = id.clone();
+                let (Some(room), Some(frame)) = (
+                    fields.get("r").and_then(as_str),
+                    fields.get("f").and_then(as_bytes),
+                ) else {
+                    continue;
+                };
+                let node = fields.get("n").and_then(as_str).unwrap_or_default();
+                let conn = fields.get("c").and_then(as_u64).unwrap_or(0);
+                let ephemeral = fields.contains_key("e");
+                let mine = node == self.node_id;
+                let exclude = if mine && conn != 0 { Some(conn) } else { None };
+                let frame = if ephemeral {
+                    frame
+                } else {
+                    self.codec.compress_frame(frame)
+                };
+                self.sink.deliver(&room, &frame, exclude, ephemeral);
+                self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                let (ms, _) = stream_id(&id);
+                self.stats
+                    .lag_ms
+                    .store(now_ms() - ms as i64, Ordering::Relaxed);
+                if mine
+                    && let Some(pid) = fields.get("p").and_then(as_u64)
+                    && let Some((_, tx)) = self.waiters.remove(&pid)
+                {
+                    let _ = tx.send(frame);
+                }
+            }
+        }
+    }
+}
+
+fn stream_id(id: &str) -> (u64, u64) {
+    let mut parts = id.split('-');
+    let ms = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let seq = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    (ms, seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_stable() {
+        // Fixed values: every node must agree, across builds.
+        assert_eq!(fnv1a(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a("general") % 16, fnv1a("general") % 16);
+        assert_eq!(fnv1a("a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn stream_ids_order_numerically() {
+        assert!(stream_id("10-0") > stream_id("9-5"));
+        assert!(stream_id("1795000000000-2") > stream_id("1795000000000-1"));
+    }
+}

@@ -1,0 +1,235 @@
+//! RedisStreamsFanout against a real Redis (`CHAT_TEST_REDIS_URL`, default
+//! the local one), each test in its own key namespace.
+#![allow(clippy::unwrap_used)] // a panic here is a failed test
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chatgate_fanout::cluster::Cluster;
+use chatgate_fanout::{
+    Fanout, LocalDelivery, Position, RedisFanoutConfig, RedisStreamsFanout, Replay, RoomEvent,
+};
+use chatgate_protocol::payload::Message;
+use chatgate_protocol::{Codec, ServerFrame};
+use parking_lot::Mutex;
+use rand::Rng;
+
+fn redis_url() -> String {
+    std::env::var("CHAT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+type Delivery = (String, Bytes, Option<u64>, bool);
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<Delivery>>);
+
+impl LocalDelivery for Recorder {
+    fn deliver(&self, room: &str, frame: &Bytes, exclude: Option<u64>, ephemeral: bool) {
+        self.0
+            .lock()
+            .push((room.to_owned(), frame.clone(), exclude, ephemeral));
+    }
+}
+
+fn message(room: &str, id: u64, body: &str) -> RoomEvent {
+    RoomEvent::Message(Message {
+        id,
+        room: room.into(),
+        seq: 0,
+        sender_id: "u".into(),
+        sender_name: "U".into(),
+        sender_image: String::new(),
+        client_msg_id: format!("c{id}"),
+        body: body.into(),
+        attachments: vec![],
+        reactions: vec![],
+        created_at_ms: 1,
+    })
+}
+
+async fn node(ns: &str, id: &str) -> (RedisStreamsFanout, Arc<Recorder>) {
+    let rec = Arc::new(Recorder::default());
+    let mut config = RedisFanoutConfig::new(redis_url(), id);
+    config.namespace = ns.into();
+    config.partitions = 4;
+    (
+        RedisStreamsFanout::connect(config, Codec::default(), rec.clone())
+            .await
+            .unwrap(),
+        rec,
+    )
+}
+
+fn seqs(rec: &Recorder, room: &str) -> Vec<u64> {
+    rec.0
+        .lock()
+        .iter()
+        .filter(|d| d.0 == room)
+        .map(|d| match Codec::default().decode_server(&d.1).unwrap().1 {
+            ServerFrame::NewMessage(m) => m.message.seq,
+            ServerFrame::Reaction(r) => r.seq,
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+async fn wait_for(what: &str, check: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn every_node_delivers_every_event_in_sequence_order() {
+    let ns = format!("t{:x}", rand::rng().random::<u64>());
+    let (a, rec_a) = node(&ns, "a").await;
+    let (b, rec_b) = node(&ns, "b").await;
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    // Two nodes publish into the same rooms concurrently.
+    let mut tasks = Vec::new();
+    for (n, f) in [(0u64, a.clone()), (1, b.clone())] {
+        tasks.push(tokio::spawn(async move {
+            for i in 0..100u64 {
+                let room = if i % 2 == 0 { "even" } else { "odd" };
+                let p = f
+                    .publish(room, message(room, n * 1000 + i, "x"), Some(7))
+                    .await
+                    .unwrap();
+                assert!(p.position.seq >= 1);
+                assert!(!p.frame.is_empty(), "publisher read its own event back");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for rec in [&rec_a, &rec_b] {
+        wait_for("200 deliveries", || rec.0.lock().len() == 200).await;
+        for room in ["even", "odd"] {
+            assert_eq!(
+                seqs(rec, room),
+                (1..=100).collect::<Vec<_>>(),
+                "room {room} order"
+            );
+        }
+    }
+    // The publisher excludes the sending connection; the other node
+    // excludes no one (the connection is not there).
+    let a_excl = rec_a.0.lock().iter().filter(|d| d.2 == Some(7)).count();
+    let b_excl = rec_b.0.lock().iter().filter(|d| d.2 == Some(7)).count();
+    assert_eq!(
+        (a_excl, b_excl),
+        (100, 100),
+        "each node excludes only its own senders"
+    );
+    // Frames built by the Lua script decode to what the codec expects.
+    let frame = rec_b.0.lock()[0].1.clone();
+    let ServerFrame::NewMessage(m) = Codec::default().decode_server(&frame).unwrap().1 else {
+        panic!()
+    };
+    let pos = a.position("even").await.unwrap();
+    assert_eq!(m.epoch, pos.epoch);
+    assert!(pos.epoch > 1_700_000_000_000, "epoch is Redis time in ms");
+}
+
+#[tokio::test]
+async fn replay_returns_exactly_the_missed_events_or_says_it_cannot() {
+    let ns = format!("t{:x}", rand::rng().random::<u64>());
+    let (a, _rec) = node(&ns, "a").await;
+    let start = a.position("r").await.unwrap();
+    assert_eq!(start.seq, 0);
+    for i in 0..300 {
+        a.publish("r", message("r", i, &format!("m{i}")), None)
+            .await
+            .unwrap();
+    }
+    match a
+        .replay(
+            "r",
+            Position {
+                epoch: start.epoch,
+                seq: 250,
+            },
+        )
+        .await
+        .unwrap()
+    {
+        Replay::Events { frames, position } => {
+            assert_eq!(frames.len(), 50);
+            assert_eq!(position.seq, 300);
+            let first = Codec::default().decode_server(&frames[0]).unwrap().1;
+            assert!(
+                matches!(first, ServerFrame::NewMessage(m) if m.message.seq == 251 && m.message.body == "m250")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let up_to_date = a
+        .replay(
+            "r",
+            Position {
+                epoch: start.epoch,
+                seq: 300,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(up_to_date, Replay::Events { ref frames, .. } if frames.is_empty()));
+    for bad in [
+        Position {
+            epoch: start.epoch + 1,
+            seq: 10,
+        },
+        Position {
+            epoch: start.epoch,
+            seq: 301,
+        },
+    ] {
+        assert!(
+            matches!(
+                a.replay("r", bad).await.unwrap(),
+                Replay::NotRecoverable { .. }
+            ),
+            "{bad:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn cluster_limits_are_shared_by_nodes() {
+    let ns = format!("t{:x}", rand::rng().random::<u64>());
+    let (a, _) = node(&ns, "a").await;
+    let (b, _) = node(&ns, "b").await;
+    let ca = Cluster::new(a.client().clone(), &ns, "a");
+    let cb = Cluster::new(b.client().clone(), &ns, "b");
+    ca.heartbeat().await.unwrap();
+    let live = cb.heartbeat().await.unwrap();
+    assert_eq!(live.len(), 2, "{live:?}");
+    ca.heartbeat().await.unwrap();
+    for _ in 0..3 {
+        assert!(ca.acquire_connection("u", 5).await.unwrap());
+    }
+    assert!(cb.acquire_connection("u", 5).await.unwrap());
+    assert!(cb.acquire_connection("u", 5).await.unwrap());
+    assert!(
+        !ca.acquire_connection("u", 5).await.unwrap(),
+        "sixth across nodes refused"
+    );
+    cb.release_connection("u").await.unwrap();
+    assert!(ca.acquire_connection("u", 5).await.unwrap());
+    // Shared rate bucket.
+    for _ in 0..3 {
+        assert!(ca.take_message("r", 4).await.unwrap().is_none());
+    }
+    assert!(cb.take_message("r", 4).await.unwrap().is_none());
+    let wait = cb.take_message("r", 4).await.unwrap().unwrap();
+    assert!(
+        wait > Duration::from_secs(1) && wait <= Duration::from_secs(15),
+        "{wait:?}"
+    );
+}

@@ -1,0 +1,429 @@
+//! Several gateway processes as one service through Redis Streams:
+//! exactly-once ordered delivery across nodes, resume on another node,
+//! Redis restarts, a node killed with SIGKILL, cluster-wide limits.
+#![allow(clippy::unwrap_used)] // a panic here is a failed test
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use chatgate_client::RawConnection;
+use chatgate_protocol::payload::*;
+use chatgate_protocol::{ClientFrame, CloseCode, ErrorCode, ServerFrame};
+use common::*;
+
+/// Reads NewMessage frames until `count` arrived or `limit` passed;
+/// returns (message id, room seq, body) in arrival order.
+async fn collect(c: &mut Conn, count: usize, limit: Duration) -> Vec<(u64, u64, String)> {
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    while got.len() < count && Instant::now() < deadline {
+        if let Some((_, ServerFrame::NewMessage(m))) = c.next(Duration::from_millis(200)).await {
+            got.push((m.message.id, m.message.seq, m.message.body));
+        }
+    }
+    got
+}
+
+/// Sends until acknowledged, retrying a retryable error with the same
+/// client id (what a real client does through an outage).
+async fn send_acked(c: &mut Conn, rid: &mut u32, room: &str, cid: &str, body: &str) -> MessageSent {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        *rid += 1;
+        match c.request(*rid, send_frame(room, cid, body)).await {
+            ServerFrame::MessageSent(ack) => return ack,
+            ServerFrame::Error(e)
+                if e.code == ErrorCode::Unavailable.code()
+                    || e.code == ErrorCode::Internal.code() =>
+            {
+                assert!(Instant::now() < deadline, "never acknowledged: {e:?}");
+                tokio::time::sleep(Duration::from_millis(e.retry_after_ms.clamp(50, 500) as u64))
+                    .await;
+            }
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_deliver_every_message_once_in_one_order() {
+    let cluster = Cluster::start(3, &shared_redis_url(), &[]).await;
+    let h = cluster.nodes[0].wait_health("3 live nodes", |h| {
+        h["cluster"]["live_nodes"]
+            .as_array()
+            .is_some_and(|n| n.len() == 3)
+    });
+    assert_eq!(h["backends"]["fanout"]["engine"], "redis-streams");
+
+    // Two readers and one sender per node, all in one room.
+    let mut readers = Vec::new();
+    let mut senders = Vec::new();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        for r in 0..2 {
+            let mut c = user(node, &format!("reader-{i}-{r}")).await;
+            join(&mut c, &["all"]).await;
+            readers.push(c);
+        }
+        let mut s = user(node, &format!("sender-{i}")).await;
+        join(&mut s, &["all"]).await;
+        senders.push(s);
+    }
+    let per_sender = 50;
+    let mut tasks = Vec::new();
+    for (i, mut s) in senders.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut rid = 10;
+            let mut acks = Vec::new();
+            for m in 0..per_sender {
+                let ack = send_acked(
+                    &mut s,
+                    &mut rid,
+                    "all",
+                    &format!("s{i}-{m}"),
+                    &format!("from {i} #{m}"),
+                )
+                .await;
+                acks.push(ack.message_id);
+            }
+            // Every sender also hears the other senders, never itself.
+            let heard = collect(&mut s, 2 * per_sender, Duration::from_secs(20)).await;
+            assert_eq!(
+                heard.len(),
+                2 * per_sender,
+                "sender {i} heard {}",
+                heard.len()
+            );
+            assert!(
+                heard.iter().all(|(id, _, _)| !acks.contains(id)),
+                "sender {i} got its own echo"
+            );
+            acks
+        }));
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    let total = 3 * per_sender;
+    let mut orders = Vec::new();
+    for (n, r) in readers.iter_mut().enumerate() {
+        let got = collect(r, total, Duration::from_secs(20)).await;
+        assert_eq!(got.len(), total, "reader {n} got {} of {total}", got.len());
+        let mut ids: Vec<u64> = got.iter().map(|g| g.0).collect();
+        let seqs: Vec<u64> = got.iter().map(|g| g.1).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "reader {n}: sequence not gapless and ordered"
+        );
+        orders.push(ids.clone());
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), total, "reader {n} got duplicates");
+        assert!(
+            r.next(Duration::from_millis(200)).await.is_none(),
+            "reader {n} got extra frames"
+        );
+    }
+    assert!(
+        orders.windows(2).all(|w| w[0] == w[1]),
+        "readers disagree on the order"
+    );
+    acked.sort_unstable();
+    let mut delivered = orders[0].clone();
+    delivered.sort_unstable();
+    assert_eq!(
+        acked, delivered,
+        "delivered exactly the acknowledged messages"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_away_for_30_seconds_resumes_on_another_node_with_exactly_the_missed_100() {
+    let cluster = Cluster::start(3, &shared_redis_url(), &[]).await;
+    let (a, b, c) = (&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]);
+    let (raw, ready) = identified(a, "wanderer").await;
+    let mut wanderer = Conn::new(raw);
+    let joined = join(&mut wanderer, &["news"]).await;
+    let mut sender = user(b, "sender").await;
+    join(&mut sender, &["news"]).await;
+    let mut rid = 10;
+    send_acked(&mut sender, &mut rid, "news", "pre", "before the break").await;
+    let (_, seq, _) = collect(&mut wanderer, 1, Duration::from_secs(10))
+        .await
+        .remove(0);
+    let epoch = joined.rooms[0].epoch;
+    wanderer.raw.close().await.unwrap();
+    drop(wanderer);
+
+    // 100 messages over 30 seconds while the wanderer is away.
+    let started = Instant::now();
+    let mut sent = Vec::new();
+    for i in 0..100 {
+        let ack = send_acked(
+            &mut sender,
+            &mut rid,
+            "news",
+            &format!("away-{i}"),
+            &format!("missed {i}"),
+        )
+        .await;
+        sent.push(ack.message_id);
+        let due = started + Duration::from_millis(300 * (i + 1));
+        tokio::time::sleep(due.saturating_duration_since(Instant::now())).await;
+    }
+    assert!(started.elapsed() >= Duration::from_secs(30));
+
+    let mut raw = RawConnection::connect(&c.url()).await.unwrap();
+    let resume = Resume {
+        session_id: ready.session_id,
+        positions: vec![RoomPosition {
+            room: "news".into(),
+            epoch,
+            seq,
+        }],
+    };
+    raw.send(
+        1,
+        &ClientFrame::Identify(Identify {
+            token: token("wanderer"),
+            resume: Some(resume),
+        }),
+    )
+    .await
+    .unwrap();
+    let mut back = Conn::new(raw);
+    assert!(matches!(back.expect().await, (1, ServerFrame::Ready(r)) if r.resuming));
+    let mut replayed = Vec::new();
+    loop {
+        match back.expect().await.1 {
+            ServerFrame::NewMessage(m) => replayed.push(m.message.id),
+            ServerFrame::Resumed(r) => {
+                assert!(r.rooms[0].recovered, "{r:?}");
+                assert_eq!(r.rooms[0].replayed, 100);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(replayed, sent, "exactly the 100 missed messages, in order");
+    send_acked(&mut sender, &mut rid, "news", "after", "live again").await;
+    let live = collect(&mut back, 1, Duration::from_secs(10)).await;
+    assert_eq!(live[0].2, "live again");
+    assert!(
+        back.next(Duration::from_millis(300)).await.is_none(),
+        "duplicates after the resume"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restart_loses_and_duplicates_no_acknowledged_message() {
+    let mut redis = PrivateRedis::start_durable();
+    let cluster = Cluster::start(2, &redis.url(), &[]).await;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let mut members = Vec::new();
+    for (i, node) in [a, b, a, b].iter().enumerate() {
+        let mut m = user(node, &format!("member-{i}")).await;
+        join(&mut m, &["steady"]).await;
+        members.push(m);
+    }
+    let mut sender = user(a, "sender").await;
+    join(&mut sender, &["steady"]).await;
+    let readers: Vec<_> = members
+        .into_iter()
+        .map(|mut m| {
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                while let Some(frame) = m.next(Duration::from_secs(8)).await {
+                    if let (_, ServerFrame::NewMessage(msg)) = frame {
+                        ids.push(msg.message.id);
+                    }
+                }
+                ids
+            })
+        })
+        .collect();
+    let traffic = tokio::spawn(async move {
+        let mut rid = 10;
+        let mut acked = Vec::new();
+        for i in 0..120 {
+            acked.push(
+                send_acked(
+                    &mut sender,
+                    &mut rid,
+                    "steady",
+                    &format!("m{i}"),
+                    &format!("steady {i}"),
+                )
+                .await
+                .message_id,
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        acked
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    redis.restart();
+    let acked = traffic.await.unwrap();
+    assert_eq!(acked.len(), 120);
+    for (i, r) in readers.into_iter().enumerate() {
+        let got = r.await.unwrap();
+        assert_eq!(
+            got, acked,
+            "member {i}: every acknowledged message exactly once, in order"
+        );
+    }
+    for node in [a, b] {
+        node.wait_health("fan-out back", |h| {
+            h["backends"]["fanout"]["status"] == "ok"
+        });
+        assert!(
+            node.metric("chat_fanout_reconnects") >= 1.0,
+            "the outage shows in metrics"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_of_a_killed_node_resume_elsewhere_without_missing_anything() {
+    let mut cluster = Cluster::start(3, &shared_redis_url(), &[]).await;
+    let mut sender = user(&cluster.nodes[0], "sender").await;
+    join(&mut sender, &["r"]).await;
+    // Victims on node 2 track their positions like a client library does.
+    let mut victims = Vec::new();
+    for i in 0..3 {
+        let (raw, ready) = identified(&cluster.nodes[2], &format!("victim-{i}")).await;
+        let mut c = Conn::new(raw);
+        let j = join(&mut c, &["r"]).await;
+        victims.push((
+            c,
+            ready.session_id,
+            j.rooms[0].epoch,
+            j.rooms[0].seq,
+            Vec::<u64>::new(),
+        ));
+    }
+    let mut rid = 10;
+    let mut acked = Vec::new();
+    for i in 0..30 {
+        acked.push(
+            send_acked(&mut sender, &mut rid, "r", &format!("a{i}"), "x")
+                .await
+                .message_id,
+        );
+    }
+    for v in victims.iter_mut() {
+        for (id, seq, _) in collect(&mut v.0, 30, Duration::from_secs(10)).await {
+            v.3 = seq;
+            v.4.push(id);
+        }
+    }
+    // SIGKILL node 2 mid-traffic.
+    let killer = {
+        let pid = cluster.nodes[2].pid();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .unwrap();
+        })
+    };
+    for i in 30..80 {
+        acked.push(
+            send_acked(&mut sender, &mut rid, "r", &format!("a{i}"), "x")
+                .await
+                .message_id,
+        );
+    }
+    killer.await.unwrap();
+    let dead = cluster.nodes.remove(2);
+    drop(dead);
+    // Victims drain what they got before the kill, then resume on node 1.
+    for (i, v) in victims.iter_mut().enumerate() {
+        for (id, seq, _) in collect(&mut v.0, 50, Duration::from_millis(500)).await {
+            v.3 = seq;
+            v.4.push(id);
+        }
+        let mut raw = RawConnection::connect(&cluster.nodes[1].url())
+            .await
+            .unwrap();
+        let resume = Resume {
+            session_id: v.1,
+            positions: vec![RoomPosition {
+                room: "r".into(),
+                epoch: v.2,
+                seq: v.3,
+            }],
+        };
+        let ident = Identify {
+            token: token(&format!("victim-{i}")),
+            resume: Some(resume),
+        };
+        raw.send(1, &ClientFrame::Identify(ident)).await.unwrap();
+        let mut c = Conn::new(raw);
+        loop {
+            match c.expect().await.1 {
+                ServerFrame::NewMessage(m) => v.4.push(m.message.id),
+                ServerFrame::Resumed(r) => {
+                    assert!(r.rooms[0].recovered, "victim {i}: {r:?}");
+                    break;
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(
+            v.4, acked,
+            "victim {i}: every acknowledged message exactly once, in order"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_per_user_cap_holds_across_nodes() {
+    let cluster = Cluster::start(3, &shared_redis_url(), &[]).await;
+    let mut held = Vec::new();
+    for i in 0..5 {
+        held.push(user(&cluster.nodes[i % 2], "greedy").await);
+    }
+    let mut sixth = RawConnection::connect(&cluster.nodes[2].url())
+        .await
+        .unwrap();
+    sixth
+        .send(
+            1,
+            &ClientFrame::Identify(Identify {
+                token: token("greedy"),
+                resume: None,
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        Conn::new(sixth).close_code().await,
+        Some(CloseCode::ConnectionLimit.code())
+    );
+    // Closing one anywhere frees a slot everywhere.
+    held.pop().unwrap().raw.close().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = RawConnection::connect(&cluster.nodes[2].url())
+            .await
+            .unwrap();
+        c.send(
+            1,
+            &ClientFrame::Identify(Identify {
+                token: token("greedy"),
+                resume: None,
+            }),
+        )
+        .await
+        .unwrap();
+        let mut c = Conn::new(c);
+        match c.next(Duration::from_secs(5)).await {
+            Some((1, ServerFrame::Ready(_))) => break,
+            _ => assert!(Instant::now() < deadline, "slot never freed"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
