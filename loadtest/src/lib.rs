@@ -8,10 +8,21 @@
 //!   otherwise idle server.
 //! - [`throughput`]: closed-loop stored-and-acked sends per second, and
 //!   history page latency.
+//! - [`run`]: coordinator side of `idle`, `fanout`, `ramp`, `chat`:
+//!   phases, gateway sampling (RSS, CPU), summary, JSON, picture, compare.
+//! - [`worker`]: worker processes and exact merging of their histograms.
+//! - [`scenario`]: what each worker does in those scenarios.
+//! - [`conn`]: sessions from chosen source addresses (127.0.0.2, ...).
+//! - [`svg`]: the picture.
 
+pub mod conn;
 pub mod latency;
 pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod svg;
 pub mod throughput;
+pub mod worker;
 
 use chatgate_protocol::token::{Claims, Verifier, unix_now};
 

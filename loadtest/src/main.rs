@@ -1,9 +1,16 @@
 //! `chatgate-loadtest`: drive a gateway and report what it did.
+//!
+//! Every scenario stops by itself; targets must be loopback addresses.
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
 
 use chatgate_loadtest::latency::{self, LatencyOptions};
+use chatgate_loadtest::run::{self, Common, FanoutParams};
 use chatgate_loadtest::throughput::{self, HistoryOptions, SendOptions};
+use chatgate_loadtest::worker::{Meter, Spec, report_while};
 
 #[derive(Parser)]
 #[command(
@@ -12,17 +19,51 @@ use chatgate_loadtest::throughput::{self, HistoryOptions, SendOptions};
     about = "Load-test harness for chatgate"
 )]
 struct Cli {
-    /// Gateway WebSocket URL (loopback by default).
-    #[arg(long, default_value = "ws://127.0.0.1:8080/ws", global = true)]
-    url: String,
+    /// Gateway WebSocket URL; repeat to spread connections over nodes.
+    #[arg(long = "url", default_value = "ws://127.0.0.1:8080/ws", global = true)]
+    urls: Vec<String>,
     /// The gateway's token secret.
     #[arg(long, env = "CHAT_TOKEN_SECRET", default_value = chatgate_loadtest::DEV_SECRET, global = true, hide_env_values = true)]
     token_secret: String,
-    /// Write the JSON report here.
+    /// Write the JSON report here (single-process scenarios).
     #[arg(long, global = true)]
-    json: Option<std::path::PathBuf>,
+    json: Option<PathBuf>,
+    /// Directory for `<scenario>.json` and `<scenario>.svg`.
+    #[arg(long, global = true)]
+    out: Option<PathBuf>,
+    /// Worker processes (each stays under the open-files limit).
+    #[arg(long, default_value_t = 1, global = true)]
+    workers: usize,
+    /// Gateway process ids to sample for RSS and CPU (local runs).
+    #[arg(long = "gateway-pid", global = true)]
+    gateway_pids: Vec<u32>,
+    /// Print the change against an earlier JSON report.
+    #[arg(long, global = true)]
+    compare: Option<PathBuf>,
     #[command(subcommand)]
     scenario: Scenario,
+}
+
+#[derive(Args, Clone)]
+struct FanoutArgs {
+    /// Rooms.
+    #[arg(long, default_value_t = 1)]
+    rooms: u64,
+    /// Members per room.
+    #[arg(long, default_value_t = 1000)]
+    members: u64,
+    /// Publishing members per room.
+    #[arg(long, default_value_t = 1)]
+    publishers: u64,
+    /// Seconds of publishing.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Message body bytes.
+    #[arg(long, default_value_t = 100)]
+    body: u64,
+    /// Extra members of room 0 that never read (slow consumers).
+    #[arg(long, default_value_t = 0)]
+    slow: u64,
 }
 
 #[derive(Subcommand)]
@@ -63,11 +104,105 @@ enum Scenario {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+    /// Hold N authenticated sockets (2 rooms each); memory per connection
+    /// idle and after a burst.
+    Idle {
+        /// Sockets in total (over all workers).
+        #[arg(long, default_value_t = 50_000)]
+        connections: usize,
+        /// Small rooms (each connection is in `all` and one of these).
+        #[arg(long, default_value_t = 500)]
+        rooms: u64,
+        /// Connects in flight per worker.
+        #[arg(long, default_value_t = 64)]
+        concurrency: u64,
+        /// Messages every connection receives in the burst.
+        #[arg(long, default_value_t = 100)]
+        burst: u64,
+    },
+    /// Rooms of members with publishers at a fixed rate.
+    Fanout {
+        #[command(flatten)]
+        f: FanoutArgs,
+        /// Messages per second per room.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+    },
+    /// Fan-out at rising rates until p99 passes the bound.
+    Ramp {
+        #[command(flatten)]
+        f: FanoutArgs,
+        /// First rate (messages/s per room).
+        #[arg(long, default_value_t = 250)]
+        start: u64,
+        /// Rate multiplier per step.
+        #[arg(long, default_value_t = 1.5)]
+        factor: f64,
+        /// Most steps.
+        #[arg(long, default_value_t = 8)]
+        steps: u32,
+        /// p99 bound in ms.
+        #[arg(long, default_value_t = 50.0)]
+        bound_ms: f64,
+    },
+    /// A realistic mix: sends, typing, reactions, history, resumes.
+    Chat {
+        /// Connections.
+        #[arg(long, default_value_t = 2000)]
+        connections: u64,
+        /// Members per room.
+        #[arg(long, default_value_t = 20)]
+        room_size: u64,
+        /// Seconds.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Mean think time between actions, ms.
+        #[arg(long, default_value_t = 2000)]
+        think_ms: u64,
+    },
+    /// Internal: one worker process of a multi-process scenario.
+    #[command(hide = true)]
+    Worker {
+        /// JSON spec from the coordinator.
+        spec: String,
+    },
+}
+
+fn fanout_params(f: &FanoutArgs, rate: u64) -> FanoutParams {
+    FanoutParams {
+        rooms: f.rooms,
+        members: f.members,
+        publishers: f.publishers,
+        rate,
+        seconds: f.seconds,
+        body: f.body,
+        slow: f.slow,
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Scenario::Worker { spec } = &cli.scenario {
+        let spec: Spec = serde_json::from_str(spec)?;
+        let meter = Arc::new(Meter::default());
+        let result = report_while(
+            meter.clone(),
+            chatgate_loadtest::scenario::run_worker(spec, meter),
+        )
+        .await;
+        // The stdin reader sits in a blocking read the runtime would wait
+        // for on shutdown; leave directly.
+        std::process::exit(i32::from(result.is_err()));
+    }
+    let url = cli.urls.first().cloned().unwrap_or_default();
+    let common = Common {
+        urls: cli.urls.clone(),
+        secret: cli.token_secret.clone(),
+        workers: cli.workers.max(1),
+        gateway_pids: cli.gateway_pids.clone(),
+        out: cli.out.clone(),
+    };
     let report = match cli.scenario {
         Scenario::Latency {
             connects,
@@ -75,7 +210,7 @@ async fn main() -> anyhow::Result<()> {
             messages,
         } => {
             let o = LatencyOptions {
-                url: cli.url,
+                url,
                 secret: cli.token_secret,
                 connects,
                 concurrency,
@@ -89,7 +224,7 @@ async fn main() -> anyhow::Result<()> {
             seconds,
         } => {
             let o = SendOptions {
-                url: cli.url,
+                url,
                 secret: cli.token_secret,
                 senders,
                 rooms,
@@ -99,7 +234,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Scenario::History { room, pages, limit } => {
             let o = HistoryOptions {
-                url: cli.url,
+                url,
                 secret: cli.token_secret,
                 room,
                 pages,
@@ -107,10 +242,46 @@ async fn main() -> anyhow::Result<()> {
             };
             throughput::history(&o).await?
         }
+        Scenario::Idle {
+            connections,
+            rooms,
+            concurrency,
+            burst,
+        } => run::idle(&common, connections, rooms, concurrency, burst).await?,
+        Scenario::Fanout { f, rate } => {
+            run::fanout(&common, &fanout_params(&f, rate), "fanout").await?
+        }
+        Scenario::Ramp {
+            f,
+            start,
+            factor,
+            steps,
+            bound_ms,
+        } => {
+            run::ramp(
+                &common,
+                &fanout_params(&f, start),
+                start,
+                factor,
+                steps,
+                bound_ms,
+            )
+            .await?
+        }
+        Scenario::Chat {
+            connections,
+            room_size,
+            seconds,
+            think_ms,
+        } => run::chat(&common, connections, room_size, seconds, think_ms).await?,
+        Scenario::Worker { .. } => unreachable!("handled above"),
     };
     if let Some(path) = cli.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")?;
         eprintln!("report written to {}", path.display());
+    }
+    if let Some(old) = cli.compare {
+        run::compare(&old, &report)?;
     }
     Ok(())
 }

@@ -55,8 +55,12 @@ pub struct Config {
     pub recovery_window: Duration,
     /// On SIGTERM, how long to wait for connections to close. Default 10 s.
     pub shutdown_grace: Duration,
-    /// WebSocket read buffer per connection. Default 4 KiB: enough for any
-    /// chat frame header and typical message; idle sockets stay cheap.
+    /// WebSocket read buffer per connection, and the most read per
+    /// syscall. Default 512 bytes: a typical client frame (Send, Typing,
+    /// a JWT in Identify) fits in one read, and idle sockets stay cheap —
+    /// measured 5.0 KiB per idle connection at 19,000 connections with
+    /// 512, 5.5 KiB with 1 KiB, 8.8 KiB with 4 KiB (BENCHMARKS.md). Large
+    /// client frames just take more reads.
     pub ws_read_buffer: usize,
     /// PostgreSQL URL. Unset (the default): the in-memory store.
     pub database_url: Option<String>,
@@ -99,7 +103,7 @@ impl Default for Config {
             max_rooms_per_session: 1000,
             recovery_window: Duration::from_secs(120),
             shutdown_grace: Duration::from_secs(10),
-            ws_read_buffer: 4096,
+            ws_read_buffer: 512,
             database_url: None,
             db_pool_size: 16,
             redis_url: None,

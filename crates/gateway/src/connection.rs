@@ -35,8 +35,11 @@ type Ws = WebSocketStream<TokioIo<Upgraded>>;
 const MAX_IN_FLIGHT: usize = 32;
 /// Frames moved from the outbox per wake-up.
 const DRAIN_FRAMES: usize = 256;
-/// Largest batch frame assembled from queued frames.
-const MAX_BATCH_BYTES: usize = 64 * 1024;
+/// Largest batch frame assembled from queued frames. tungstenite's write
+/// buffer grows to the largest message written and keeps that capacity,
+/// so batches stay small enough that a burst leaves idle connections
+/// cheap; 4 KiB still carries ~30 typical events per write.
+const MAX_BATCH_BYTES: usize = 4 * 1024;
 
 /// How a read ended when it did not yield a frame.
 enum Ended {
@@ -57,7 +60,7 @@ pub async fn serve(node: Arc<Node>, mut ws: Ws, mut shutdown: watch::Receiver<bo
     ));
 
     let opened = tokio::select! {
-        r = tokio::time::timeout(node.config.connect_timeout, identify(&node, &mut ws, conn, &outbox)) => {
+        r = tokio::time::timeout(node.config.connect_timeout, Box::pin(identify(&node, &mut ws, conn, &outbox))) => {
             r.unwrap_or(Err(Ended::Close(CloseCode::IdentifyTimeout)))
         }
         _ = shutdown.changed() => Err(Ended::Close(CloseCode::ShuttingDown)),
@@ -118,6 +121,10 @@ async fn identify(
 }
 
 /// The identified session's loop.
+///
+/// This future is what an idle connection costs, so everything large that
+/// only runs briefly (Identify, request handling, writing) is boxed and
+/// lives only while it runs: the idle state stays a few hundred bytes.
 async fn run(
     node: &Arc<Node>,
     ws: &mut Ws,
@@ -125,7 +132,10 @@ async fn run(
     outbox: &Arc<Outbox>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Ended {
-    let mut in_flight: FuturesUnordered<Pending> = FuturesUnordered::new();
+    // Created at the first storage-bound request: FuturesUnordered
+    // allocates even when empty, and most idle sockets never need it.
+    let mut in_flight: Option<FuturesUnordered<Pending>> = None;
+    let running = |f: &Option<FuturesUnordered<Pending>>| f.as_ref().map_or(0, |f| f.len());
     let mut queued: Vec<(Bytes, Instant)> = Vec::new();
     let silence_limit = node.config.heartbeat_interval + node.config.heartbeat_timeout;
     let mut last_seen = Instant::now();
@@ -145,15 +155,19 @@ async fn run(
                         return Ended::Close(code);
                     }
                     if queued.is_empty() {
+                        if queued.capacity() > 16 {
+                            // A burst grew it; an idle connection gives it back.
+                            queued = Vec::new();
+                        }
                         break;
                     }
-                    if let Err(end) = write_queued(node, ws, session, outbox, &mut queued).await {
+                    if let Err(end) = Box::pin(write_queued(node, ws, session, outbox, &mut queued)).await {
                         return end;
                     }
                 }
             }
-            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-            msg = ws.next(), if in_flight.len() < MAX_IN_FLIGHT => {
+            Some(()) = async { in_flight.as_mut()?.next().await }, if running(&in_flight) > 0 => {}
+            msg = ws.next(), if running(&in_flight) < MAX_IN_FLIGHT => {
                 last_seen = Instant::now();
                 let data = match msg {
                     Some(Ok(Message::Binary(data))) => data,
@@ -173,8 +187,8 @@ async fn run(
                 drop(data);
                 let opcode = frame.opcode();
                 let started = Instant::now();
-                match session.handle(rid, frame).await {
-                    Ok(Some(pending)) => in_flight.push(pending),
+                match Box::pin(session.handle(rid, frame)).await {
+                    Ok(Some(pending)) => in_flight.get_or_insert_with(FuturesUnordered::new).push(pending),
                     Ok(None) => node.metrics.request(opcode, started.elapsed().as_secs_f64()),
                     Err(code) => return Ended::Close(code),
                 }
@@ -232,11 +246,10 @@ async fn write_queued(
     // (slow consumer) or the write timeout ends it.
     let limit = node.config.heartbeat_timeout;
     let write = async {
-        for frame in messages {
-            count_out(node, &frame);
-            ws.feed(Message::Binary(frame)).await?;
+        for frame in &messages {
+            count_out(node, frame);
         }
-        ws.flush().await
+        write_direct(ws, &messages).await
     };
     tokio::pin!(write);
     let deadline = tokio::time::sleep(limit);
@@ -279,8 +292,59 @@ fn count_out(node: &Node, frame: &Bytes) {
     node.metrics.bytes_out.inc_by(frame.len() as u64);
 }
 
+/// Writes binary messages straight to the socket, one vectored write for
+/// many frames, without copying payloads into tungstenite's write buffer
+/// (which would keep the capacity of the largest write forever — a
+/// burst would leave every idle connection holding kilobytes).
+///
+/// Safe to interleave with tungstenite: its own pending output (a pong,
+/// say) is flushed first, so frames never interleave mid-frame, and the
+/// task never polls a read concurrently with this write.
+async fn write_direct(ws: &mut Ws, messages: &[Bytes]) -> Result<(), WsError> {
+    use std::io::IoSlice;
+    use tokio::io::AsyncWriteExt;
+    ws.flush().await?;
+    let headers: Vec<([u8; 10], usize)> = messages.iter().map(|m| frame_header(m.len())).collect();
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(messages.len() * 2);
+    for (m, (h, n)) in messages.iter().zip(&headers) {
+        slices.push(IoSlice::new(&h[..*n]));
+        slices.push(IoSlice::new(m));
+    }
+    let io = ws.get_mut();
+    let mut rest: &mut [IoSlice<'_>] = &mut slices;
+    while !rest.is_empty() {
+        let n = io.write_vectored(rest).await.map_err(WsError::Io)?;
+        if n == 0 {
+            return Err(WsError::Io(std::io::ErrorKind::WriteZero.into()));
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    io.flush().await.map_err(WsError::Io)
+}
+
+/// RFC 6455 header of an unmasked, final, binary frame of `len` bytes.
+fn frame_header(len: usize) -> ([u8; 10], usize) {
+    let mut h = [0u8; 10];
+    h[0] = 0x82;
+    if len < 126 {
+        h[1] = len as u8;
+        (h, 2)
+    } else if len <= u16::MAX as usize {
+        h[1] = 126;
+        h[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        (h, 4)
+    } else {
+        h[1] = 127;
+        h[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        (h, 10)
+    }
+}
+
 fn ws_error(e: WsError) -> Ended {
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
     match e {
+        // A dropped TCP connection is not the client misbehaving.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Ended::Gone,
         WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
             Ended::Close(CloseCode::FrameTooLarge)
         }

@@ -640,6 +640,9 @@ impl Session {
             return false;
         }
         self.watermarks.swap_remove(i);
+        if self.watermarks.is_empty() {
+            self.watermarks = Vec::new();
+        }
         true
     }
 }

@@ -1,0 +1,159 @@
+//! Opening authenticated sessions from a chosen source address.
+//!
+//! One machine can only open ~28,000 connections per (source address,
+//! destination) pair — the ephemeral port range — so the harness spreads
+//! sockets over 127.0.0.2, 127.0.0.3, ... (all loopback).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::net::TcpSocket;
+use tokio_tungstenite::MaybeTlsStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use chatgate_client::{Incoming, RawConnection};
+use chatgate_protocol::payload::{Identify, Ready, Rooms};
+use chatgate_protocol::{ClientFrame, Codec, SUBPROTOCOL, ServerFrame};
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `ws://host:port/ws`.
+    pub url: String,
+    /// Resolved server address.
+    pub addr: SocketAddr,
+}
+
+impl Target {
+    /// Parses a `ws://` URL with a numeric host.
+    pub fn parse(url: &str) -> anyhow::Result<Target> {
+        let rest = url.strip_prefix("ws://").context("only ws:// URLs")?;
+        let hostport = rest.split('/').next().unwrap_or(rest);
+        let addr: SocketAddr = hostport
+            .parse()
+            .with_context(|| format!("need host:port with an IP in {url}"))?;
+        if !addr.ip().is_loopback() {
+            bail!("the load harness only targets loopback addresses (got {addr})");
+        }
+        Ok(Target {
+            url: url.to_owned(),
+            addr,
+        })
+    }
+}
+
+/// Client-side socket buffers: small, so one harness process holds many.
+pub fn client_ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(4 << 20))
+}
+
+/// Connects from `source` (port chosen by the kernel) and upgrades.
+pub async fn connect_from(target: &Target, source: IpAddr) -> anyhow::Result<RawConnection> {
+    let socket = if target.addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .with_context(|| format!("binding {source}"))?;
+    let stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(target.addr))
+        .await
+        .context("TCP connect timed out")??;
+    stream.set_nodelay(true)?;
+    let mut req = target.url.as_str().into_client_request()?;
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static(SUBPROTOCOL),
+    );
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::client_async_with_config(
+            req,
+            MaybeTlsStream::Plain(stream),
+            Some(client_ws_config()),
+        ),
+    )
+    .await
+    .context("WebSocket upgrade timed out")??;
+    Ok(RawConnection::from_stream(ws, Codec::default()))
+}
+
+/// Waits for the reply to `rid`, returning it and any events that came
+/// first.
+pub async fn reply(
+    c: &mut RawConnection,
+    rid: u32,
+    limit: Duration,
+) -> anyhow::Result<(ServerFrame, Vec<ServerFrame>)> {
+    let mut before = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match c.recv_timeout(left).await? {
+            Some(Incoming::Frames(frames)) => {
+                for (r, f) in frames {
+                    if r == rid {
+                        return Ok((f, before));
+                    }
+                    before.push(f);
+                }
+            }
+            Some(Incoming::Closed(code)) => bail!("closed by the server: {code:?}"),
+            None => bail!("no reply to request {rid} within {limit:?}"),
+        }
+    }
+}
+
+/// Connect + Identify (+ Join): returns the session and its Ready.
+pub async fn session(
+    target: &Target,
+    source: IpAddr,
+    token: String,
+    rooms: &[String],
+) -> anyhow::Result<(RawConnection, Ready)> {
+    let mut c = connect_from(target, source).await?;
+    c.send(
+        1,
+        &ClientFrame::Identify(Identify {
+            token,
+            resume: None,
+        }),
+    )
+    .await?;
+    let ready = match reply(&mut c, 1, Duration::from_secs(20)).await?.0 {
+        ServerFrame::Ready(r) => r,
+        other => bail!("expected Ready, got {:?}", other.opcode()),
+    };
+    let missing: Vec<String> = rooms
+        .iter()
+        .filter(|r| !ready.rooms.iter().any(|p| &p.room == *r))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        c.send(2, &ClientFrame::Join(Rooms { rooms: missing }))
+            .await?;
+        match reply(&mut c, 2, Duration::from_secs(20)).await?.0 {
+            ServerFrame::Joined(_) => {}
+            other => bail!("expected Joined, got {:?}", other.opcode()),
+        }
+    }
+    Ok((c, ready))
+}
+
+/// The i-th source address: 127.0.0.2, .3, ... (skipping .0/.255).
+pub fn source_address(i: usize) -> IpAddr {
+    let n = 2 + i as u32;
+    IpAddr::from([
+        127,
+        ((n >> 16) & 0xff) as u8,
+        ((n >> 8) & 0xff) as u8,
+        (n & 0xff).max(1) as u8,
+    ])
+}
