@@ -111,7 +111,8 @@ pub async fn reply(
     }
 }
 
-/// Connect + Identify (+ Join): returns the session and its Ready.
+/// Connect + Identify (+ Join): returns the session and its Ready, whose
+/// `rooms` also list the rooms joined here with their positions.
 pub async fn session(
     target: &Target,
     source: IpAddr,
@@ -127,7 +128,7 @@ pub async fn session(
         }),
     )
     .await?;
-    let ready = match reply(&mut c, 1, Duration::from_secs(20)).await?.0 {
+    let mut ready = match reply(&mut c, 1, Duration::from_secs(20)).await?.0 {
         ServerFrame::Ready(r) => r,
         other => bail!("expected Ready, got {:?}", other.opcode()),
     };
@@ -140,7 +141,8 @@ pub async fn session(
         c.send(2, &ClientFrame::Join(Rooms { rooms: missing }))
             .await?;
         match reply(&mut c, 2, Duration::from_secs(20)).await?.0 {
-            ServerFrame::Joined(_) => {}
+            // Callers see every room's starting position in one place.
+            ServerFrame::Joined(j) => ready.rooms.extend(j.rooms),
             other => bail!("expected Joined, got {:?}", other.opcode()),
         }
     }

@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
 use chatgate_client::{Incoming, RawConnection};
-use chatgate_protocol::payload::{Identify, Rooms, Send};
+use chatgate_protocol::payload::{Rooms, Send};
 use chatgate_protocol::{ClientFrame, ServerFrame};
 
 use crate::report::{self, histogram, record};
@@ -37,22 +37,9 @@ async fn frames(c: &mut RawConnection) -> anyhow::Result<Vec<(u32, ServerFrame)>
 }
 
 async fn open(url: &str, token: String) -> anyhow::Result<RawConnection> {
-    let mut c = RawConnection::connect(url).await?;
-    c.send(
-        1,
-        &ClientFrame::Identify(Identify {
-            token,
-            resume: None,
-        }),
-    )
-    .await?;
-    loop {
-        for (_, f) in frames(&mut c).await? {
-            if let ServerFrame::Ready(_) = f {
-                return Ok(c);
-            }
-        }
-    }
+    let target = crate::conn::Target::parse(url)?;
+    let local = std::net::IpAddr::from([127, 0, 0, 1]);
+    Ok(crate::conn::session(&target, local, token, &[]).await?.0)
 }
 
 /// Connect + Identify -> Ready, `connects` times.

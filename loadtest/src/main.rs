@@ -40,6 +40,10 @@ struct Cli {
     /// Print the change against an earlier JSON report.
     #[arg(long, global = true)]
     compare: Option<PathBuf>,
+    /// Exit non-zero if anything was lost, duplicated, failed or errored
+    /// (what CI's smoke run uses).
+    #[arg(long, global = true)]
+    check: bool,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -282,6 +286,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(old) = cli.compare {
         run::compare(&old, &report)?;
+    }
+    if cli.check {
+        let problems = run::problems(&report);
+        if !problems.is_empty() {
+            anyhow::bail!("check failed: {}", problems.join(", "));
+        }
     }
     Ok(())
 }

@@ -503,7 +503,11 @@ pub async fn ramp(
         let s = &r["summary"];
         let p99 = s["p99_ms"].as_f64().unwrap_or(f64::INFINITY);
         let per_sec = s["deliveries_per_sec"].as_f64().unwrap_or(0.0);
-        let ok = p99 <= bound_ms && s["lost"] == 0 && s["duplicated"] == 0;
+        // A step passes only if the gateway really carried the offered
+        // load (within 10 %), with p99 under the bound and nothing lost.
+        let offered = (rate * base.rooms * (base.members - 1)) as f64;
+        let ok =
+            p99 <= bound_ms && s["lost"] == 0 && s["duplicated"] == 0 && per_sec >= 0.9 * offered;
         println!(
             "ramp step {step}: {rate}/s per room -> {per_sec:.0} deliveries/s, p99 {p99:.2} ms {}",
             if ok { "ok" } else { "over" }
@@ -666,4 +670,36 @@ pub fn compare(old_path: &Path, new: &Value) -> anyhow::Result<()> {
 /// Sleeps a little (used between phases by callers).
 pub async fn pause(d: Duration) {
     tokio::time::sleep(d).await;
+}
+
+/// What `--check` refuses: anything lost, duplicated, failed or errored.
+pub fn problems(report: &Value) -> Vec<String> {
+    let s = &report["summary"];
+    let mut out = Vec::new();
+    for key in [
+        "lost",
+        "duplicated",
+        "gaps",
+        "failed",
+        "errors",
+        "send_errors",
+    ] {
+        if let Some(n) = s.get(key).and_then(Value::as_u64).filter(|n| *n > 0) {
+            out.push(format!("{key} = {n}"));
+        }
+    }
+    let got = s.get("burst_received").and_then(Value::as_u64);
+    let want = s.get("burst_expected").and_then(Value::as_u64);
+    if let (Some(got), Some(want)) = (got, want)
+        && got != want
+    {
+        out.push(format!("burst received {got} of {want}"));
+    }
+    if report["errors"].as_array().is_some_and(|e| !e.is_empty()) {
+        out.push(format!("worker errors {}", report["errors"]));
+    }
+    if report["scenario"] == "ramp" && report["summary"]["best_rate_per_room"].is_null() {
+        out.push("no ramp step passed".into());
+    }
+    out
 }

@@ -95,16 +95,27 @@ async fn member_loop(mut c: RawConnection, meter: Arc<Meter>, mut stop: watch::R
     let gaps = meter.counter("gaps");
     let closed = meter.counter("closed_by_server");
     let mut order = Order::default();
+    let mut local = crate::report::histogram();
+    let mut flushed = Instant::now();
     let mut beat = tokio::time::interval(Duration::from_secs(20));
     beat.tick().await;
+    // One timer for the periodic merge (a fresh sleep per message would
+    // cost the harness a timer insertion per delivery).
+    let mut merge_tick = tokio::time::interval(Duration::from_millis(300));
     loop {
+        if flushed.elapsed() > Duration::from_millis(250) {
+            meter.merge("delivery", &mut local);
+            flushed = Instant::now();
+        }
         tokio::select! {
             _ = stop.changed() => {
                 if *stop.borrow() == "stop" {
+                    meter.merge("delivery", &mut local);
                     let _ = c.close().await;
                     return;
                 }
             }
+            _ = merge_tick.tick() => {}
             _ = beat.tick() => {
                 if c.send(0, &ClientFrame::Heartbeat).await.is_err() {
                     closed.fetch_add(1, Ordering::Relaxed);
@@ -123,13 +134,14 @@ async fn member_loop(mut c: RawConnection, meter: Arc<Meter>, mut stop: watch::R
                                     continue;
                                 }
                                 gaps.fetch_add(gap, Ordering::Relaxed);
-                                meter.record("delivery", Duration::from_nanos(now.saturating_sub(sent)));
+                                local.saturating_record((now.saturating_sub(sent) / 1000).max(1));
                             }
                             received.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }
                 _ => {
+                    meter.merge("delivery", &mut local);
                     closed.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
@@ -164,7 +176,7 @@ async fn idle(spec: Spec, meter: Arc<Meter>) -> anyhow::Result<()> {
         let target = targets[i % targets.len()].clone();
         let meter = meter.clone();
         let (connected, failed) = (connected.clone(), failed.clone());
-        let token = crate::token(&spec.secret, &format!("idle-{i}"));
+        let token = crate::token(&spec.secret, &format!("idle-{}-{i}", run_id(&spec)));
         let rooms = vec![
             "all".to_string(),
             format!("room-{}", i as u64 % small_rooms),
@@ -198,7 +210,7 @@ async fn idle(spec: Spec, meter: Arc<Meter>) -> anyhow::Result<()> {
         let (mut publisher, _) = session(
             &targets[0],
             source,
-            crate::token(&spec.secret, "idle-publisher"),
+            crate::token(&spec.secret, &format!("idle-publisher-{}", run_id(&spec))),
             &["all".to_string()],
         )
         .await
@@ -265,7 +277,7 @@ async fn fanout(spec: Spec, meter: Arc<Meter>) -> anyhow::Result<()> {
         let room = if j < total { j / members } else { 0 };
         let is_pub = j < total && j % members < publishers;
         let target = targets[j as usize % targets.len()].clone();
-        let token = crate::token(&spec.secret, &format!("fan-{j}"));
+        let token = crate::token(&spec.secret, &format!("fan-{}-{j}", run_id(&spec)));
         let meter2 = meter.clone();
         pending.push(tokio::spawn(async move {
             let t0 = Instant::now();
@@ -477,7 +489,7 @@ async fn chatter(
     use crate::conn::reply;
     let run = now_ns();
     let room = format!("chat-{}", i / room_size);
-    let token = crate::token(secret, &format!("chatter-{i}"));
+    let token = crate::token(secret, &format!("chatter-{run}-{i}"));
     let t0 = Instant::now();
     let (mut c, ready) =
         session(target, source, token.clone(), std::slice::from_ref(&room)).await?;

@@ -7,8 +7,8 @@ use anyhow::bail;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
-use chatgate_client::{Incoming, RawConnection};
-use chatgate_protocol::payload::{Cursor, History, Identify, Rooms, Send};
+use chatgate_client::RawConnection;
+use chatgate_protocol::payload::{Cursor, History, Send};
 use chatgate_protocol::{ClientFrame, ServerFrame};
 
 use crate::report::{self, histogram, record};
@@ -29,33 +29,13 @@ pub struct SendOptions {
 }
 
 async fn reply(c: &mut RawConnection, rid: u32) -> anyhow::Result<ServerFrame> {
-    loop {
-        match c.recv_timeout(Duration::from_secs(30)).await? {
-            Some(Incoming::Frames(frames)) => {
-                if let Some((_, f)) = frames.into_iter().find(|(r, _)| *r == rid) {
-                    return Ok(f);
-                }
-            }
-            Some(Incoming::Closed(code)) => bail!("closed: {code:?}"),
-            None => bail!("no reply within 30 s"),
-        }
-    }
+    Ok(crate::conn::reply(c, rid, Duration::from_secs(30)).await?.0)
 }
 
 async fn session(url: &str, token: String, rooms: Vec<String>) -> anyhow::Result<RawConnection> {
-    let mut c = RawConnection::connect(url).await?;
-    c.send(
-        1,
-        &ClientFrame::Identify(Identify {
-            token,
-            resume: None,
-        }),
-    )
-    .await?;
-    reply(&mut c, 1).await?;
-    c.send(2, &ClientFrame::Join(Rooms { rooms })).await?;
-    reply(&mut c, 2).await?;
-    Ok(c)
+    let target = crate::conn::Target::parse(url)?;
+    let local = std::net::IpAddr::from([127, 0, 0, 1]);
+    Ok(crate::conn::session(&target, local, token, &rooms).await?.0)
 }
 
 /// Every sender sends, waits for MessageSent, sends again, for the

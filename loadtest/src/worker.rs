@@ -63,6 +63,20 @@ impl Meter {
         hist.saturating_record(d.as_micros().max(1) as u64);
     }
 
+    /// Adds a locally accumulated histogram (hot loops record locally and
+    /// merge a few times a second instead of locking per sample).
+    pub fn merge(&self, name: &str, local: &mut Histogram<u64>) {
+        if local.is_empty() {
+            return;
+        }
+        let mut h = self.hists.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = h
+            .entry(name.to_owned())
+            .or_insert_with(histogram)
+            .add(&*local);
+        local.reset();
+    }
+
     /// Takes this period's histograms (resetting them) and the counters.
     fn snapshot(&self) -> (BTreeMap<String, String>, BTreeMap<String, u64>) {
         let mut h = self.hists.lock().unwrap_or_else(|e| e.into_inner());

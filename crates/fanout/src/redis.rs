@@ -12,7 +12,7 @@
 //! | `{ns}:{p<N>}:room:<room>:epoch` | the room stream's epoch |
 //! | `{ns}:{p<N>}:room:<room>:seq` | last sequence number |
 //! | `{ns}:{p<N>}:room:<room>:log` | recovery stream, entry id `<seq>-1`, capped and expiring |
-//! | `{ns}:{p<N>}:room:<room>:published` | message id -> seq, so a retried publish whose first reply was lost is not published twice |
+//! | `{ns}:{p<N>}:room:<room>:published` | (sender, client message id) -> seq, so a retried publish whose first reply was lost is not published twice |
 //!
 //! # Publish
 //! One Lua script, atomically: create the epoch if missing (Redis `TIME`
@@ -410,8 +410,10 @@ impl Fanout for RedisStreamsFanout {
         event: RoomEvent,
         exclude: Option<u64>,
     ) -> Result<Published, FanoutError> {
+        // The idempotency key (sender, client message id) is unique across
+        // the cluster; stored ids are not when nodes use separate stores.
         let dedupe = match &event {
-            RoomEvent::Message(m) => format!("m{}", m.id),
+            RoomEvent::Message(m) => format!("{}\u{1f}{}", m.sender_id, m.client_msg_id),
             RoomEvent::Reaction { .. } => String::new(),
         };
         let frame = self.event_frame(room, event);

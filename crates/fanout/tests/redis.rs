@@ -233,3 +233,31 @@ async fn cluster_limits_are_shared_by_nodes() {
         "{wait:?}"
     );
 }
+
+#[tokio::test]
+async fn equal_message_ids_from_different_nodes_are_different_events() {
+    // Nodes with separate stores can hand out the same message id; only
+    // the idempotency key (sender, client id) identifies a retry.
+    let ns = format!("t{:x}", rand::rng().random::<u64>());
+    let (a, rec) = node(&ns, "a").await;
+    let (b, _) = node(&ns, "b").await;
+    let mut m1 = message("r", 5, "from a");
+    let mut m2 = message("r", 5, "from b");
+    if let (RoomEvent::Message(x), RoomEvent::Message(y)) = (&mut m1, &mut m2) {
+        x.sender_id = "alice".into();
+        y.sender_id = "bob".into();
+    }
+    let p1 = a.publish("r", m1.clone(), None).await.unwrap();
+    let p2 = b.publish("r", m2, None).await.unwrap();
+    assert_eq!((p1.position.seq, p2.position.seq), (1, 2));
+    // A real retry (same sender and client id) is recognised.
+    let again = a.publish("r", m1, None).await.unwrap();
+    assert_eq!(again.position.seq, 1);
+    wait_for("two deliveries", || rec.0.lock().len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        seqs(&rec, "r"),
+        vec![1, 2],
+        "the retry was not delivered again"
+    );
+}

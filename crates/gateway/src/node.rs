@@ -103,6 +103,12 @@ impl Node {
         let (fanout, local_fanout, redis_fanout, cluster): (Arc<dyn Fanout>, _, _, _) =
             match (&config.redis_url, config.cluster) {
                 (Some(url), true) => {
+                    if config.database_url.is_none() {
+                        tracing::warn!(
+                            "cluster mode with the in-memory store: fan-out and resume work across \
+                             nodes, but each node keeps its own history; use Postgres in production"
+                        );
+                    }
                     let mut rc = RedisFanoutConfig::new(url.clone(), config.node_id.clone());
                     rc.namespace = config.redis_namespace.clone();
                     rc.partitions = config.stream_partitions;
