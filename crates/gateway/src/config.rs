@@ -51,6 +51,13 @@ pub struct Config {
     pub outbound_queue_bytes: usize,
     /// Rooms one session may be in. Default 1,000.
     pub max_rooms_per_session: usize,
+    /// Typing, history, join and leave requests per second one connection
+    /// may make (token bucket; sends and reactions have the per-user
+    /// message limit instead). Default 50: far above any person, far below
+    /// a flood.
+    pub requests_per_second: u32,
+    /// Burst for `requests_per_second`. Default 100.
+    pub request_burst: u32,
     /// How long room events stay replayable for resume. Default 120 s.
     pub recovery_window: Duration,
     /// On SIGTERM, how long to wait for connections to close. Default 10 s.
@@ -101,6 +108,8 @@ impl Default for Config {
             outbound_queue_frames: 1024,
             outbound_queue_bytes: 4 * 1024 * 1024,
             max_rooms_per_session: 1000,
+            requests_per_second: 50,
+            request_burst: 100,
             recovery_window: Duration::from_secs(120),
             shutdown_grace: Duration::from_secs(10),
             ws_read_buffer: 512,
@@ -180,6 +189,12 @@ pub struct Overrides {
     /// Maximum rooms per session.
     #[arg(long, env = "CHAT_MAX_ROOMS_PER_SESSION")]
     pub max_rooms_per_session: Option<usize>,
+    /// Requests per second per connection.
+    #[arg(long, env = "CHAT_REQUESTS_PER_SECOND")]
+    pub requests_per_second: Option<u32>,
+    /// Request burst per connection.
+    #[arg(long, env = "CHAT_REQUEST_BURST")]
+    pub request_burst: Option<u32>,
     /// Recovery window in seconds.
     #[arg(long, env = "CHAT_RECOVERY_WINDOW_SECS")]
     pub recovery_window_secs: Option<u64>,
@@ -232,6 +247,8 @@ struct FileConfig {
     outbound_queue_frames: Option<usize>,
     outbound_queue_bytes: Option<usize>,
     max_rooms_per_session: Option<usize>,
+    requests_per_second: Option<u32>,
+    request_burst: Option<u32>,
     recovery_window_secs: Option<u64>,
     shutdown_grace_ms: Option<u64>,
     ws_read_buffer: Option<usize>,
@@ -309,6 +326,14 @@ impl Config {
                 .max_rooms_per_session
                 .or(file.max_rooms_per_session)
                 .unwrap_or(d.max_rooms_per_session),
+            requests_per_second: o
+                .requests_per_second
+                .or(file.requests_per_second)
+                .unwrap_or(d.requests_per_second),
+            request_burst: o
+                .request_burst
+                .or(file.request_burst)
+                .unwrap_or(d.request_burst),
             recovery_window: o
                 .recovery_window_secs
                 .or(file.recovery_window_secs)

@@ -127,6 +127,10 @@ pub struct Session {
     /// Queued events at or before it are dropped, so the client never sees
     /// a sequence number go backwards. Cleared at the first newer event.
     watermarks: Vec<(Arc<str>, Position)>,
+    /// Flood guard for this connection's typing, history, join and leave
+    /// requests: a token bucket refilled at `requests_per_second`.
+    request_tokens: f32,
+    request_refill: Instant,
 }
 
 fn now_ms() -> u64 {
@@ -177,6 +181,8 @@ impl Session {
             outbox,
             rooms: HashSet::new(),
             watermarks: Vec::new(),
+            request_tokens: node.config.request_burst as f32,
+            request_refill: Instant::now(),
         };
         let user = User {
             id: claims.sub.clone(),
@@ -327,6 +333,26 @@ impl Session {
         }
     }
 
+    /// Takes one request token; `Err(ms)` until one is available. Applies
+    /// to every request (typing and history included), so one connection
+    /// cannot flood the node; the per-user message limit applies on top.
+    fn take_request_token(&mut self) -> Result<(), u32> {
+        let rate = self.node.config.requests_per_second.max(1) as f32;
+        let burst = self.node.config.request_burst.max(1) as f32;
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.request_refill).as_secs_f32();
+        self.request_refill = now;
+        self.request_tokens = (self.request_tokens + elapsed * rate).min(burst);
+        if self.request_tokens >= 1.0 {
+            self.request_tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((((1.0 - self.request_tokens) / rate) * 1000.0)
+                .ceil()
+                .max(1.0) as u32)
+        }
+    }
+
     /// The id a client presents to resume this session.
     pub fn session_id(&self) -> SessionId {
         self.session_id
@@ -350,6 +376,22 @@ impl Session {
         frame: ClientFrame,
     ) -> Result<Option<Pending>, CloseCode> {
         let reply = self.replier();
+        // Sends and reactions have the per-user message limit; everything
+        // else that costs work (typing fan-out, history, joins) this one.
+        let metered = !matches!(
+            frame,
+            ClientFrame::Heartbeat | ClientFrame::Send(_) | ClientFrame::React(_)
+        );
+        if metered && let Err(wait) = self.take_request_token() {
+            self.node.metrics.rate_limited.inc();
+            reply.error(
+                rid,
+                ErrorCode::RateLimited,
+                wait,
+                "too many requests on this connection",
+            );
+            return Ok(None);
+        }
         if let Err(invalid) = frame.validate() {
             reply.error(rid, ErrorCode::InvalidRequest, 0, &invalid.to_string());
             return Ok(None);

@@ -804,3 +804,49 @@ async fn the_client_library_reconnects_and_rejoins_after_a_restart() {
     // Requests work on the new connection.
     assert_eq!(client.send("r", "thanks").await.unwrap().seq, 2);
 }
+
+#[tokio::test]
+async fn a_typing_flood_is_refused_with_rate_limited_and_the_connection_stays() {
+    let gw = Gateway::start(&["--requests-per-second", "20", "--request-burst", "40"]);
+    let mut flooder = user(&gw, "flooder").await;
+    let mut peer = user(&gw, "peer").await;
+    join(&mut flooder, &["r"]).await;
+    join(&mut peer, &["r"]).await;
+    for i in 0..200u32 {
+        flooder
+            .raw
+            .send(100 + i, &ClientFrame::Typing(Typing { room: "r".into() }))
+            .await
+            .unwrap();
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for _ in 0..200 {
+        match flooder.expect().await.1 {
+            ServerFrame::Ok => ok += 1,
+            ServerFrame::Error(e) if e.code == ErrorCode::RateLimited.code() => {
+                assert!(e.retry_after_ms > 0);
+                limited += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // 40 tokens minus the Join, plus whatever refilled meanwhile.
+    assert!((35..=70).contains(&ok), "about the burst of 40, got {ok}");
+    assert_eq!(ok + limited, 200);
+    assert!(
+        flooder.alive().await,
+        "the flooder is throttled, not disconnected"
+    );
+    // The peer saw only the typing events that were allowed, and can still send.
+    let mut typing = 0;
+    while let Some((_, f)) = peer.next(Duration::from_millis(300)).await {
+        if matches!(f, ServerFrame::UserTyping(_)) {
+            typing += 1;
+        }
+    }
+    assert_eq!(typing, ok);
+    assert!(matches!(
+        peer.request(9, send_frame("r", "p1", "still fine")).await,
+        ServerFrame::MessageSent(_)
+    ));
+}
