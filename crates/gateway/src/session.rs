@@ -353,6 +353,16 @@ impl Session {
         }
     }
 
+    /// True when the session is in `room`; otherwise answers `NotInRoom`.
+    fn in_room(&self, rid: u32, room: &str) -> bool {
+        let member = self.rooms.contains(room);
+        if !member {
+            self.replier()
+                .error(rid, ErrorCode::NotInRoom, 0, "join the room first");
+        }
+        member
+    }
+
     /// The id a client presents to resume this session.
     pub fn session_id(&self) -> SessionId {
         self.session_id
@@ -416,8 +426,7 @@ impl Session {
                 Ok(None)
             }
             ClientFrame::Typing(t) => {
-                if !self.rooms.contains(t.room.as_str()) {
-                    reply.error(rid, ErrorCode::NotInRoom, 0, "join the room first");
+                if !self.in_room(rid, &t.room) {
                     return Ok(None);
                 }
                 let frame = ServerFrame::UserTyping(UserTyping {
@@ -530,8 +539,7 @@ impl Session {
 
     async fn send(&self, rid: u32, s: Send) -> Option<Pending> {
         let reply = self.replier();
-        if !self.rooms.contains(s.room.as_str()) {
-            reply.error(rid, ErrorCode::NotInRoom, 0, "join the room first");
+        if !self.in_room(rid, &s.room) {
             return None;
         }
         if self.rate_limited(rid).await {
@@ -571,8 +579,7 @@ impl Session {
 
     async fn react(&self, rid: u32, r: React) -> Option<Pending> {
         let reply = self.replier();
-        if !self.rooms.contains(r.room.as_str()) {
-            reply.error(rid, ErrorCode::NotInRoom, 0, "join the room first");
+        if !self.in_room(rid, &r.room) {
             return None;
         }
         if self.rate_limited(rid).await {
@@ -627,8 +634,7 @@ impl Session {
 
     fn history(&self, rid: u32, h: History) -> Option<Pending> {
         let reply = self.replier();
-        if !self.rooms.contains(h.room.as_str()) {
-            reply.error(rid, ErrorCode::NotInRoom, 0, "join the room first");
+        if !self.in_room(rid, &h.room) {
             return None;
         }
         let node = self.node.clone();
