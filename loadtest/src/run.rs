@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::bail;
 use hdrhistogram::Histogram;
@@ -665,11 +665,6 @@ pub fn compare(old_path: &Path, new: &Value) -> anyhow::Result<()> {
         println!("  {k:<32} {a:>14.3} -> {b:>14.3}  ({pct:+.1}%)");
     }
     Ok(())
-}
-
-/// Sleeps a little (used between phases by callers).
-pub async fn pause(d: Duration) {
-    tokio::time::sleep(d).await;
 }
 
 /// What `--check` refuses: anything lost, duplicated, failed or errored.

@@ -267,11 +267,6 @@ impl Client {
     pub async fn positions(&self) -> BTreeMap<String, (u64, u64)> {
         self.positions.lock().await.clone()
     }
-
-    /// Stops the client: the connection closes and no reconnect happens.
-    pub fn close(self) {
-        drop(self);
-    }
 }
 
 fn unexpected(frame: ServerFrame) -> ClientError {

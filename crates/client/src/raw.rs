@@ -137,9 +137,4 @@ impl RawConnection {
         self.ws.close(None).await?;
         Ok(())
     }
-
-    /// The underlying socket.
-    pub fn inner_mut(&mut self) -> &mut WebSocketStream<MaybeTlsStream<TcpStream>> {
-        &mut self.ws
-    }
 }

@@ -1,7 +1,8 @@
 //! Types shared by fan-out engines.
 
 use bytes::Bytes;
-use chatgate_protocol::payload::Message;
+use chatgate_protocol::ServerFrame;
+use chatgate_protocol::payload::{Message, NewMessage, Reaction};
 
 /// A position in a room's event stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -28,6 +29,32 @@ pub enum RoomEvent {
         /// True when removed.
         removed: bool,
     },
+}
+
+impl RoomEvent {
+    /// The event frame for `room` at (`epoch`, `seq`), as members get it.
+    pub fn into_frame(self, room: &str, epoch: u64, seq: u64) -> ServerFrame {
+        match self {
+            RoomEvent::Message(mut message) => {
+                message.seq = seq;
+                ServerFrame::NewMessage(NewMessage { epoch, message })
+            }
+            RoomEvent::Reaction {
+                message_id,
+                user_id,
+                emoji,
+                removed,
+            } => ServerFrame::Reaction(Reaction {
+                room: room.to_owned(),
+                epoch,
+                seq,
+                message_id,
+                user_id,
+                emoji,
+                removed,
+            }),
+        }
+    }
 }
 
 /// What [`crate::Fanout::publish`] did.

@@ -68,4 +68,13 @@ pub trait Fanout: Send + Sync + 'static {
 
     /// The events after `since`, or why they cannot be replayed.
     async fn replay(&self, room: &str, since: Position) -> Result<Replay, FanoutError>;
+
+    /// Periodic housekeeping (the node calls it every few seconds).
+    fn maintain(&self) {}
+
+    /// Health of the shared backend, for `/health` and `/metrics`; `None`
+    /// for an engine without one.
+    fn stats(&self) -> Option<std::sync::Arc<FanoutStats>> {
+        None
+    }
 }

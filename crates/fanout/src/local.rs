@@ -13,8 +13,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
-use chatgate_protocol::payload::{NewMessage, Reaction};
-use chatgate_protocol::{Codec, ServerFrame};
+use chatgate_protocol::Codec;
 
 use crate::{Fanout, FanoutError, LocalDelivery, Position, Published, Replay, RoomEvent};
 
@@ -123,26 +122,7 @@ impl LocalFanout {
         epoch: u64,
         seq: u64,
     ) -> Result<Bytes, FanoutError> {
-        let frame = match event {
-            RoomEvent::Message(mut message) => {
-                message.seq = seq;
-                ServerFrame::NewMessage(NewMessage { epoch, message })
-            }
-            RoomEvent::Reaction {
-                message_id,
-                user_id,
-                emoji,
-                removed,
-            } => ServerFrame::Reaction(Reaction {
-                room: room.to_owned(),
-                epoch,
-                seq,
-                message_id,
-                user_id,
-                emoji,
-                removed,
-            }),
-        };
+        let frame = event.into_frame(room, epoch, seq);
         self.codec
             .encode_server(0, &frame)
             .map_err(|e| FanoutError::Encode(e.to_string()))
@@ -200,6 +180,10 @@ impl Fanout for LocalFanout {
         })
     }
 
+    fn maintain(&self) {
+        self.sweep();
+    }
+
     async fn replay(&self, room: &str, since: Position) -> Result<Replay, FanoutError> {
         let log = self.log(room);
         let mut log = log.lock();
@@ -241,6 +225,7 @@ impl Fanout for LocalFanout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chatgate_protocol::ServerFrame;
     use chatgate_protocol::payload::Message;
 
     /// (room, frame, excluded connection, ephemeral)

@@ -51,8 +51,7 @@ use fred::types::Value;
 use fred::types::scripts::Script;
 use tokio::sync::oneshot;
 
-use chatgate_protocol::payload::{NewMessage, Reaction};
-use chatgate_protocol::{Codec, EventTemplate, ServerFrame};
+use chatgate_protocol::{Codec, EventTemplate};
 
 use crate::{Fanout, FanoutError, LocalDelivery, Position, Published, Replay, RoomEvent};
 
@@ -254,11 +253,6 @@ impl RedisStreamsFanout {
         })
     }
 
-    /// Health counters.
-    pub fn stats(&self) -> Arc<FanoutStats> {
-        self.stats.clone()
-    }
-
     /// The command connection (node registry and limits share it).
     pub fn client(&self) -> &Client {
         &self.client
@@ -274,28 +268,6 @@ impl RedisStreamsFanout {
             self.config.namespace,
             self.partition(room)
         )
-    }
-
-    fn event_frame(&self, room: &str, event: RoomEvent) -> ServerFrame {
-        match event {
-            RoomEvent::Message(message) => {
-                ServerFrame::NewMessage(NewMessage { epoch: 0, message })
-            }
-            RoomEvent::Reaction {
-                message_id,
-                user_id,
-                emoji,
-                removed,
-            } => ServerFrame::Reaction(Reaction {
-                room: room.to_owned(),
-                epoch: 0,
-                seq: 0,
-                message_id,
-                user_id,
-                emoji,
-                removed,
-            }),
-        }
     }
 }
 
@@ -416,7 +388,7 @@ impl Fanout for RedisStreamsFanout {
             RoomEvent::Message(m) => format!("{}\u{1f}{}", m.sender_id, m.client_msg_id),
             RoomEvent::Reaction { .. } => String::new(),
         };
-        let frame = self.event_frame(room, event);
+        let frame = event.into_frame(room, 0, 0);
         let template = EventTemplate::of(&frame, self.codec.config().max_frame_bytes)
             .map_err(|e| FanoutError::Encode(e.to_string()))?
             .ok_or_else(|| FanoutError::Encode("not a room event".into()))?;
@@ -523,6 +495,10 @@ impl Fanout for RedisStreamsFanout {
             .map_err(err)?;
         let (epoch, seq) = pair(reply)?;
         Ok(Position { epoch, seq })
+    }
+
+    fn stats(&self) -> Option<Arc<FanoutStats>> {
+        Some(self.stats.clone())
     }
 
     async fn replay(&self, room: &str, since: Position) -> Result<Replay, FanoutError> {

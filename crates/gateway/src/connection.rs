@@ -136,7 +136,7 @@ async fn run(
     // allocates even when empty, and most idle sockets never need it.
     let mut in_flight: Option<FuturesUnordered<Pending>> = None;
     let running = |f: &Option<FuturesUnordered<Pending>>| f.as_ref().map_or(0, |f| f.len());
-    let mut queued: Vec<(Bytes, Instant)> = Vec::new();
+    let mut queued: Vec<Bytes> = Vec::new();
     let silence_limit = node.config.heartbeat_interval + node.config.heartbeat_timeout;
     let mut last_seen = Instant::now();
     let heartbeat = tokio::time::sleep(silence_limit);
@@ -151,8 +151,12 @@ async fn run(
                 // while writing must not leave frames stranded (pushes
                 // only notify on the empty -> non-empty transition).
                 loop {
-                    if let Err(code) = outbox.drain(&mut queued, DRAIN_FRAMES) {
-                        return Ended::Close(code);
+                    let oldest = match outbox.drain(&mut queued, DRAIN_FRAMES) {
+                        Ok(oldest) => oldest,
+                        Err(code) => return Ended::Close(code),
+                    };
+                    if let Some(at) = oldest {
+                        node.metrics.delivery_latency.observe(at.elapsed().as_secs_f64());
                     }
                     if queued.is_empty() {
                         if queued.capacity() > 16 {
@@ -212,17 +216,12 @@ async fn write_queued(
     ws: &mut Ws,
     session: &mut Session,
     outbox: &Arc<Outbox>,
-    queued: &mut Vec<(Bytes, Instant)>,
+    queued: &mut Vec<Bytes>,
 ) -> Result<(), Ended> {
-    if let Some((_, oldest)) = queued.first() {
-        node.metrics
-            .delivery_latency
-            .observe(oldest.elapsed().as_secs_f64());
-    }
     let mut batch: Vec<Bytes> = Vec::new();
     let mut batch_bytes = 0;
     let mut messages: Vec<Bytes> = Vec::new();
-    for (frame, _) in queued.drain(..) {
+    for frame in queued.drain(..) {
         if !session.should_deliver(&frame) {
             continue;
         }

@@ -81,11 +81,6 @@ impl Hub {
     pub fn room_count(&self) -> usize {
         self.rooms.len()
     }
-
-    /// Local members of `room`.
-    pub fn member_count(&self, room: &str) -> usize {
-        self.rooms.get(room).map(|m| m.len()).unwrap_or(0)
-    }
 }
 
 impl LocalDelivery for Hub {

@@ -34,7 +34,8 @@ pub struct Metrics {
     pub deliveries: IntCounter,
     /// Ephemeral events shed for connections whose queue was filling.
     pub ephemeral_dropped: IntCounter,
-    /// Queue wait of frames, from enqueue to written on the socket.
+    /// Queue wait of the oldest frame of each wake-up, until the
+    /// connection task takes it.
     pub delivery_latency: Histogram,
     request_latency: HistogramVec,
     /// Requests refused by the per-user rate limit.
@@ -113,7 +114,7 @@ impl Metrics {
         let delivery_latency = Histogram::with_opts(
             HistogramOpts::new(
                 "delivery_latency_seconds",
-                "Frame wait from enqueue to socket write",
+                "Wait of the oldest queued frame until its connection task took it",
             )
             .buckets(buckets.clone()),
         )

@@ -56,8 +56,6 @@ pub struct Node {
     /// this node, so a concurrent retry does not publish twice.
     pub sends_in_flight: DashSet<(Arc<str>, String)>,
     next_conn: AtomicU64,
-    local_fanout: Option<Arc<LocalFanout>>,
-    redis_fanout: Option<Arc<RedisStreamsFanout>>,
     /// Cluster registry (node heartbeats), when clustered.
     pub cluster: Option<Arc<Cluster>>,
 }
@@ -100,48 +98,47 @@ impl Node {
         let codec = codec_for(&config);
         let hub = Arc::new(Hub::new(metrics.clone()));
         let mut users = Users::new(config.max_connections_per_user, config.messages_per_minute);
-        let (fanout, local_fanout, redis_fanout, cluster): (Arc<dyn Fanout>, _, _, _) =
-            match (&config.redis_url, config.cluster) {
-                (Some(url), true) => {
-                    if config.database_url.is_none() {
-                        tracing::warn!(
-                            "cluster mode with the in-memory store: fan-out and resume work across \
+        let (fanout, cluster): (Arc<dyn Fanout>, _) = match (&config.redis_url, config.cluster) {
+            (Some(url), true) => {
+                if config.database_url.is_none() {
+                    tracing::warn!(
+                        "cluster mode with the in-memory store: fan-out and resume work across \
                              nodes, but each node keeps its own history; use Postgres in production"
-                        );
-                    }
-                    let mut rc = RedisFanoutConfig::new(url.clone(), config.node_id.clone());
-                    rc.namespace = config.redis_namespace.clone();
-                    rc.partitions = config.stream_partitions;
-                    rc.recovery_window = config.recovery_window;
-                    let redis = Arc::new(
-                        RedisStreamsFanout::connect(rc, codec, hub.clone())
-                            .await
-                            .map_err(|e| anyhow::anyhow!(e))
-                            .context("starting the Redis Streams fan-out")?,
                     );
-                    let cluster = Arc::new(Cluster::new(
-                        redis.client().clone(),
-                        &config.redis_namespace,
-                        &config.node_id,
-                    ));
-                    if let Err(e) = cluster.heartbeat().await {
-                        tracing::warn!(error = %e, "first cluster heartbeat failed; will retry");
-                    }
-                    users = users.with_cluster(cluster.clone());
-                    (redis.clone(), None, Some(redis), Some(cluster))
                 }
-                _ => {
-                    let local = Arc::new(LocalFanout::new(
-                        codec,
-                        LocalFanoutConfig {
-                            recovery_window: config.recovery_window,
-                            ..Default::default()
-                        },
-                        hub.clone(),
-                    ));
-                    (local.clone(), Some(local), None, None)
+                let mut rc = RedisFanoutConfig::new(url.clone(), config.node_id.clone());
+                rc.namespace = config.redis_namespace.clone();
+                rc.partitions = config.stream_partitions;
+                rc.recovery_window = config.recovery_window;
+                let redis = Arc::new(
+                    RedisStreamsFanout::connect(rc, codec, hub.clone())
+                        .await
+                        .map_err(|e| anyhow::anyhow!(e))
+                        .context("starting the Redis Streams fan-out")?,
+                );
+                let cluster = Arc::new(Cluster::new(
+                    redis.client().clone(),
+                    &config.redis_namespace,
+                    &config.node_id,
+                ));
+                if let Err(e) = cluster.heartbeat().await {
+                    tracing::warn!(error = %e, "first cluster heartbeat failed; will retry");
                 }
-            };
+                users = users.with_cluster(cluster.clone());
+                (redis, Some(cluster))
+            }
+            _ => {
+                let local: Arc<dyn Fanout> = Arc::new(LocalFanout::new(
+                    codec,
+                    LocalFanoutConfig {
+                        recovery_window: config.recovery_window,
+                        ..Default::default()
+                    },
+                    hub.clone(),
+                ));
+                (local, None)
+            }
+        };
         Ok(Arc::new(Node {
             codec,
             batch_codec: Codec::new(CodecConfig {
@@ -152,7 +149,6 @@ impl Node {
             cache,
             store_up: AtomicBool::new(true),
             fanout,
-            redis_fanout,
             cluster,
             hub,
             users,
@@ -161,7 +157,6 @@ impl Node {
             sessions: Arc::new(Semaphore::new(config.max_connections)),
             sends_in_flight: DashSet::new(),
             next_conn: AtomicU64::new(1),
-            local_fanout,
             metrics,
             config,
         }))
@@ -213,7 +208,7 @@ impl Node {
 
     /// Redis fan-out health counters, when clustered.
     pub fn fanout_stats(&self) -> Option<Arc<FanoutStats>> {
-        self.redis_fanout.as_ref().map(|r| r.stats())
+        self.fanout.stats()
     }
 
     /// Whether the last store probe succeeded.
@@ -233,9 +228,7 @@ impl Node {
 
     /// Periodic housekeeping: expire replay logs, forget idle users.
     pub fn maintain(&self) {
-        if let Some(f) = &self.local_fanout {
-            f.sweep();
-        }
+        self.fanout.maintain();
         self.users.sweep();
     }
 

@@ -30,8 +30,12 @@ pub enum Pushed {
 }
 
 struct State {
-    queue: VecDeque<(Bytes, Instant)>,
+    queue: VecDeque<Bytes>,
     bytes: usize,
+    /// When the queue last went from empty to non-empty: the enqueue
+    /// time of its oldest frame. One clock read per wake-up, not one per
+    /// delivered frame.
+    since: Option<Instant>,
     closed: Option<CloseCode>,
 }
 
@@ -56,6 +60,7 @@ impl Outbox {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 bytes: 0,
+                since: None,
                 closed: None,
             }),
             notify: Notify::new(),
@@ -83,8 +88,11 @@ impl Outbox {
             return Pushed::Overflow;
         }
         s.bytes += frame.len();
-        s.queue.push_back((frame, Instant::now()));
+        s.queue.push_back(frame);
         let was_empty = len == 0;
+        if was_empty {
+            s.since = Some(Instant::now());
+        }
         drop(s);
         // The consumer drains everything per wake-up, so only the
         // empty -> non-empty transition needs a wake-up.
@@ -116,26 +124,33 @@ impl Outbox {
         self.notify.notified().await
     }
 
-    /// Moves up to `max_frames` queued frames into `out`, oldest first.
-    /// `Err` when the queue was closed. The owner drains until it sees
-    /// the queue empty before it waits again.
+    /// Moves up to `max_frames` queued frames into `out`, oldest first,
+    /// and returns when the oldest of them was queued. `Err` when the
+    /// queue was closed. The owner drains until it sees the queue empty
+    /// before it waits again.
     pub fn drain(
         &self,
-        out: &mut Vec<(Bytes, Instant)>,
+        out: &mut Vec<Bytes>,
         max_frames: usize,
-    ) -> Result<(), CloseCode> {
+    ) -> Result<Option<Instant>, CloseCode> {
         let mut s = self.state.lock();
         if let Some(code) = s.closed {
             return Err(code);
         }
         let n = s.queue.len().min(max_frames);
         let mut moved = 0;
-        out.extend(s.queue.drain(..n).inspect(|(f, _)| moved += f.len()));
+        out.extend(s.queue.drain(..n).inspect(|f| moved += f.len()));
         s.bytes -= moved;
+        // What stays queued keeps `since`: an upper bound on its wait.
+        let oldest = if s.queue.is_empty() {
+            s.since.take()
+        } else {
+            s.since
+        };
         if s.queue.is_empty() && s.queue.capacity() > KEEP_CAPACITY {
             s.queue = VecDeque::new();
         }
-        Ok(())
+        Ok(oldest.filter(|_| n > 0))
     }
 
     /// Frames currently queued.
@@ -180,9 +195,9 @@ mod tests {
         assert_eq!(q.push(Bytes::from_static(b"678"), false), Pushed::Queued);
         let mut out = Vec::new();
         q.drain(&mut out, 1).unwrap();
-        assert_eq!(out[0].0, Bytes::from_static(b"12345"));
+        assert_eq!(out[0], Bytes::from_static(b"12345"));
         q.drain(&mut out, 10).unwrap();
-        assert_eq!(out[1].0, Bytes::from_static(b"678"));
+        assert_eq!(out[1], Bytes::from_static(b"678"));
         assert!(q.is_empty());
         assert_eq!(
             q.push(Bytes::from_static(b"12345678901"), false),

@@ -22,7 +22,7 @@ use rand::RngCore;
 use chatgate_fanout::{FanoutError, Position, Replay, RoomEvent};
 use chatgate_protocol::limits::HISTORY_DEFAULT_LIMIT;
 use chatgate_protocol::payload::*;
-use chatgate_protocol::{ClientFrame, CloseCode, ErrorCode, ServerFrame};
+use chatgate_protocol::{ClientFrame, CloseCode, ErrorCode, Opcode, ServerFrame};
 use chatgate_storage::{
     NewMessage as StoreMessage, ReactionChange, ReactionOutcome, StoreError, User,
 };
@@ -44,14 +44,11 @@ struct Replier {
 }
 
 impl Replier {
+    /// A success reply; request id 0 asked for none (PROTOCOL.md §9.4).
     fn send(&self, rid: u32, frame: &ServerFrame) {
         if rid == 0 {
             return;
         }
-        self.push(rid, frame);
-    }
-
-    fn push(&self, rid: u32, frame: &ServerFrame) {
         match self.node.codec.encode_server(rid, frame) {
             Ok(bytes) => {
                 self.outbox.push(bytes, false);
@@ -119,7 +116,6 @@ pub struct Session {
     user_id: Arc<str>,
     user_name: Arc<str>,
     user_image: Arc<str>,
-    session_id: SessionId,
     slot: Slot,
     outbox: Arc<Outbox>,
     rooms: HashSet<Arc<str>>,
@@ -176,7 +172,6 @@ impl Session {
             user_id,
             user_name,
             user_image,
-            session_id,
             slot,
             outbox,
             rooms: HashSet::new(),
@@ -353,6 +348,23 @@ impl Session {
         }
     }
 
+    /// Boxes a storage-bound request for the connection to poll, timing it
+    /// for the request-latency histogram (fast requests are timed by the
+    /// connection loop).
+    fn timed(
+        &self,
+        opcode: Opcode,
+        work: impl Future<Output = ()> + std::marker::Send + 'static,
+    ) -> Pending {
+        let node = self.node.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            work.await;
+            node.metrics
+                .request(opcode, started.elapsed().as_secs_f64());
+        })
+    }
+
     /// True when the session is in `room`; otherwise answers `NotInRoom`.
     fn in_room(&self, rid: u32, room: &str) -> bool {
         let member = self.rooms.contains(room);
@@ -361,21 +373,6 @@ impl Session {
                 .error(rid, ErrorCode::NotInRoom, 0, "join the room first");
         }
         member
-    }
-
-    /// The id a client presents to resume this session.
-    pub fn session_id(&self) -> SessionId {
-        self.session_id
-    }
-
-    /// The authenticated user id.
-    pub fn user_id(&self) -> &str {
-        &self.user_id
-    }
-
-    /// Rooms this session is in.
-    pub fn rooms(&self) -> impl Iterator<Item = &str> {
-        self.rooms.iter().map(|r| &**r)
     }
 
     /// Handles one request. Fast requests complete here; storage-bound
@@ -557,8 +554,7 @@ impl Session {
             body: s.body,
             attachments: s.attachments,
         };
-        Some(Box::pin(async move {
-            let started = Instant::now();
+        Some(self.timed(Opcode::Send, async move {
             if !node.sends_in_flight.insert(key.clone()) {
                 reply.error(
                     rid,
@@ -570,10 +566,6 @@ impl Session {
             }
             publish_message(&node, &reply, rid, conn, msg).await;
             node.sends_in_flight.remove(&key);
-            node.metrics.request(
-                chatgate_protocol::Opcode::Send,
-                started.elapsed().as_secs_f64(),
-            );
         }))
     }
 
@@ -588,8 +580,7 @@ impl Session {
         let node = self.node.clone();
         let conn = self.conn;
         let user_id = self.user_id.to_string();
-        Some(Box::pin(async move {
-            let started = Instant::now();
+        Some(self.timed(Opcode::React, async move {
             let change = ReactionChange {
                 room: r.room.clone(),
                 message_id: r.message_id,
@@ -625,10 +616,6 @@ impl Session {
                 ),
                 Err(e) => reply.fanout_error(rid, &e),
             }
-            node.metrics.request(
-                chatgate_protocol::Opcode::React,
-                started.elapsed().as_secs_f64(),
-            );
         }))
     }
 
@@ -638,8 +625,7 @@ impl Session {
             return None;
         }
         let node = self.node.clone();
-        Some(Box::pin(async move {
-            let started = Instant::now();
+        Some(self.timed(Opcode::History, async move {
             let limit = if h.limit == 0 {
                 HISTORY_DEFAULT_LIMIT
             } else {
@@ -656,10 +642,6 @@ impl Session {
                 ),
                 Err(e) => reply.store_error(rid, &e),
             }
-            node.metrics.request(
-                chatgate_protocol::Opcode::History,
-                started.elapsed().as_secs_f64(),
-            );
         }))
     }
 
@@ -670,9 +652,7 @@ impl Session {
             return true;
         }
         let op = frame.first().copied().unwrap_or(0);
-        if op != chatgate_protocol::Opcode::NewMessage as u8
-            && op != chatgate_protocol::Opcode::Reaction as u8
-        {
+        if op != Opcode::NewMessage as u8 && op != Opcode::Reaction as u8 {
             return true;
         }
         let (room, epoch, seq) = match self.node.codec.decode_server(frame) {

@@ -81,5 +81,28 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// A connection's queued events coalesced into one Batch frame: this runs
+/// once per recipient per write, so it is on the fan-out path.
+fn bench_batch(c: &mut Criterion) {
+    let codec = Codec::new(chatgate_protocol::CodecConfig {
+        compress_threshold: usize::MAX,
+        ..Default::default()
+    });
+    let frames: Vec<bytes::Bytes> = (0..30)
+        .map(|_| {
+            codec
+                .encode_server(0, &event(chat_text(100)))
+                .expect("encode")
+        })
+        .collect();
+    let total: usize = frames.iter().map(|f| f.len()).sum();
+    let mut g = c.benchmark_group("batch_30_events");
+    g.throughput(Throughput::Bytes(total as u64));
+    g.bench_function("encode", |b| {
+        b.iter(|| codec.encode_batch(black_box(&frames)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_batch);
 criterion_main!(benches);

@@ -632,13 +632,12 @@ fn main() {
         &good_send[..good_send.len() - 1],
         None,
     );
-    let mut cut_string = good_send[..good_send.len() - 4].to_vec();
-    cut_string.truncate(cut_string.len());
+    let cut_string = &good_send[..good_send.len() - 4];
     out.invalid(
         "invalid_send_string_cut",
         "send_basic cut in the middle of the body string.",
         c2s,
-        &cut_string,
+        cut_string,
         None,
     );
     out.invalid(

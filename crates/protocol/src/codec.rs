@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use crate::compress::{deflate, inflate};
 use crate::frame::{FLAG_COMPRESSED, HEADER_LEN, Header};
 use crate::payload::*;
+use crate::template::write_varint;
 use crate::{ClientFrame, CodecConfig, DecodeError, EncodeError, Opcode, ServerFrame};
 
 fn wire_config() -> Configuration {
@@ -77,29 +78,53 @@ impl Codec {
             ServerFrame::NewMessage(p) => self.encode_payload(op, request_id, p),
             ServerFrame::UserTyping(p) => self.encode_payload(op, request_id, p),
             ServerFrame::Reaction(p) => self.encode_payload(op, request_id, p),
-            ServerFrame::Batch(p) => {
-                for inner in &p.frames {
-                    check_batch_member(inner).map_err(|e| match e {
-                        DecodeError::NestedBatch => EncodeError::InvalidBatchMember("nested batch"),
-                        DecodeError::CompressedInBatch => {
-                            EncodeError::InvalidBatchMember("compressed frame")
-                        }
-                        _ => EncodeError::InvalidBatchMember("not a server frame"),
-                    })?;
-                }
-                self.encode_payload(op, request_id, p)
-            }
+            ServerFrame::Batch(p) => self.batch(request_id, &p.frames),
         }
     }
 
-    /// Wraps already-encoded server frames into one `Batch` frame.
+    /// Wraps already-encoded server frames into one `Batch` frame. The
+    /// gateway does this once per recipient per write, so the bytes are
+    /// laid out directly (the `seq<bytes>` of PROTOCOL.md §4.2, exactly
+    /// what the serde path writes) into one buffer of the final size.
     pub fn encode_batch(&self, frames: &[Bytes]) -> Result<Bytes, EncodeError> {
-        self.encode_server(
-            0,
-            &ServerFrame::Batch(Batch {
-                frames: frames.to_vec(),
-            }),
-        )
+        self.batch(0, frames)
+    }
+
+    fn batch(&self, request_id: u32, frames: &[Bytes]) -> Result<Bytes, EncodeError> {
+        let mut len = HEADER_LEN + 9;
+        for inner in frames {
+            check_batch_member(inner).map_err(|e| match e {
+                DecodeError::NestedBatch => EncodeError::InvalidBatchMember("nested batch"),
+                DecodeError::CompressedInBatch => {
+                    EncodeError::InvalidBatchMember("compressed frame")
+                }
+                _ => EncodeError::InvalidBatchMember("not a server frame"),
+            })?;
+            len += 9 + inner.len();
+        }
+        let mut buf = Vec::with_capacity(len);
+        buf.push(Opcode::Batch as u8);
+        buf.push(0);
+        buf.extend_from_slice(&request_id.to_le_bytes());
+        write_varint(&mut buf, frames.len() as u64);
+        for inner in frames {
+            write_varint(&mut buf, inner.len() as u64);
+            buf.extend_from_slice(inner);
+        }
+        self.finish(Bytes::from(buf))
+    }
+
+    /// Compression (above the threshold) and the size cap, for every
+    /// frame this codec produces.
+    fn finish(&self, frame: Bytes) -> Result<Bytes, EncodeError> {
+        let frame = self.compress_frame(frame);
+        if frame.len() > self.config.max_frame_bytes {
+            return Err(EncodeError::TooLarge {
+                len: frame.len(),
+                max: self.config.max_frame_bytes,
+            });
+        }
+        Ok(frame)
     }
 
     fn encode_payload<T: Serialize>(
@@ -115,24 +140,7 @@ impl Codec {
         let mut writer = buf.writer();
         bincode::serde::encode_into_std_write(payload, &mut writer, wire_config())
             .map_err(|e| EncodeError::Serialize(e.to_string()))?;
-        let mut buf = writer.into_inner();
-        let payload_len = buf.len() - HEADER_LEN;
-        if payload_len > self.config.compress_threshold {
-            let mut z = Vec::with_capacity(HEADER_LEN);
-            z.extend_from_slice(&buf[..HEADER_LEN]);
-            deflate(&buf[HEADER_LEN..], self.config.compression_level, &mut z);
-            if z.len() > HEADER_LEN && z.len() < buf.len() {
-                z[1] |= FLAG_COMPRESSED;
-                buf = BytesMut::from(&z[..]);
-            }
-        }
-        if buf.len() > self.config.max_frame_bytes {
-            return Err(EncodeError::TooLarge {
-                len: buf.len(),
-                max: self.config.max_frame_bytes,
-            });
-        }
-        Ok(buf.freeze())
+        self.finish(writer.into_inner().freeze())
     }
 
     /// Compresses an already-encoded, uncompressed frame when its payload

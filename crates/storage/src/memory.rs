@@ -194,19 +194,8 @@ impl Store for MemoryStore {
                     .back()
                     .map(|s| s.message.created_at_ms)
                     .unwrap_or(0);
-                let message = Message {
-                    id,
-                    room: msg.room.clone(),
-                    seq: 0,
-                    sender_id: msg.sender_id,
-                    sender_name: msg.sender_name,
-                    sender_image: msg.sender_image,
-                    client_msg_id: msg.client_msg_id,
-                    body: msg.body,
-                    attachments: msg.attachments,
-                    reactions: Vec::new(),
-                    created_at_ms: now_ms().max(last),
-                };
+                let room = msg.room.clone();
+                let message = msg.stored(id, now_ms().max(last));
                 data.messages.push_back(Stored {
                     message: message.clone(),
                     reactions: BTreeMap::new(),
@@ -217,7 +206,7 @@ impl Store for MemoryStore {
                     }
                 }
                 drop(data);
-                slot.insert((msg.room, id));
+                slot.insert((room, id));
                 self.message_rooms.insert(id, message.room.clone());
                 Inserted {
                     message,

@@ -34,6 +34,26 @@ pub struct NewMessage {
     pub attachments: Vec<Attachment>,
 }
 
+impl NewMessage {
+    /// The stored form, once the store has assigned `id` and the time:
+    /// no sequence number yet (see [`crate::Store::set_seq`]), no reactions.
+    pub fn stored(self, id: u64, created_at_ms: u64) -> Message {
+        Message {
+            id,
+            room: self.room,
+            seq: 0,
+            sender_id: self.sender_id,
+            sender_name: self.sender_name,
+            sender_image: self.sender_image,
+            client_msg_id: self.client_msg_id,
+            body: self.body,
+            attachments: self.attachments,
+            reactions: Vec::new(),
+            created_at_ms,
+        }
+    }
+}
+
 /// Result of an idempotent insert.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inserted {

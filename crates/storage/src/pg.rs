@@ -349,19 +349,7 @@ impl Store for PgStore {
             let id: i64 = row.get(0);
             let created: i64 = row.get(1);
             return Ok(Inserted {
-                message: Message {
-                    id: id as u64,
-                    room: msg.room,
-                    seq: 0,
-                    sender_id: msg.sender_id,
-                    sender_name: msg.sender_name,
-                    sender_image: msg.sender_image,
-                    client_msg_id: msg.client_msg_id,
-                    body: msg.body,
-                    attachments: msg.attachments,
-                    reactions: Vec::new(),
-                    created_at_ms: created.max(0) as u64,
-                },
+                message: msg.stored(id as u64, created.max(0) as u64),
                 duplicate: false,
             });
         }

@@ -22,6 +22,40 @@ fn new_msg(room: &str, sender: &str, cid: &str, body: &str) -> NewMessage {
     }
 }
 
+/// The shared test database (`CHAT_TEST_DATABASE_URL`, default the local
+/// `test` database).
+pub fn test_database_url() -> String {
+    std::env::var("CHAT_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A fresh schema in the test database, so tests can run in parallel.
+/// Returns a URL whose connections use it, and the schema's name.
+pub async fn fresh_schema() -> (String, String) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let schema = format!("t_{nanos:x}_{}_{n}", std::process::id());
+    let base = test_database_url();
+    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    (
+        format!("{base}{sep}options=-csearch_path%3D{schema}"),
+        schema,
+    )
+}
+
 /// Runs every check against `store`.
 pub async fn run_all(store: Arc<dyn Store>, tag: &str) {
     store.ping().await.unwrap();

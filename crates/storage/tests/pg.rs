@@ -15,35 +15,12 @@ use chatgate_storage::{
 };
 use rand::Rng;
 
-fn base_url() -> String {
-    std::env::var("CHAT_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
 fn redis_url() -> String {
     std::env::var("CHAT_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
 }
 
-/// A fresh schema; returns a URL whose connections use it.
-async fn fresh_schema() -> (String, String) {
-    let schema = format!("t_{:016x}", rand::rng().random::<u64>());
-    let (client, conn) = tokio_postgres::connect(&base_url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
-    let sep = if base_url().contains('?') { '&' } else { '?' };
-    (
-        format!("{}{sep}options=-csearch_path%3D{schema}", base_url()),
-        schema,
-    )
-}
-
 async fn pg() -> Arc<PgStore> {
-    let (url, _) = fresh_schema().await;
+    let (url, _) = suite::fresh_schema().await;
     Arc::new(PgStore::connect(PgConfig::new(url)).await.unwrap())
 }
 
@@ -130,7 +107,7 @@ async fn a_page_of_50_with_reactions_and_attachments_is_one_statement() {
 
 #[tokio::test]
 async fn nodes_starting_together_apply_migrations_once() {
-    let (url, schema) = fresh_schema().await;
+    let (url, schema) = suite::fresh_schema().await;
     let mut starts = Vec::new();
     for _ in 0..4 {
         let url = url.clone();
@@ -141,9 +118,10 @@ async fn nodes_starting_together_apply_migrations_once() {
     for s in starts {
         s.await.unwrap().unwrap();
     }
-    let (client, conn) = tokio_postgres::connect(&base_url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
+    let (client, conn) =
+        tokio_postgres::connect(&suite::test_database_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let rows = client
         .query(

@@ -495,19 +495,7 @@ impl Drop for PrivateRedis {
 /// A fresh schema in the shared test database; returns a URL whose
 /// connections use it.
 pub async fn fresh_database_url() -> String {
-    let base = std::env::var("CHAT_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!("t_{:016x}", rand::random::<u64>());
-    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
-    let sep = if base.contains('?') { '&' } else { '?' };
-    format!("{base}{sep}options=-csearch_path%3D{schema}")
+    chatgate_storage::suite::fresh_schema().await.0
 }
 
 pub fn shared_redis_url() -> String {
