@@ -89,33 +89,28 @@ impl Order {
 
 /// Reads a member's socket until stopped: counts messages, records
 /// latency from the body's timestamp, tracks order; heartbeats on time.
-async fn member_loop(mut c: RawConnection, meter: Arc<Meter>, mut stop: watch::Receiver<String>) {
+async fn member_loop(
+    id: u64,
+    mut c: RawConnection,
+    meter: Arc<Meter>,
+    mut stop: watch::Receiver<String>,
+) {
     let received = meter.counter("received");
     let dups = meter.counter("duplicates");
     let gaps = meter.counter("gaps");
     let closed = meter.counter("closed_by_server");
+    let delivery = meter.recorder("delivery");
     let mut order = Order::default();
-    let mut local = crate::report::histogram();
-    let mut flushed = Instant::now();
     let mut beat = tokio::time::interval(Duration::from_secs(20));
     beat.tick().await;
-    // One timer for the periodic merge (a fresh sleep per message would
-    // cost the harness a timer insertion per delivery).
-    let mut merge_tick = tokio::time::interval(Duration::from_millis(300));
     loop {
-        if flushed.elapsed() > Duration::from_millis(250) {
-            meter.merge("delivery", &mut local);
-            flushed = Instant::now();
-        }
         tokio::select! {
             _ = stop.changed() => {
                 if *stop.borrow() == "stop" {
-                    meter.merge("delivery", &mut local);
                     let _ = c.close().await;
                     return;
                 }
             }
-            _ = merge_tick.tick() => {}
             _ = beat.tick() => {
                 if c.send(0, &ClientFrame::Heartbeat).await.is_err() {
                     closed.fetch_add(1, Ordering::Relaxed);
@@ -134,14 +129,13 @@ async fn member_loop(mut c: RawConnection, meter: Arc<Meter>, mut stop: watch::R
                                     continue;
                                 }
                                 gaps.fetch_add(gap, Ordering::Relaxed);
-                                local.saturating_record((now.saturating_sub(sent) / 1000).max(1));
+                                delivery.record_micros(id, now.saturating_sub(sent) / 1000);
                             }
                             received.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }
                 _ => {
-                    meter.merge("delivery", &mut local);
                     closed.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
@@ -194,7 +188,7 @@ async fn idle(spec: Spec, meter: Arc<Meter>) -> anyhow::Result<()> {
                 Ok((c, _)) => {
                     meter.record("connect", t0.elapsed());
                     connected.fetch_add(1, Ordering::Relaxed);
-                    member_loop(c, meter, stop).await;
+                    member_loop(i as u64, c, meter, stop).await;
                 }
                 Err(e) => {
                     failed.fetch_add(1, Ordering::Relaxed);
@@ -300,6 +294,7 @@ async fn fanout(spec: Spec, meter: Arc<Meter>) -> anyhow::Result<()> {
                     pubs.push((j, room, c));
                 } else {
                     joins.push(tokio::spawn(member_loop(
+                        j,
                         c,
                         meter.clone(),
                         commands.clone(),
@@ -360,9 +355,14 @@ async fn publisher(
     let received = meter.counter("received");
     let dups = meter.counter("duplicates");
     let gaps = meter.counter("gaps");
+    let delivery = meter.recorder("delivery");
     let mut order = Order::default();
     let mut sent_at: HashMap<u32, Instant> = HashMap::new();
-    let mut next = tokio::time::Instant::now();
+    // Publishers start at spread-out phases of their interval: started
+    // together, every room would publish in the same instant and the run
+    // would measure one synchronized burst per interval, not a rate.
+    let phase = (id as f64 * 0.618_033_988_75).fract();
+    let mut next = tokio::time::Instant::now() + interval.mul_f64(phase);
     let mut seq = 0u64;
     let mut sending = true;
     loop {
@@ -417,7 +417,7 @@ async fn publisher(
                                         continue;
                                     }
                                     gaps.fetch_add(gap, Ordering::Relaxed);
-                                    meter.record("delivery", Duration::from_nanos(now.saturating_sub(t)));
+                                    delivery.record_micros(id, now.saturating_sub(t) / 1000);
                                 }
                                 received.fetch_add(1, Ordering::Relaxed);
                             }
