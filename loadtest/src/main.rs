@@ -31,8 +31,9 @@ struct Cli {
     /// Directory for `<scenario>.json` and `<scenario>.svg`.
     #[arg(long, global = true)]
     out: Option<PathBuf>,
-    /// Worker processes (each stays under the open-files limit).
-    #[arg(long, default_value_t = 1, global = true)]
+    /// Worker processes, single-threaded each (each stays under the
+    /// open-files limit); default: one per core.
+    #[arg(long, default_value_t = cores(), global = true)]
     workers: usize,
     /// Gateway process ids to sample for RSS and CPU (local runs).
     #[arg(long = "gateway-pid", global = true)]
@@ -184,21 +185,37 @@ fn fanout_params(f: &FanoutArgs, rate: u64) -> FanoutParams {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Scenario::Worker { spec } = &cli.scenario {
+        // One thread per worker process: the coordinator starts as many
+        // workers as it wants cores, and a single-threaded runtime spends
+        // nothing on work stealing or cross-thread wake-ups (the harness
+        // must cost less than what it measures).
         let spec: Spec = serde_json::from_str(spec)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let meter = Arc::new(Meter::default());
-        let result = report_while(
+        let result = runtime.block_on(report_while(
             meter.clone(),
             chatgate_loadtest::scenario::run_worker(spec, meter),
-        )
-        .await;
+        ));
         // The stdin reader sits in a blocking read the runtime would wait
         // for on shutdown; leave directly.
         std::process::exit(i32::from(result.is_err()));
     }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(coordinate_cli(cli))
+}
+
+async fn coordinate_cli(cli: Cli) -> anyhow::Result<()> {
     let url = cli.urls.first().cloned().unwrap_or_default();
     let common = Common {
         urls: cli.urls.clone(),
