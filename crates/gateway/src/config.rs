@@ -90,6 +90,12 @@ pub struct Config {
     /// (SO_REUSEPORT): several processes, each under its open-files limit,
     /// serve one port. Default off.
     pub reuse_port: bool,
+    /// Runtime worker threads. Default: one per core. Several processes
+    /// sharing a host's cores (SO_REUSEPORT under a low open-files limit)
+    /// do better with fewer each: a single-threaded gateway spent ~10 %
+    /// less CPU per delivery than a two-threaded one on the same two
+    /// cores, with nothing spent on work stealing (BENCHMARKS.md).
+    pub threads: usize,
 }
 
 impl Default for Config {
@@ -121,6 +127,7 @@ impl Default for Config {
             redis_namespace: "chat".into(),
             stream_partitions: 16,
             reuse_port: false,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -228,6 +235,9 @@ pub struct Overrides {
     /// Share the port with other processes (SO_REUSEPORT).
     #[arg(long, env = "CHAT_REUSE_PORT", num_args = 0..=1, default_missing_value = "true")]
     pub reuse_port: Option<bool>,
+    /// Runtime worker threads (default: one per core).
+    #[arg(long, env = "CHAT_THREADS")]
+    pub threads: Option<usize>,
 }
 
 /// The TOML file: the same keys as the flags, with underscores.
@@ -260,6 +270,7 @@ struct FileConfig {
     redis_namespace: Option<String>,
     stream_partitions: Option<u32>,
     reuse_port: Option<bool>,
+    threads: Option<usize>,
 }
 
 impl Config {
@@ -366,6 +377,7 @@ impl Config {
                 .or(file.stream_partitions)
                 .unwrap_or(d.stream_partitions),
             reuse_port: o.reuse_port.or(file.reuse_port).unwrap_or(d.reuse_port),
+            threads: o.threads.or(file.threads).unwrap_or(d.threads),
         };
         c.validate()?;
         Ok(c)
@@ -401,6 +413,9 @@ impl Config {
         if self.max_connections == 0 {
             bail!("max_connections must be positive");
         }
+        if self.threads == 0 {
+            bail!("threads must be positive");
+        }
         Ok(())
     }
 }
@@ -422,7 +437,7 @@ mod tests {
         let path = dir.join("c.toml");
         std::fs::write(
             &path,
-            "messages_per_minute = 10\nmax_connections_per_user = 2\n",
+            "messages_per_minute = 10\nmax_connections_per_user = 2\nthreads = 1\n",
         )
         .unwrap();
         let o = Overrides {
@@ -434,6 +449,12 @@ mod tests {
         assert_eq!(c.messages_per_minute, 10);
         assert_eq!(c.max_connections_per_user, 3);
         assert_eq!(c.heartbeat_interval, Duration::from_secs(25));
+        assert_eq!(c.threads, 1);
+        let zero = Overrides {
+            threads: Some(0),
+            ..Default::default()
+        };
+        assert!(Config::load(&zero).is_err(), "zero threads is refused");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! the right code.
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -40,6 +41,8 @@ const DRAIN_FRAMES: usize = 256;
 /// so batches stay small enough that a burst leaves idle connections
 /// cheap; 4 KiB still carries ~30 typical events per write.
 const MAX_BATCH_BYTES: usize = 4 * 1024;
+/// Messages per vectored write (header and payload slices on the stack).
+const WRITE_CHUNK: usize = 8;
 
 /// How a read ended when it did not yield a frame.
 enum Ended {
@@ -146,10 +149,9 @@ async fn run(
         tokio::select! {
             biased;
             _ = shutdown.changed() => return Ended::Close(CloseCode::ShuttingDown),
-            _ = outbox.wait() => {
-                // Drain until the queue is seen empty: a wake-up consumed
-                // while writing must not leave frames stranded (pushes
-                // only notify on the empty -> non-empty transition).
+            _ = outbox.ready() => {
+                // Drain until the queue is seen empty: pushes only wake
+                // the task on the empty -> non-empty transition.
                 loop {
                     let oldest = match outbox.drain(&mut queued, DRAIN_FRAMES) {
                         Ok(oldest) => oldest,
@@ -218,9 +220,9 @@ async fn write_queued(
     outbox: &Arc<Outbox>,
     queued: &mut Vec<Bytes>,
 ) -> Result<(), Ended> {
-    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batch: Vec<Bytes> = Vec::with_capacity(queued.len());
     let mut batch_bytes = 0;
-    let mut messages: Vec<Bytes> = Vec::new();
+    let mut messages: Vec<Bytes> = Vec::with_capacity(1);
     for frame in queued.drain(..) {
         if !session.should_deliver(&frame) {
             continue;
@@ -241,28 +243,23 @@ async fn write_queued(
     if messages.is_empty() {
         return Ok(());
     }
+    for frame in &messages {
+        count_out(node, frame);
+    }
+    let write = write_direct(ws, &messages);
+    tokio::pin!(write);
+    // Most writes complete at once (the socket buffer has room): try
+    // before arming the deadline, so a delivery costs no timer.
+    if let Poll::Ready(r) = futures_util::poll!(&mut write) {
+        return r.map_err(|_| Ended::Gone);
+    }
     // A client that stops reading blocks this write; the outbox closing
     // (slow consumer) or the write timeout ends it.
-    let limit = node.config.heartbeat_timeout;
-    let write = async {
-        for frame in &messages {
-            count_out(node, frame);
-        }
-        write_direct(ws, &messages).await
-    };
-    tokio::pin!(write);
-    let deadline = tokio::time::sleep(limit);
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            r = &mut write => return r.map_err(|_| Ended::Gone),
-            _ = outbox.wait() => {
-                if let Some(code) = outbox.closed() {
-                    return Err(Ended::Close(code));
-                }
-            }
-            _ = &mut deadline => return Err(Ended::Close(CloseCode::SlowConsumer)),
-        }
+    let deadline = tokio::time::sleep(node.config.heartbeat_timeout);
+    tokio::select! {
+        r = &mut write => r.map_err(|_| Ended::Gone),
+        code = outbox.closing() => Err(Ended::Close(code)),
+        _ = deadline => Err(Ended::Close(CloseCode::SlowConsumer)),
     }
 }
 
@@ -303,20 +300,27 @@ async fn write_direct(ws: &mut Ws, messages: &[Bytes]) -> Result<(), WsError> {
     use std::io::IoSlice;
     use tokio::io::AsyncWriteExt;
     ws.flush().await?;
-    let headers: Vec<([u8; 10], usize)> = messages.iter().map(|m| frame_header(m.len())).collect();
-    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(messages.len() * 2);
-    for (m, (h, n)) in messages.iter().zip(&headers) {
-        slices.push(IoSlice::new(&h[..*n]));
-        slices.push(IoSlice::new(m));
-    }
     let io = ws.get_mut();
-    let mut rest: &mut [IoSlice<'_>] = &mut slices;
-    while !rest.is_empty() {
-        let n = io.write_vectored(rest).await.map_err(WsError::Io)?;
-        if n == 0 {
-            return Err(WsError::Io(std::io::ErrorKind::WriteZero.into()));
+    // Header and payload slices live on the stack, a few messages per
+    // system call: a delivery allocates nothing here.
+    for chunk in messages.chunks(WRITE_CHUNK) {
+        let mut headers = [([0u8; 10], 0usize); WRITE_CHUNK];
+        for (h, m) in headers.iter_mut().zip(chunk) {
+            *h = frame_header(m.len());
         }
-        IoSlice::advance_slices(&mut rest, n);
+        let mut slices = [IoSlice::new(&[]); 2 * WRITE_CHUNK];
+        for (i, (m, (h, n))) in chunk.iter().zip(&headers).enumerate() {
+            slices[2 * i] = IoSlice::new(&h[..*n]);
+            slices[2 * i + 1] = IoSlice::new(m);
+        }
+        let mut rest: &mut [IoSlice<'_>] = &mut slices[..2 * chunk.len()];
+        while !rest.is_empty() {
+            let n = io.write_vectored(rest).await.map_err(WsError::Io)?;
+            if n == 0 {
+                return Err(WsError::Io(std::io::ErrorKind::WriteZero.into()));
+            }
+            IoSlice::advance_slices(&mut rest, n);
+        }
     }
     io.flush().await.map_err(WsError::Io)
 }

@@ -9,12 +9,13 @@
 //! and the replay delivers what was dropped. A broadcast never waits.
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::task::{Poll, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
 use chatgate_protocol::CloseCode;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
 /// What happened to a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,13 +38,22 @@ struct State {
     /// delivered frame.
     since: Option<Instant>,
     closed: Option<CloseCode>,
+    /// The connection task, when it waits for frames. Kept under the
+    /// queue's own lock: one lock per push or drain, and a wake-up only
+    /// when the owner is actually parked on an empty queue.
+    waker: Option<Waker>,
+}
+
+impl State {
+    fn wake(&mut self) -> Option<Waker> {
+        self.waker.take()
+    }
 }
 
 /// The queue. Shared as `Arc<Outbox>` between the room registry and the
 /// connection task.
 pub struct Outbox {
     state: Mutex<State>,
-    notify: Notify,
     max_frames: usize,
     max_bytes: usize,
 }
@@ -62,8 +72,8 @@ impl Outbox {
                 bytes: 0,
                 since: None,
                 closed: None,
+                waker: None,
             }),
-            notify: Notify::new(),
             max_frames,
             max_bytes,
         }
@@ -83,21 +93,26 @@ impl Outbox {
             s.closed = Some(CloseCode::SlowConsumer);
             s.queue = VecDeque::new();
             s.bytes = 0;
+            let waker = s.wake();
             drop(s);
-            self.notify.notify_one();
+            if let Some(w) = waker {
+                w.wake();
+            }
             return Pushed::Overflow;
         }
         s.bytes += frame.len();
         s.queue.push_back(frame);
-        let was_empty = len == 0;
-        if was_empty {
-            s.since = Some(Instant::now());
-        }
-        drop(s);
         // The consumer drains everything per wake-up, so only the
         // empty -> non-empty transition needs a wake-up.
-        if was_empty {
-            self.notify.notify_one();
+        let waker = if len == 0 {
+            s.since = Some(Instant::now());
+            s.wake()
+        } else {
+            None
+        };
+        drop(s);
+        if let Some(w) = waker {
+            w.wake();
         }
         Pushed::Queued
     }
@@ -110,8 +125,11 @@ impl Outbox {
             s.queue = VecDeque::new();
             s.bytes = 0;
         }
+        let waker = s.wake();
         drop(s);
-        self.notify.notify_one();
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 
     /// The close reason, if the queue was closed.
@@ -119,9 +137,34 @@ impl Outbox {
         self.state.lock().closed
     }
 
-    /// Waits until something was pushed or the queue was closed.
-    pub async fn wait(&self) {
-        self.notify.notified().await
+    /// Ready while frames are queued or the queue is closed; otherwise
+    /// waits for a push or the close. Level-triggered: a push that raced
+    /// with the owner's last drain is never missed.
+    pub async fn ready(&self) {
+        self.wait_until(|s| (!s.queue.is_empty() || s.closed.is_some()).then_some(()))
+            .await
+    }
+
+    /// Waits until the queue is closed (while the owner is busy writing,
+    /// pushes must not wake it into a busy loop).
+    pub async fn closing(&self) -> CloseCode {
+        self.wait_until(|s| s.closed).await
+    }
+
+    fn wait_until<T: 'static>(
+        &self,
+        done: fn(&State) -> Option<T>,
+    ) -> impl Future<Output = T> + '_ {
+        poll_fn(move |cx| {
+            let mut s = self.state.lock();
+            if let Some(v) = done(&s) {
+                return Poll::Ready(v);
+            }
+            if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                s.waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
     }
 
     /// Moves up to `max_frames` queued frames into `out`, oldest first,
@@ -203,5 +246,47 @@ mod tests {
             q.push(Bytes::from_static(b"12345678901"), false),
             Pushed::Overflow
         );
+    }
+
+    #[tokio::test]
+    async fn ready_is_level_triggered_and_closing_ignores_pushes() {
+        use std::sync::Arc;
+        use std::time::Duration;
+        use tokio::time::timeout;
+        let q = Arc::new(Outbox::new(8, 1 << 20));
+        let f = Bytes::from_static(b"frame");
+        // A push that lands before the owner waits is not missed.
+        q.push(f.clone(), false);
+        timeout(Duration::from_secs(5), q.ready())
+            .await
+            .expect("a queued frame makes the outbox ready");
+        let mut out = Vec::new();
+        q.drain(&mut out, 10).unwrap();
+        // An owner parked on the empty queue is woken by a push.
+        let waiting = tokio::spawn({
+            let q = q.clone();
+            async move { q.ready().await }
+        });
+        tokio::task::yield_now().await;
+        q.push(f.clone(), false);
+        timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the push wakes the owner")
+            .unwrap();
+        // While writing, the owner waits for a close only.
+        assert!(
+            timeout(Duration::from_millis(50), q.closing())
+                .await
+                .is_err(),
+            "queued frames do not end a wait for the close"
+        );
+        q.close(CloseCode::ShuttingDown);
+        assert_eq!(
+            timeout(Duration::from_secs(5), q.closing()).await,
+            Ok(CloseCode::ShuttingDown)
+        );
+        timeout(Duration::from_secs(5), q.ready())
+            .await
+            .expect("a closed outbox is ready (the owner must see the close)");
     }
 }
