@@ -1,10 +1,11 @@
 //! Opening authenticated sessions from a chosen source address.
 //!
-//! One machine can only open ~28,000 connections per (source address,
-//! destination) pair — the ephemeral port range — so the harness spreads
-//! sockets over 127.0.0.2, 127.0.0.3, ... (all loopback).
+//! One source address has 64,512 ports (1024-65535; the harness picks
+//! them itself, see [`SOURCE_PORTS`]), so the harness spreads sockets
+//! over 127.0.0.2, 127.0.0.3, ... (all loopback), one per worker.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -53,16 +54,10 @@ pub fn client_ws_config() -> WebSocketConfig {
         .max_message_size(Some(4 << 20))
 }
 
-/// Connects from `source` (port chosen by the kernel) and upgrades.
+/// Connects from `source` (port chosen by [`bind_source`]) and upgrades.
 pub async fn connect_from(target: &Target, source: IpAddr) -> anyhow::Result<RawConnection> {
-    let socket = if target.addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket
-        .bind(SocketAddr::new(source, 0))
-        .with_context(|| format!("binding {source}"))?;
+    let socket =
+        bind_source(source, target.addr.is_ipv4()).with_context(|| format!("binding {source}"))?;
     let stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(target.addr))
         .await
         .context("TCP connect timed out")??;
@@ -83,6 +78,48 @@ pub async fn connect_from(target: &Target, source: IpAddr) -> anyhow::Result<Raw
     .await
     .context("WebSocket upgrade timed out")??;
     Ok(RawConnection::from_stream(ws, Codec::default()))
+}
+
+/// Source ports handed out by this process (each worker has its own
+/// source address, so processes never compete for one port).
+static NEXT_PORT: AtomicU32 = AtomicU32::new(0);
+const FIRST_PORT: u32 = 1024;
+const PORTS: u32 = 65536 - FIRST_PORT;
+/// Sockets one worker (one source address) can open to one gateway.
+pub const SOURCE_PORTS: usize = PORTS as usize;
+
+/// A socket bound to `source` on a port this process picks itself.
+///
+/// Binding to (address, port 0) makes the kernel search the bind table
+/// for a port no other socket of that address holds, a search that grows
+/// with every socket already open: at 50,000 sockets the harness spent
+/// most of its time in the kernel there and connected ~900 sockets/s.
+/// An explicit port is one hash lookup. Ports taken by someone else
+/// (a listener, a connection still in TIME_WAIT) are skipped.
+fn bind_source(source: IpAddr, v4: bool) -> std::io::Result<TcpSocket> {
+    let offset = std::process::id();
+    for _ in 0..1024 {
+        let socket = if v4 {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        let n = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        let port = FIRST_PORT + n.wrapping_add(offset) % PORTS;
+        match socket.bind(SocketAddr::new(source, port as u16)) {
+            Ok(()) => return Ok(socket),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    let socket = if v4 {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    Ok(socket)
 }
 
 /// Waits for the reply to `rid`, returning it and any events that came
@@ -158,4 +195,37 @@ pub fn source_address(i: usize) -> IpAddr {
         ((n >> 8) & 0xff) as u8,
         (n & 0xff).max(1) as u8,
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn source_ports_are_distinct_and_connect() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = listener.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                open.push(s);
+            }
+        });
+        let source = IpAddr::from([127, 0, 0, 7]);
+        let mut ports = std::collections::HashSet::new();
+        let mut held = Vec::new();
+        for _ in 0..200 {
+            let socket = bind_source(source, true).unwrap();
+            let stream = socket.connect(to).await.unwrap();
+            let local = stream.local_addr().unwrap();
+            assert_eq!(local.ip(), source);
+            assert!(
+                ports.insert(local.port()),
+                "port {} handed out twice",
+                local.port()
+            );
+            held.push(stream);
+        }
+        accepting.abort();
+    }
 }

@@ -65,19 +65,6 @@ fn open_files_limit() -> usize {
         .unwrap_or(1024)
 }
 
-fn port_range() -> usize {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|t| {
-            let v: Vec<usize> = t
-                .split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect();
-            (v.len() == 2).then(|| v[1] - v[0] + 1)
-        })
-        .unwrap_or(28_000)
-}
-
 /// Refuses a plan the machine cannot carry, saying what to change.
 pub fn check_limits(sockets: usize, workers: usize) -> anyhow::Result<()> {
     let per_worker = sockets.div_ceil(workers.max(1));
@@ -89,11 +76,10 @@ pub fn check_limits(sockets: usize, workers: usize) -> anyhow::Result<()> {
             sockets.div_ceil(nofile.saturating_sub(64).max(1))
         );
     }
-    let ports = port_range();
+    let ports = crate::conn::SOURCE_PORTS;
     if per_worker > ports {
         bail!(
-            "each worker uses one source address with {ports} ephemeral ports (net.ipv4.ip_local_port_range) but would \
-             need {per_worker}; use more --workers or widen the port range"
+            "each worker uses one source address with {ports} ports but would need {per_worker}; use more --workers"
         );
     }
     Ok(())
