@@ -529,8 +529,18 @@ pub async fn ramp(
             .map(|(i, s)| (i as u64, s[key].as_f64().unwrap_or(0.0)))
             .collect()
     };
-    let svg = crate::svg::render(
-        &format!("ramp {}x{} (x = step)", base.rooms, base.members),
+    let step_labels: Vec<String> = results
+        .iter()
+        .map(|s| s["rate"].as_u64().unwrap_or(0).to_string())
+        .collect();
+    let svg = crate::svg::render_steps(
+        &format!(
+            "ramp {}x{}: latency and deliveries per step",
+            base.rooms, base.members
+        ),
+        "messages/s per room (one step each)",
+        &step_labels,
+        bound_ms,
         &[("p99 (ms)", pts("p99_ms")), ("p50 (ms)", pts("p50_ms"))],
         &[("deliveries/s", pts("deliveries_per_sec"))],
     );
