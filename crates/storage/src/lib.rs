@@ -6,6 +6,7 @@
 //! - [`model`]: the records passed in and out ([`NewMessage`], [`Page`]...).
 //! - [`error`]: [`StoreError`], classified by who is at fault.
 //! - [`memory`]: [`MemoryStore`], the embedded default (no services needed).
+//! - `batch`: group commit for [`PgStore`]'s concurrent writes.
 //! - [`pg`]: [`PgStore`], PostgreSQL, what production uses.
 //! - [`migrate`]: the numbered SQL files of `migrations/`, applied at start.
 //! - [`cache`]: [`CachedStore`], a Redis read-through cache in front of a
@@ -19,6 +20,7 @@
 //! - Message writes are idempotent on (sender, client message id).
 //! - History is keyset-paginated on (created_at, id), newest first.
 
+mod batch;
 pub mod cache;
 pub mod error;
 pub mod memory;

@@ -1,12 +1,15 @@
 //! PostgreSQL engine (tokio-postgres + deadpool-postgres).
 //!
 //! Every operation is one statement, one round trip, prepared once per
-//! pooled connection. A send is a single autocommitted INSERT (with its
-//! attachments in the same statement), so it is durable when it returns;
-//! a history page is one query that joins the sender's profile and
-//! aggregates attachments and reactions per message (no query per
-//! message).
+//! pooled connection. A send is an autocommitted INSERT, so it is durable
+//! when it returns; concurrent sends (and their sequence updates) are
+//! group-committed: whatever queued while earlier batches ran leaves as
+//! one multi-row statement ([`crate::batch`]). A message with attachments
+//! is inserted alone, attachments in the same statement. A history page
+//! is one query that joins the sender's profile and aggregates
+//! attachments and reactions per message (no query per message).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -17,6 +20,7 @@ use tokio_postgres::{NoTls, Row};
 
 use chatgate_protocol::payload::ReactionCount;
 
+use crate::batch::Batcher;
 use crate::migrate::migrate;
 use crate::model::{
     Attachment, Cursor, Inserted, Message, NewMessage, Page, ReactionChange, ReactionOutcome, User,
@@ -54,7 +58,27 @@ impl PgConfig {
 pub struct PgStore {
     pool: Pool,
     statements: Arc<AtomicU64>,
+    inserts: Batcher<NewMessage, Inserted>,
+    seqs: Batcher<(u64, u64), ()>,
 }
+
+/// Most rows per group-committed statement.
+const BATCH_ROWS: usize = 128;
+/// Group-committed statements in flight per kind (of the pool's
+/// connections; the rest stay free for reads and single writes).
+const BATCHES_IN_FLIGHT: usize = 4;
+
+const INSERT_MESSAGES: &str = "
+INSERT INTO messages (channel, sender_id, sender_name, sender_image, client_msg_id, body)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+ON CONFLICT (sender_id, client_msg_id) DO NOTHING
+RETURNING id, sender_id, client_msg_id, (extract(epoch FROM created_at) * 1000)::bigint";
+
+const SET_SEQS: &str = "
+UPDATE messages m SET seq = v.seq
+FROM unnest($1::bigint[], $2::bigint[]) AS v (id, seq)
+WHERE m.id = v.id
+RETURNING m.id";
 
 const INSERT_MESSAGE: &str = "
 WITH ins AS (
@@ -235,9 +259,25 @@ impl PgStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let statements = Arc::new(AtomicU64::new(0));
+        let exec = Exec {
+            pool: pool.clone(),
+            statements: statements.clone(),
+        };
         let store = PgStore {
             pool,
-            statements: Arc::new(AtomicU64::new(0)),
+            statements,
+            inserts: Batcher::spawn(BATCH_ROWS, BATCHES_IN_FLIGHT, {
+                let exec = exec.clone();
+                move |batch| {
+                    let exec = exec.clone();
+                    async move { exec.insert_messages(batch).await }
+                }
+            }),
+            seqs: Batcher::spawn(BATCH_ROWS, BATCHES_IN_FLIGHT, move |batch| {
+                let exec = exec.clone();
+                async move { exec.set_seqs(batch).await }
+            }),
         };
         let mut client = store.pool.get().await.map_err(pool_error)?;
         let applied = migrate(&mut client).await.map_err(pg_error)?;
@@ -258,10 +298,153 @@ impl PgStore {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
-        let client = self.pool.get().await.map_err(pool_error)?;
-        let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
-        self.statements.fetch_add(1, Ordering::Relaxed);
-        client.query(&stmt, params).await.map_err(pg_error)
+        query(&self.pool, &self.statements, sql, params).await
+    }
+
+    /// Inserts one message with its attachments in one statement.
+    async fn insert_with_attachments(&self, msg: NewMessage) -> Result<Inserted, StoreError> {
+        let urls: Vec<&str> = msg.attachments.iter().map(|a| a.url.as_str()).collect();
+        let names: Vec<&str> = msg.attachments.iter().map(|a| a.name.as_str()).collect();
+        let mimes: Vec<&str> = msg.attachments.iter().map(|a| a.mime.as_str()).collect();
+        let sizes: Vec<i64> = msg
+            .attachments
+            .iter()
+            .map(|a| a.size.min(i64::MAX as u64) as i64)
+            .collect();
+        let rows = self
+            .query(
+                INSERT_MESSAGE,
+                &[
+                    &msg.room,
+                    &msg.sender_id,
+                    &msg.sender_name,
+                    &msg.sender_image,
+                    &msg.client_msg_id,
+                    &msg.body,
+                    &urls,
+                    &names,
+                    &mimes,
+                    &sizes,
+                ],
+            )
+            .await?;
+        match rows.first() {
+            Some(row) => {
+                let id: i64 = row.get(0);
+                let created: i64 = row.get(1);
+                Ok(Inserted {
+                    message: msg.stored(id as u64, created.max(0) as u64),
+                    duplicate: false,
+                })
+            }
+            None => original(&self.pool, &self.statements, &msg).await,
+        }
+    }
+}
+
+async fn query(
+    pool: &Pool,
+    statements: &AtomicU64,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<Row>, StoreError> {
+    let client = pool.get().await.map_err(pool_error)?;
+    let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
+    statements.fetch_add(1, Ordering::Relaxed);
+    client.query(&stmt, params).await.map_err(pg_error)
+}
+
+/// The stored message a retried send's key points at.
+async fn original(
+    pool: &Pool,
+    statements: &AtomicU64,
+    msg: &NewMessage,
+) -> Result<Inserted, StoreError> {
+    let rows = query(
+        pool,
+        statements,
+        &message_by_key(),
+        &[&msg.sender_id, &msg.client_msg_id],
+    )
+    .await?;
+    let row = rows.first().ok_or_else(|| {
+        StoreError::Internal("idempotency conflict without a stored message".into())
+    })?;
+    Ok(Inserted {
+        message: message_from_row(row),
+        duplicate: true,
+    })
+}
+
+/// What the batching tasks run with.
+#[derive(Clone)]
+struct Exec {
+    pool: Pool,
+    statements: Arc<AtomicU64>,
+}
+
+impl Exec {
+    /// One INSERT for the whole batch; a key that already existed (a
+    /// retry, or the same key twice in one batch) returns the original.
+    async fn insert_messages(&self, batch: Vec<NewMessage>) -> Vec<Result<Inserted, StoreError>> {
+        let col = |f: fn(&NewMessage) -> &str| batch.iter().map(f).collect::<Vec<&str>>();
+        let (rooms, senders, names) = (
+            col(|m| &m.room),
+            col(|m| &m.sender_id),
+            col(|m| &m.sender_name),
+        );
+        let (images, keys, bodies) = (
+            col(|m| &m.sender_image),
+            col(|m| &m.client_msg_id),
+            col(|m| &m.body),
+        );
+        let rows = query(
+            &self.pool,
+            &self.statements,
+            INSERT_MESSAGES,
+            &[&rooms, &senders, &names, &images, &keys, &bodies],
+        )
+        .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => return batch.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let mut stored: HashMap<(String, String), (i64, i64)> = rows
+            .iter()
+            .map(|r| ((r.get(1), r.get(2)), (r.get(0), r.get(3))))
+            .collect();
+        let mut out = Vec::with_capacity(batch.len());
+        for msg in batch {
+            match stored.remove(&(msg.sender_id.clone(), msg.client_msg_id.clone())) {
+                Some((id, created)) => out.push(Ok(Inserted {
+                    message: msg.stored(id as u64, created.max(0) as u64),
+                    duplicate: false,
+                })),
+                None => out.push(original(&self.pool, &self.statements, &msg).await),
+            }
+        }
+        out
+    }
+
+    /// One UPDATE for the whole batch.
+    async fn set_seqs(&self, batch: Vec<(u64, u64)>) -> Vec<Result<(), StoreError>> {
+        let ids: Vec<i64> = batch.iter().map(|(id, _)| *id as i64).collect();
+        let seqs: Vec<i64> = batch.iter().map(|(_, seq)| *seq as i64).collect();
+        match query(&self.pool, &self.statements, SET_SEQS, &[&ids, &seqs]).await {
+            Ok(rows) => {
+                let found: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+                ids.iter()
+                    .map(|id| {
+                        if found.contains(id) {
+                            Ok(())
+                        } else {
+                            Err(StoreError::NotFound)
+                        }
+                    })
+                    .collect()
+            }
+            Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+        }
     }
 }
 
@@ -320,64 +503,15 @@ impl Store for PgStore {
     }
 
     async fn insert_message(&self, msg: NewMessage) -> Result<Inserted, StoreError> {
-        let urls: Vec<&str> = msg.attachments.iter().map(|a| a.url.as_str()).collect();
-        let names: Vec<&str> = msg.attachments.iter().map(|a| a.name.as_str()).collect();
-        let mimes: Vec<&str> = msg.attachments.iter().map(|a| a.mime.as_str()).collect();
-        let sizes: Vec<i64> = msg
-            .attachments
-            .iter()
-            .map(|a| a.size.min(i64::MAX as u64) as i64)
-            .collect();
-        let rows = self
-            .query(
-                INSERT_MESSAGE,
-                &[
-                    &msg.room,
-                    &msg.sender_id,
-                    &msg.sender_name,
-                    &msg.sender_image,
-                    &msg.client_msg_id,
-                    &msg.body,
-                    &urls,
-                    &names,
-                    &mimes,
-                    &sizes,
-                ],
-            )
-            .await?;
-        if let Some(row) = rows.first() {
-            let id: i64 = row.get(0);
-            let created: i64 = row.get(1);
-            return Ok(Inserted {
-                message: msg.stored(id as u64, created.max(0) as u64),
-                duplicate: false,
-            });
+        if msg.attachments.is_empty() {
+            self.inserts.submit(msg).await
+        } else {
+            self.insert_with_attachments(msg).await
         }
-        // The key exists: return the original.
-        let rows = self
-            .query(&message_by_key(), &[&msg.sender_id, &msg.client_msg_id])
-            .await?;
-        let row = rows.first().ok_or_else(|| {
-            StoreError::Internal("idempotency conflict without a stored message".into())
-        })?;
-        Ok(Inserted {
-            message: message_from_row(row),
-            duplicate: true,
-        })
     }
 
     async fn set_seq(&self, message_id: u64, seq: u64) -> Result<(), StoreError> {
-        let rows = self
-            .query(
-                "UPDATE messages SET seq = $2 WHERE id = $1 RETURNING 1",
-                &[&(message_id as i64), &(seq as i64)],
-            )
-            .await?;
-        if rows.is_empty() {
-            Err(StoreError::NotFound)
-        } else {
-            Ok(())
-        }
+        self.seqs.submit((message_id, seq)).await
     }
 
     async fn react(&self, change: &ReactionChange) -> Result<ReactionOutcome, StoreError> {

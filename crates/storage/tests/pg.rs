@@ -192,3 +192,85 @@ async fn an_unreachable_redis_falls_back_to_the_database() {
     assert_eq!(cached.memberships("r").await.unwrap(), vec!["x"]);
     assert!(cached.degraded(), "the cache reports itself degraded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sends_group_commit_and_stay_idempotent() {
+    let store = pg().await;
+    let send = |i: u32| NewMessage {
+        room: "gc".into(),
+        sender_id: format!("u{}", (i % 150) % 7),
+        sender_name: "U".into(),
+        sender_image: String::new(),
+        // 200 sends over 150 keys: 50 keys are sent twice at the same time.
+        client_msg_id: format!("k{}", i % 150),
+        body: format!("body {}", i % 150),
+        attachments: vec![],
+    };
+    let before = store.statements();
+    let tasks: Vec<_> = (0..200u32)
+        .map(|i| {
+            let store = store.clone();
+            let msg = send(i);
+            tokio::spawn(async move { store.insert_message(msg).await.unwrap() })
+        })
+        .collect();
+    let mut by_key: std::collections::HashMap<(String, String), Vec<(u64, bool)>> =
+        Default::default();
+    for t in tasks {
+        let ins = t.await.unwrap();
+        let m = ins.message;
+        by_key
+            .entry((m.sender_id.clone(), m.client_msg_id.clone()))
+            .or_default()
+            .push((m.id, ins.duplicate));
+    }
+    let insert_statements = store.statements() - before;
+    assert_eq!(by_key.len(), 150, "one message per key");
+    for (key, seen) in &by_key {
+        assert!(
+            seen.iter().all(|(id, _)| *id == seen[0].0),
+            "every send of {key:?} returns the same message: {seen:?}"
+        );
+        assert_eq!(
+            seen.iter().filter(|(_, dup)| !dup).count(),
+            1,
+            "exactly one send of {key:?} stored it: {seen:?}"
+        );
+    }
+    assert!(
+        insert_statements < 200,
+        "concurrent sends share statements ({insert_statements} for 200 sends)"
+    );
+    // Sequence numbers set concurrently land on the right rows.
+    let ids: Vec<u64> = by_key.values().map(|v| v[0].0).collect();
+    let tasks: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let store = store.clone();
+            let id = *id;
+            tokio::spawn(async move { store.set_seq(id, id * 10).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        store.set_seq(u64::MAX / 4, 1).await,
+        Err(chatgate_storage::StoreError::NotFound)
+    );
+    let page = store.history("gc", None, 100).await.unwrap();
+    let mut total = page.messages.len();
+    for m in &page.messages {
+        assert_eq!(m.seq, m.id * 10, "seq of message {} was set", m.id);
+    }
+    let mut next = page.next;
+    while let Some(cursor) = next {
+        let p = store.history("gc", Some(cursor), 100).await.unwrap();
+        total += p.messages.len();
+        for m in &p.messages {
+            assert_eq!(m.seq, m.id * 10, "seq of message {} was set", m.id);
+        }
+        next = p.next;
+    }
+    assert_eq!(total, 150);
+}
