@@ -68,9 +68,13 @@ const BATCH_ROWS: usize = 128;
 /// connections; the rest stay free for reads and single writes).
 const BATCHES_IN_FLIGHT: usize = 4;
 
+// Rows go in key order: two batches that share keys (concurrent retries)
+// then wait on each other in the same order instead of deadlocking.
 const INSERT_MESSAGES: &str = "
 INSERT INTO messages (channel, sender_id, sender_name, sender_image, client_msg_id, body)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+    AS t (channel, sender_id, sender_name, sender_image, client_msg_id, body)
+ORDER BY sender_id, client_msg_id
 ON CONFLICT (sender_id, client_msg_id) DO NOTHING
 RETURNING id, sender_id, client_msg_id, (extract(epoch FROM created_at) * 1000)::bigint";
 
@@ -79,6 +83,12 @@ UPDATE messages m SET seq = v.seq
 FROM unnest($1::bigint[], $2::bigint[]) AS v (id, seq)
 WHERE m.id = v.id
 RETURNING m.id";
+
+/// Attempts of a group-committed statement that Postgres chose as a
+/// deadlock victim. Both statements are idempotent (insert-if-absent,
+/// set to a value), so running one again is safe; the ordering above
+/// makes the insert's deadlock impossible, the update's is left to this.
+const DEADLOCK_ATTEMPTS: usize = 3;
 
 const INSERT_MESSAGE: &str = "
 WITH ins AS (
@@ -354,6 +364,31 @@ async fn query(
     client.query(&stmt, params).await.map_err(pg_error)
 }
 
+/// [`query`], run again when Postgres picked it as a deadlock victim.
+async fn query_idempotent(
+    pool: &Pool,
+    statements: &AtomicU64,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<Row>, StoreError> {
+    let mut attempt = 1;
+    loop {
+        let client = pool.get().await.map_err(pool_error)?;
+        let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
+        statements.fetch_add(1, Ordering::Relaxed);
+        match client.query(&stmt, params).await {
+            Err(e)
+                if attempt < DEADLOCK_ATTEMPTS
+                    && e.code()
+                        == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) =>
+            {
+                attempt += 1;
+            }
+            result => return result.map_err(pg_error),
+        }
+    }
+}
+
 /// The stored message a retried send's key points at.
 async fn original(
     pool: &Pool,
@@ -398,7 +433,7 @@ impl Exec {
             col(|m| &m.client_msg_id),
             col(|m| &m.body),
         );
-        let rows = query(
+        let rows = query_idempotent(
             &self.pool,
             &self.statements,
             INSERT_MESSAGES,
@@ -428,14 +463,22 @@ impl Exec {
 
     /// One UPDATE for the whole batch.
     async fn set_seqs(&self, batch: Vec<(u64, u64)>) -> Vec<Result<(), StoreError>> {
-        let ids: Vec<i64> = batch.iter().map(|(id, _)| *id as i64).collect();
-        let seqs: Vec<i64> = batch.iter().map(|(_, seq)| *seq as i64).collect();
-        match query(&self.pool, &self.statements, SET_SEQS, &[&ids, &seqs]).await {
+        let mut rows: Vec<(i64, i64)> = batch
+            .iter()
+            .map(|(id, seq)| (*id as i64, *seq as i64))
+            .collect();
+        rows.sort_unstable();
+        rows.dedup_by_key(|(id, _)| *id);
+        let (ids, seqs): (Vec<i64>, Vec<i64>) = rows.into_iter().unzip();
+        let done = query_idempotent(&self.pool, &self.statements, SET_SEQS, &[&ids, &seqs]).await;
+        match done {
             Ok(rows) => {
                 let found: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-                ids.iter()
+                batch
+                    .iter()
+                    .map(|(id, _)| *id as i64)
                     .map(|id| {
-                        if found.contains(id) {
+                        if found.contains(&id) {
                             Ok(())
                         } else {
                             Err(StoreError::NotFound)

@@ -274,3 +274,39 @@ async fn concurrent_sends_group_commit_and_stay_idempotent() {
     }
     assert_eq!(total, 150);
 }
+
+/// Many concurrent batches carrying the same keys in different orders
+/// (clients retrying all at once): no batch may deadlock another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_batches_of_the_same_keys_do_not_deadlock() {
+    use rand::seq::SliceRandom;
+    let store = pg().await;
+    let mut order: Vec<u32> = (0..2000).map(|i| i % 1000).collect();
+    order.shuffle(&mut rand::rng());
+    let tasks: Vec<_> = order
+        .into_iter()
+        .map(|k| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .insert_message(NewMessage {
+                        room: "dl".into(),
+                        sender_id: format!("u{}", k % 3),
+                        sender_name: "U".into(),
+                        sender_image: String::new(),
+                        client_msg_id: format!("k{k}"),
+                        body: "retry".into(),
+                        attachments: vec![],
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut ids = std::collections::HashMap::new();
+    for t in tasks {
+        let m = t.await.unwrap().expect("no send fails").message;
+        let first = *ids.entry(m.client_msg_id.clone()).or_insert(m.id);
+        assert_eq!(first, m.id, "every retry returns the one stored message");
+    }
+    assert_eq!(ids.len(), 1000);
+}
