@@ -555,7 +555,7 @@ impl Session {
             attachments: s.attachments,
         };
         Some(self.timed(Opcode::Send, async move {
-            if !node.sends_in_flight.insert(key.clone()) {
+            let Some(_claim) = SendClaim::take(&node, key) else {
                 reply.error(
                     rid,
                     ErrorCode::Unavailable,
@@ -563,9 +563,8 @@ impl Session {
                     "this message is being stored; retry",
                 );
                 return;
-            }
+            };
             publish_message(&node, &reply, rid, conn, msg).await;
-            node.sends_in_flight.remove(&key);
         }))
     }
 
@@ -679,6 +678,30 @@ impl Session {
 /// message is acknowledged with the original; one that was stored but
 /// never published (the node died in between, or fan-out failed) is
 /// published now, once.
+/// This node is storing and publishing (user, client message id): a
+/// concurrent retry of the same message waits instead of racing it.
+/// Released on drop, so a send abandoned midway (its connection closed)
+/// does not leave the key claimed and the client's retries refused.
+struct SendClaim {
+    node: Arc<Node>,
+    key: (Arc<str>, String),
+}
+
+impl SendClaim {
+    fn take(node: &Arc<Node>, key: (Arc<str>, String)) -> Option<SendClaim> {
+        node.sends_in_flight.insert(key.clone()).then(|| SendClaim {
+            node: node.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for SendClaim {
+    fn drop(&mut self) {
+        self.node.sends_in_flight.remove(&self.key);
+    }
+}
+
 async fn publish_message(
     node: &Arc<Node>,
     reply: &Replier,

@@ -118,3 +118,76 @@ async fn memberships_survive_restarts_in_postgres_and_redis_outages_are_invisibl
         h["backends"]["cache"]["status"] == "degraded"
     });
 }
+
+/// A send abandoned while it waits on the database (its connection
+/// closed) must not leave the message claimed on this node: the client's
+/// retry after reconnecting is acknowledged and delivered exactly once.
+#[tokio::test]
+async fn a_send_abandoned_while_storing_can_be_retried() {
+    let url = fresh_database_url().await;
+    let gw = Gateway::start(&["--database-url", &url]);
+    let mut alice = user(&gw, "alice").await;
+    let mut bob = user(&gw, "bob").await;
+    join(&mut alice, &["ops"]).await;
+    join(&mut bob, &["ops"]).await;
+
+    // Hold the messages table so the send blocks inside the database.
+    let (mut db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let lock = db.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let Conn {
+        raw: mut alice_raw, ..
+    } = alice;
+    alice_raw
+        .send(3, &send_frame("ops", "m1", "abandoned"))
+        .await
+        .unwrap();
+    let (watch, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let waiting = || async {
+        watch
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO messages%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while waiting().await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the send never reached the database"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The client goes away mid-send; the gateway drops the request.
+    drop(alice_raw);
+    gw.wait_health("alice gone", |h| h["connections"] == 1);
+    lock.commit().await.unwrap();
+
+    let mut alice = user(&gw, "alice").await;
+    join(&mut alice, &["ops"]).await;
+    let retry = alice.request(4, send_frame("ops", "m1", "abandoned")).await;
+    let ServerFrame::MessageSent(ack) = retry else {
+        panic!("the retry must be acknowledged, got {retry:?}")
+    };
+    let (_, first) = bob.expect().await;
+    assert!(
+        matches!(&first, ServerFrame::NewMessage(m) if m.message.id == ack.message_id),
+        "{first:?}"
+    );
+    assert!(
+        bob.next(Duration::from_millis(300)).await.is_none(),
+        "delivered once"
+    );
+}
