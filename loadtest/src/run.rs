@@ -265,12 +265,12 @@ pub async fn idle(
     let svg = crate::svg::render(
         &format!("idle: {connected} connections"),
         &[
-            ("connect p50 (ms)", series_p50(&merged, "connect")),
-            ("connect p99 (ms)", series_p99(&merged, "connect")),
-        ],
-        &[
-            ("connections", counter_series(&merged, "connected")),
-            ("gateway RSS (MB)", rss_series_of(&report)),
+            &[
+                ("connect p50 (ms)", series_p50(&merged, "connect")),
+                ("connect p99 (ms)", series_p99(&merged, "connect")),
+            ],
+            &[("connections", counter_series(&merged, "connected"))],
+            &[("gateway RSS (MB)", rss_series_of(&report))],
         ],
     );
     write_outputs(common, "idle", &report, svg)?;
@@ -444,15 +444,15 @@ pub async fn fanout(common: &Common, p: &FanoutParams, name: &str) -> anyhow::Re
     let svg = crate::svg::render(
         &format!("fanout {}x{} at {}/s per room", p.rooms, p.members, p.rate),
         &[
-            ("delivery p50 (ms)", series_p50(&merged, "delivery")),
-            ("delivery p99 (ms)", series_p99(&merged, "delivery")),
-        ],
-        &[
-            ("connections", counter_series(&merged, "connected")),
-            (
-                "deliveries (cumulative)",
-                counter_series(&merged, "received"),
-            ),
+            &[
+                ("delivery p50 (ms)", series_p50(&merged, "delivery")),
+                ("delivery p99 (ms)", series_p99(&merged, "delivery")),
+            ],
+            &[(
+                "deliveries/s",
+                crate::svg::per_second(&counter_series(&merged, "received")),
+            )],
+            &[("connections", counter_series(&merged, "connected"))],
         ],
     );
     write_outputs(common, name, &report, svg)?;
@@ -541,8 +541,10 @@ pub async fn ramp(
         "messages/s per room (one step each)",
         &step_labels,
         bound_ms,
-        &[("p99 (ms)", pts("p99_ms")), ("p50 (ms)", pts("p50_ms"))],
-        &[("deliveries/s", pts("deliveries_per_sec"))],
+        &[
+            &[("p99 (ms)", pts("p99_ms")), ("p50 (ms)", pts("p50_ms"))],
+            &[("deliveries/s", pts("deliveries_per_sec"))],
+        ],
     );
     write_outputs(common, "ramp", &report, svg)?;
     Ok(report)
@@ -632,10 +634,16 @@ pub async fn chat(
     let svg = crate::svg::render(
         &format!("chat: {connections} connections"),
         &[
-            ("delivery p50 (ms)", series_p50(&merged, "delivery")),
-            ("delivery p99 (ms)", series_p99(&merged, "delivery")),
+            &[
+                ("delivery p50 (ms)", series_p50(&merged, "delivery")),
+                ("delivery p99 (ms)", series_p99(&merged, "delivery")),
+            ],
+            &[(
+                "messages received/s",
+                crate::svg::per_second(&counter_series(&merged, "received")),
+            )],
+            &[("connected", counter_series(&merged, "connected"))],
         ],
-        &[("connected", counter_series(&merged, "connected"))],
     );
     write_outputs(common, "chat", &report, svg)?;
     Ok(report)

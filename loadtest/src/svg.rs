@@ -1,6 +1,7 @@
-//! A dependency-free SVG chart: two stacked panels sharing the x axis
-//! (top: latency series, bottom: counts), one polyline per series, round
-//! tick values, and an optional horizontal bound in the top panel.
+//! A dependency-free SVG chart: stacked panels sharing the x axis, each
+//! with its own y scale (latency, counts and memory differ by orders of
+//! magnitude), one polyline per series, round tick values, and an
+//! optional horizontal bound in the first panel.
 
 use std::fmt::Write;
 
@@ -145,22 +146,18 @@ fn panel(
     }
 }
 
-fn chart(
-    title: &str,
-    x_axis: &XAxis<'_>,
-    bound: Option<f64>,
-    top: &[Series<'_>],
-    bottom: &[Series<'_>],
-) -> String {
-    let h = 2.0 * PANEL_H + 60.0;
+fn chart(title: &str, x_axis: &XAxis<'_>, bound: Option<f64>, panels: &[&[Series<'_>]]) -> String {
+    let h = panels.len().max(1) as f64 * PANEL_H + 60.0;
     let mut out = String::new();
     let _ = write!(
         out,
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" viewBox="0 0 {W} {h}" font-family="sans-serif"><rect width="100%" height="100%" fill="white"/><text x="{LEFT}" y="22" font-size="15">{}</text>"##,
         escape(title)
     );
-    panel(&mut out, 30.0, top, x_axis, bound);
-    panel(&mut out, 30.0 + PANEL_H, bottom, x_axis, None);
+    for (i, series) in panels.iter().enumerate() {
+        let top = 30.0 + PANEL_H * i as f64;
+        panel(&mut out, top, series, x_axis, bound.filter(|_| i == 0));
+    }
     let _ = write!(
         out,
         r##"<text x="{}" y="{}" font-size="12" text-anchor="middle" fill="#555">{}</text></svg>"##,
@@ -173,10 +170,10 @@ fn chart(
 }
 
 /// A chart over time: x is seconds since the run started.
-pub fn render(title: &str, top: &[Series<'_>], bottom: &[Series<'_>]) -> String {
-    let max = top
+pub fn render(title: &str, panels: &[&[Series<'_>]]) -> String {
+    let max = panels
         .iter()
-        .chain(bottom)
+        .flat_map(|series| series.iter())
         .flat_map(|(_, p)| p.iter().map(|x| x.0 as f64))
         .fold(1.0f64, f64::max);
     let step = nice_step(max, 10.0).max(1.0) as u64;
@@ -189,18 +186,17 @@ pub fn render(title: &str, top: &[Series<'_>], bottom: &[Series<'_>]) -> String 
         ticks,
         max,
     };
-    chart(title, &x_axis, None, top, bottom)
+    chart(title, &x_axis, None, panels)
 }
 
 /// A chart over steps (x = step index, labelled with `steps`), with the
-/// top panel's `bound` drawn as a dashed line.
+/// first panel's `bound` drawn as a dashed line.
 pub fn render_steps(
     title: &str,
     caption: &str,
     steps: &[String],
     bound: f64,
-    top: &[Series<'_>],
-    bottom: &[Series<'_>],
+    panels: &[&[Series<'_>]],
 ) -> String {
     let x_axis = XAxis {
         caption,
@@ -211,7 +207,18 @@ pub fn render_steps(
             .collect(),
         max: steps.len().saturating_sub(1).max(1) as f64,
     };
-    chart(title, &x_axis, Some(bound), top, bottom)
+    chart(title, &x_axis, Some(bound), panels)
+}
+
+/// Per-second increase of a cumulative counter series.
+pub fn per_second(cumulative: &[(u64, f64)]) -> Vec<(u64, f64)> {
+    cumulative
+        .windows(2)
+        .map(|w| {
+            let dt = w[1].0.saturating_sub(w[0].0).max(1) as f64;
+            (w[1].0, ((w[1].1 - w[0].1) / dt).max(0.0))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -222,11 +229,15 @@ mod tests {
     fn renders_every_series() {
         let svg = render(
             "t <1>",
-            &[("a", vec![(0, 1.0), (1, 2.0)])],
-            &[("b", vec![(0, 5.0)]), ("c", vec![])],
+            &[
+                &[("a", vec![(0, 1.0), (1, 2.0)])],
+                &[("b", vec![(0, 5.0)]), ("c", vec![])],
+                &[("d", vec![(0, 5e6)])],
+            ],
         );
         assert!(svg.starts_with("<svg"));
-        assert_eq!(svg.matches("<polyline").count(), 3);
+        assert_eq!(svg.matches("<polyline").count(), 4);
+        assert_eq!(svg.matches("<rect x=").count(), 3, "one frame per panel");
         assert!(svg.contains("t &lt;1&gt;"));
     }
 
@@ -248,11 +259,20 @@ mod tests {
             "msg/s per room",
             &["400".into(), "560".into()],
             50.0,
-            &[("p99 (ms)", vec![(0, 14.0), (1, 66.0)])],
-            &[("deliveries/s", vec![(0, 4e5), (1, 5.6e5)])],
+            &[
+                &[("p99 (ms)", vec![(0, 14.0), (1, 66.0)])],
+                &[("deliveries/s", vec![(0, 4e5), (1, 5.6e5)])],
+            ],
         );
         assert!(svg.contains(">560<"));
         assert!(svg.contains("bound 50"));
         assert!(svg.contains("msg/s per room"));
+        assert_eq!(svg.matches("bound").count(), 1, "the bound is drawn once");
+    }
+
+    #[test]
+    fn per_second_differences_a_cumulative_counter() {
+        let rate = per_second(&[(1, 0.0), (2, 100.0), (4, 500.0)]);
+        assert_eq!(rate, vec![(2, 100.0), (4, 200.0)]);
     }
 }
