@@ -291,6 +291,25 @@ fn series_p99(m: &Merged, name: &str) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// Delivery latency, messages received per second and connections over
+/// the run (the fan-out and chat pictures).
+fn delivery_chart(title: &str, merged: &Merged) -> String {
+    crate::svg::render(
+        title,
+        &[
+            &[
+                ("delivery p50 (ms)", series_p50(merged, "delivery")),
+                ("delivery p99 (ms)", series_p99(merged, "delivery")),
+            ],
+            &[(
+                "messages received/s",
+                crate::svg::per_second(&counter_series(merged, "received")),
+            )],
+            &[("connections", counter_series(merged, "connected"))],
+        ],
+    )
+}
+
 fn rss_series_of(report: &Value) -> Vec<(u64, f64)> {
     report["timeline"]["gateway_rss_mb"]
         .as_array()
@@ -441,19 +460,9 @@ pub async fn fanout(common: &Common, p: &FanoutParams, name: &str) -> anyhow::Re
         },
         "errors": merged.errors,
     });
-    let svg = crate::svg::render(
+    let svg = delivery_chart(
         &format!("fanout {}x{} at {}/s per room", p.rooms, p.members, p.rate),
-        &[
-            &[
-                ("delivery p50 (ms)", series_p50(&merged, "delivery")),
-                ("delivery p99 (ms)", series_p99(&merged, "delivery")),
-            ],
-            &[(
-                "deliveries/s",
-                crate::svg::per_second(&counter_series(&merged, "received")),
-            )],
-            &[("connections", counter_series(&merged, "connected"))],
-        ],
+        &merged,
     );
     write_outputs(common, name, &report, svg)?;
     Ok(report)
@@ -631,20 +640,7 @@ pub async fn chat(
         "resume": hist_json(&merged, "resume"),
         "errors": merged.errors,
     });
-    let svg = crate::svg::render(
-        &format!("chat: {connections} connections"),
-        &[
-            &[
-                ("delivery p50 (ms)", series_p50(&merged, "delivery")),
-                ("delivery p99 (ms)", series_p99(&merged, "delivery")),
-            ],
-            &[(
-                "messages received/s",
-                crate::svg::per_second(&counter_series(&merged, "received")),
-            )],
-            &[("connected", counter_series(&merged, "connected"))],
-        ],
-    );
+    let svg = delivery_chart(&format!("chat: {connections} connections"), &merged);
     write_outputs(common, "chat", &report, svg)?;
     Ok(report)
 }

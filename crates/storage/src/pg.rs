@@ -358,18 +358,17 @@ async fn query(
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<Row>, StoreError> {
-    let client = pool.get().await.map_err(pool_error)?;
-    let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
-    statements.fetch_add(1, Ordering::Relaxed);
-    client.query(&stmt, params).await.map_err(pg_error)
+    query_attempts(pool, statements, sql, params, 1).await
 }
 
-/// [`query`], run again when Postgres picked it as a deadlock victim.
-async fn query_idempotent(
+/// Runs a statement; one Postgres picked as a deadlock victim runs again,
+/// up to `attempts` times in all (for idempotent statements only).
+async fn query_attempts(
     pool: &Pool,
     statements: &AtomicU64,
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    attempts: usize,
 ) -> Result<Vec<Row>, StoreError> {
     let mut attempt = 1;
     loop {
@@ -378,7 +377,7 @@ async fn query_idempotent(
         statements.fetch_add(1, Ordering::Relaxed);
         match client.query(&stmt, params).await {
             Err(e)
-                if attempt < DEADLOCK_ATTEMPTS
+                if attempt < attempts
                     && e.code()
                         == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) =>
             {
@@ -433,11 +432,12 @@ impl Exec {
             col(|m| &m.client_msg_id),
             col(|m| &m.body),
         );
-        let rows = query_idempotent(
+        let rows = query_attempts(
             &self.pool,
             &self.statements,
             INSERT_MESSAGES,
             &[&rooms, &senders, &names, &images, &keys, &bodies],
+            DEADLOCK_ATTEMPTS,
         )
         .await;
         let rows = match rows {
@@ -470,7 +470,15 @@ impl Exec {
         rows.sort_unstable();
         rows.dedup_by_key(|(id, _)| *id);
         let (ids, seqs): (Vec<i64>, Vec<i64>) = rows.into_iter().unzip();
-        let done = query_idempotent(&self.pool, &self.statements, SET_SEQS, &[&ids, &seqs]).await;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&ids, &seqs];
+        let done = query_attempts(
+            &self.pool,
+            &self.statements,
+            SET_SEQS,
+            &params,
+            DEADLOCK_ATTEMPTS,
+        )
+        .await;
         match done {
             Ok(rows) => {
                 let found: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
