@@ -4,11 +4,13 @@
 //! many connections send at once, most of a send's time was spent
 //! waiting for its own commit. A [`Batcher`] queues requests and runs
 //! whatever has queued as one statement, with a few statements in flight
-//! at most: under light load a batch holds one request (no added wait),
-//! under heavy load batches grow by themselves. Every caller still gets
-//! its answer only after its batch committed.
+//! at most: under light load a request runs at once in its caller's task
+//! (no hand-off, no added wait), under heavy load batches grow by
+//! themselves. Every caller still gets its answer only after its batch
+//! committed.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -16,10 +18,14 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use crate::StoreError;
 
 type Reply<R> = oneshot::Sender<Result<R, StoreError>>;
+type Answers<R> = Pin<Box<dyn Future<Output = Vec<Result<R, StoreError>>> + Send>>;
+type Run<T, R> = Arc<dyn Fn(Vec<T>) -> Answers<R> + Send + Sync>;
 
 /// Queues items of type `T` and answers each with an `R`.
 pub(crate) struct Batcher<T, R> {
     tx: mpsc::Sender<(T, Reply<R>)>,
+    slots: Arc<Semaphore>,
+    run: Run<T, R>,
 }
 
 impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
@@ -32,8 +38,13 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
         Fut: Future<Output = Vec<Result<R, StoreError>>> + Send + 'static,
     {
         let (tx, mut rx) = mpsc::channel::<(T, Reply<R>)>(max * in_flight * 2);
-        let run = Arc::new(run);
+        let run: Run<T, R> = Arc::new(move |batch| Box::pin(run(batch)));
         let slots = Arc::new(Semaphore::new(in_flight));
+        let batcher = Batcher {
+            tx,
+            slots: slots.clone(),
+            run: run.clone(),
+        };
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 // Take a slot before collecting: while every slot is busy,
@@ -61,11 +72,20 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
                 });
             }
         });
-        Batcher { tx }
+        batcher
     }
 
-    /// Queues `item` and waits for its batch's answer.
+    /// Queues `item` and waits for its batch's answer. With nothing
+    /// queued and a slot free, runs it at once as a batch of one.
     pub(crate) async fn submit(&self, item: T) -> Result<R, StoreError> {
+        if self.tx.capacity() == self.tx.max_capacity()
+            && let Ok(slot) = self.slots.clone().try_acquire_owned()
+        {
+            let answer = (self.run)(vec![item]).await.pop();
+            drop(slot);
+            return answer
+                .unwrap_or_else(|| Err(StoreError::Unavailable("write batch abandoned".into())));
+        }
         let (reply, answer) = oneshot::channel();
         self.tx
             .send((item, reply))

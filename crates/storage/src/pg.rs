@@ -310,45 +310,50 @@ impl PgStore {
     ) -> Result<Vec<Row>, StoreError> {
         query(&self.pool, &self.statements, sql, params).await
     }
+}
 
-    /// Inserts one message with its attachments in one statement.
-    async fn insert_with_attachments(&self, msg: NewMessage) -> Result<Inserted, StoreError> {
-        let urls: Vec<&str> = msg.attachments.iter().map(|a| a.url.as_str()).collect();
-        let names: Vec<&str> = msg.attachments.iter().map(|a| a.name.as_str()).collect();
-        let mimes: Vec<&str> = msg.attachments.iter().map(|a| a.mime.as_str()).collect();
-        let sizes: Vec<i64> = msg
-            .attachments
-            .iter()
-            .map(|a| a.size.min(i64::MAX as u64) as i64)
-            .collect();
-        let rows = self
-            .query(
-                INSERT_MESSAGE,
-                &[
-                    &msg.room,
-                    &msg.sender_id,
-                    &msg.sender_name,
-                    &msg.sender_image,
-                    &msg.client_msg_id,
-                    &msg.body,
-                    &urls,
-                    &names,
-                    &mimes,
-                    &sizes,
-                ],
-            )
-            .await?;
-        match rows.first() {
-            Some(row) => {
-                let id: i64 = row.get(0);
-                let created: i64 = row.get(1);
-                Ok(Inserted {
-                    message: msg.stored(id as u64, created.max(0) as u64),
-                    duplicate: false,
-                })
-            }
-            None => original(&self.pool, &self.statements, &msg).await,
+/// Inserts one message, with its attachments, in one statement.
+async fn insert_one(
+    pool: &Pool,
+    statements: &AtomicU64,
+    msg: NewMessage,
+) -> Result<Inserted, StoreError> {
+    let urls: Vec<&str> = msg.attachments.iter().map(|a| a.url.as_str()).collect();
+    let names: Vec<&str> = msg.attachments.iter().map(|a| a.name.as_str()).collect();
+    let mimes: Vec<&str> = msg.attachments.iter().map(|a| a.mime.as_str()).collect();
+    let sizes: Vec<i64> = msg
+        .attachments
+        .iter()
+        .map(|a| a.size.min(i64::MAX as u64) as i64)
+        .collect();
+    let rows = query(
+        pool,
+        statements,
+        INSERT_MESSAGE,
+        &[
+            &msg.room,
+            &msg.sender_id,
+            &msg.sender_name,
+            &msg.sender_image,
+            &msg.client_msg_id,
+            &msg.body,
+            &urls,
+            &names,
+            &mimes,
+            &sizes,
+        ],
+    )
+    .await?;
+    match rows.first() {
+        Some(row) => {
+            let id: i64 = row.get(0);
+            let created: i64 = row.get(1);
+            Ok(Inserted {
+                message: msg.stored(id as u64, created.max(0) as u64),
+                duplicate: false,
+            })
         }
+        None => original(pool, statements, &msg).await,
     }
 }
 
@@ -420,7 +425,17 @@ struct Exec {
 impl Exec {
     /// One INSERT for the whole batch; a key that already existed (a
     /// retry, or the same key twice in one batch) returns the original.
-    async fn insert_messages(&self, batch: Vec<NewMessage>) -> Vec<Result<Inserted, StoreError>> {
+    async fn insert_messages(
+        &self,
+        mut batch: Vec<NewMessage>,
+    ) -> Vec<Result<Inserted, StoreError>> {
+        // Alone (light load), the plain single-row statement is cheaper
+        // for Postgres than the array form.
+        if batch.len() == 1
+            && let Some(msg) = batch.pop()
+        {
+            return vec![insert_one(&self.pool, &self.statements, msg).await];
+        }
         let col = |f: fn(&NewMessage) -> &str| batch.iter().map(f).collect::<Vec<&str>>();
         let (rooms, senders, names) = (
             col(|m| &m.room),
@@ -463,6 +478,22 @@ impl Exec {
 
     /// One UPDATE for the whole batch.
     async fn set_seqs(&self, batch: Vec<(u64, u64)>) -> Vec<Result<(), StoreError>> {
+        if let [(id, seq)] = batch[..] {
+            let rows = query(
+                &self.pool,
+                &self.statements,
+                "UPDATE messages SET seq = $2 WHERE id = $1 RETURNING 1",
+                &[&(id as i64), &(seq as i64)],
+            )
+            .await;
+            return vec![rows.and_then(|r| {
+                if r.is_empty() {
+                    Err(StoreError::NotFound)
+                } else {
+                    Ok(())
+                }
+            })];
+        }
         let mut rows: Vec<(i64, i64)> = batch
             .iter()
             .map(|(id, seq)| (*id as i64, *seq as i64))
@@ -557,7 +588,7 @@ impl Store for PgStore {
         if msg.attachments.is_empty() {
             self.inserts.submit(msg).await
         } else {
-            self.insert_with_attachments(msg).await
+            insert_one(&self.pool, &self.statements, msg).await
         }
     }
 
