@@ -153,4 +153,25 @@ mod tests {
         let b: Batcher<u32, u32> = Batcher::spawn(4, 1, |_items: Vec<u32>| async { Vec::new() });
         assert!(matches!(b.submit(1).await, Err(StoreError::Unavailable(_))));
     }
+
+    #[tokio::test]
+    async fn a_lone_request_runs_in_its_callers_task() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let b = Batcher::spawn(8, 2, move |items: Vec<u32>| {
+            record.lock().unwrap().push(tokio::task::try_id());
+            async move { items.into_iter().map(Ok).collect() }
+        });
+        let caller = tokio::spawn(async move {
+            let answer = b.submit(7).await;
+            (tokio::task::try_id(), answer)
+        });
+        let (caller_id, answer) = caller.await.unwrap();
+        assert_eq!(answer, Ok(7));
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![caller_id],
+            "no hand-off to the batching task when nothing is queued"
+        );
+    }
 }
