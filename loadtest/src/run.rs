@@ -28,6 +28,20 @@ pub struct Common {
     pub out: Option<PathBuf>,
 }
 
+impl Common {
+    /// What the coordinator hands its workers for `scenario`.
+    fn spec(&self, scenario: &str, params: Value) -> Spec {
+        Spec {
+            scenario: scenario.into(),
+            urls: self.urls.clone(),
+            secret: self.secret.clone(),
+            worker: 0,
+            workers: self.workers,
+            params,
+        }
+    }
+}
+
 /// RSS (bytes) and CPU time (seconds) of a process, from /proc.
 fn proc_sample(pid: u32) -> Option<(u64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -152,14 +166,10 @@ pub async fn idle(
     burst: u64,
 ) -> anyhow::Result<Value> {
     check_limits(connections, common.workers)?;
-    let spec = Spec {
-        scenario: "idle".into(),
-        urls: common.urls.clone(),
-        secret: common.secret.clone(),
-        worker: 0,
-        workers: common.workers,
-        params: json!({ "connections": connections, "rooms": rooms, "concurrency": concurrency, "burst": burst }),
-    };
+    let spec = common.spec(
+        "idle",
+        json!({ "connections": connections, "rooms": rooms, "concurrency": concurrency, "burst": burst }),
+    );
     let pids = common.gateway_pids.clone();
     let baseline = gateway_sample(&pids);
     let started = Instant::now();
@@ -344,17 +354,13 @@ pub struct FanoutParams {
 pub async fn fanout(common: &Common, p: &FanoutParams, name: &str) -> anyhow::Result<Value> {
     let sockets = (p.rooms * p.members + p.slow) as usize;
     check_limits(sockets, common.workers)?;
-    let spec = Spec {
-        scenario: "fanout".into(),
-        urls: common.urls.clone(),
-        secret: common.secret.clone(),
-        worker: 0,
-        workers: common.workers,
-        params: json!({
+    let spec = common.spec(
+        "fanout",
+        json!({
             "rooms": p.rooms, "members": p.members, "publishers": p.publishers, "rate": p.rate,
             "seconds": p.seconds, "body": p.body, "slow": p.slow, "concurrency": 64,
         }),
-    };
+    );
     let pids = common.gateway_pids.clone();
     let mut phase = 0;
     let mut go_at = 0u64;
@@ -568,14 +574,10 @@ pub async fn chat(
     think_ms: u64,
 ) -> anyhow::Result<Value> {
     check_limits(connections as usize, common.workers)?;
-    let spec = Spec {
-        scenario: "chat".into(),
-        urls: common.urls.clone(),
-        secret: common.secret.clone(),
-        worker: 0,
-        workers: common.workers,
-        params: json!({ "connections": connections, "room_size": room_size, "seconds": seconds, "think_ms": think_ms }),
-    };
+    let spec = common.spec(
+        "chat",
+        json!({ "connections": connections, "room_size": room_size, "seconds": seconds, "think_ms": think_ms }),
+    );
     let pids = common.gateway_pids.clone();
     let mut started = false;
     let mut cpu0 = 0.0;

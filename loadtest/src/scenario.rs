@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -17,7 +17,7 @@ use chatgate_protocol::payload::*;
 use chatgate_protocol::{ClientFrame, ServerFrame};
 
 use crate::conn::{Target, session, source_address};
-use crate::worker::{Meter, Spec, wait_for};
+use crate::worker::{Meter, Recorder, Spec, wait_for};
 
 fn param(p: &Value, key: &str, default: u64) -> u64 {
     p.get(key).and_then(Value::as_u64).unwrap_or(default)
@@ -87,6 +87,45 @@ impl Order {
     }
 }
 
+/// One receiver's accounting of timed messages: count, latency from the
+/// body's timestamp, and per-publisher order (duplicates, gaps). Counter
+/// handles are taken once; a message costs no lookup by name.
+struct Arrivals {
+    received: Arc<AtomicU64>,
+    dups: Arc<AtomicU64>,
+    gaps: Arc<AtomicU64>,
+    delivery: Arc<Recorder>,
+    order: Order,
+}
+
+impl Arrivals {
+    fn new(meter: &Meter) -> Self {
+        Arrivals {
+            received: meter.counter("received"),
+            dups: meter.counter("duplicates"),
+            gaps: meter.counter("gaps"),
+            delivery: meter.recorder("delivery"),
+            order: Order::default(),
+        }
+    }
+
+    /// Accounts a NewMessage with this `body`, received at `now` (ns);
+    /// `key` spreads recording over the recorder's shards.
+    fn message(&mut self, key: u64, now: u64, body: &str) {
+        if let Some((publisher, seq, sent)) = parse_stamp(body) {
+            let (dup, gap) = self.order.see(publisher, seq);
+            if dup {
+                self.dups.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            self.gaps.fetch_add(gap, Ordering::Relaxed);
+            self.delivery
+                .record_micros(key, now.saturating_sub(sent) / 1000);
+        }
+        self.received.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Reads a member's socket until stopped: counts messages, records
 /// latency from the body's timestamp, tracks order; heartbeats on time.
 async fn member_loop(
@@ -95,12 +134,8 @@ async fn member_loop(
     meter: Arc<Meter>,
     mut stop: watch::Receiver<String>,
 ) {
-    let received = meter.counter("received");
-    let dups = meter.counter("duplicates");
-    let gaps = meter.counter("gaps");
     let closed = meter.counter("closed_by_server");
-    let delivery = meter.recorder("delivery");
-    let mut order = Order::default();
+    let mut arrivals = Arrivals::new(&meter);
     let mut beat = tokio::time::interval(Duration::from_secs(20));
     beat.tick().await;
     loop {
@@ -122,16 +157,7 @@ async fn member_loop(
                     let now = now_ns();
                     for (_, f) in frames {
                         if let ServerFrame::NewMessage(m) = f {
-                            if let Some((p, seq, sent)) = parse_stamp(&m.message.body) {
-                                let (dup, gap) = order.see(p, seq);
-                                if dup {
-                                    dups.fetch_add(1, Ordering::Relaxed);
-                                    continue;
-                                }
-                                gaps.fetch_add(gap, Ordering::Relaxed);
-                                delivery.record_micros(id, now.saturating_sub(sent) / 1000);
-                            }
-                            received.fetch_add(1, Ordering::Relaxed);
+                            arrivals.message(id, now, &m.message.body);
                         }
                     }
                 }
@@ -352,11 +378,7 @@ async fn publisher(
     let expected = meter.counter("expected");
     let sent = meter.counter("sent");
     let errors = meter.counter("send_errors");
-    let received = meter.counter("received");
-    let dups = meter.counter("duplicates");
-    let gaps = meter.counter("gaps");
-    let delivery = meter.recorder("delivery");
-    let mut order = Order::default();
+    let mut arrivals = Arrivals::new(&meter);
     let mut sent_at: HashMap<u32, Instant> = HashMap::new();
     // Publishers start at spread-out phases of their interval: started
     // together, every room would publish in the same instant and the run
@@ -410,16 +432,7 @@ async fn publisher(
                                 errors.fetch_add(1, Ordering::Relaxed);
                             }
                             ServerFrame::NewMessage(m) => {
-                                if let Some((p, s, t)) = parse_stamp(&m.message.body) {
-                                    let (dup, gap) = order.see(p, s);
-                                    if dup {
-                                        dups.fetch_add(1, Ordering::Relaxed);
-                                        continue;
-                                    }
-                                    gaps.fetch_add(gap, Ordering::Relaxed);
-                                    delivery.record_micros(id, now.saturating_sub(t) / 1000);
-                                }
-                                received.fetch_add(1, Ordering::Relaxed);
+                                arrivals.message(id, now, &m.message.body);
                             }
                             _ => {}
                         }
@@ -502,6 +515,9 @@ async fn chatter(
         .map(|r| (r.epoch, r.seq))
         .unwrap_or((0, 0));
     let mut last_msg: Option<u64> = None;
+    let delivery = meter.recorder("delivery");
+    let received = meter.counter("received");
+    let typing = meter.counter("typing_received");
     let mut rid = 10u32;
     let mut rng = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut next = || {
@@ -525,18 +541,13 @@ async fn chatter(
                                 position = (m.epoch, position.1.max(m.message.seq));
                                 last_msg = Some(m.message.id);
                                 if let Some((_, _, sent)) = parse_stamp(&m.message.body) {
-                                    meter.record(
-                                        "delivery",
-                                        Duration::from_nanos(now.saturating_sub(sent)),
-                                    );
+                                    delivery.record_micros(i, now.saturating_sub(sent) / 1000);
                                 }
-                                meter.counter("received").fetch_add(1, Ordering::Relaxed);
+                                received.fetch_add(1, Ordering::Relaxed);
                             }
                             ServerFrame::Reaction(r) => position = (r.epoch, position.1.max(r.seq)),
                             ServerFrame::UserTyping(_) => {
-                                meter
-                                    .counter("typing_received")
-                                    .fetch_add(1, Ordering::Relaxed);
+                                typing.fetch_add(1, Ordering::Relaxed);
                             }
                             _ => {}
                         }

@@ -44,12 +44,6 @@ struct State {
     waker: Option<Waker>,
 }
 
-impl State {
-    fn wake(&mut self) -> Option<Waker> {
-        self.waker.take()
-    }
-}
-
 /// The queue. Shared as `Arc<Outbox>` between the room registry and the
 /// connection task.
 pub struct Outbox {
@@ -93,7 +87,7 @@ impl Outbox {
             s.closed = Some(CloseCode::SlowConsumer);
             s.queue = VecDeque::new();
             s.bytes = 0;
-            let waker = s.wake();
+            let waker = s.waker.take();
             drop(s);
             if let Some(w) = waker {
                 w.wake();
@@ -106,7 +100,7 @@ impl Outbox {
         // empty -> non-empty transition needs a wake-up.
         let waker = if len == 0 {
             s.since = Some(Instant::now());
-            s.wake()
+            s.waker.take()
         } else {
             None
         };
@@ -125,7 +119,7 @@ impl Outbox {
             s.queue = VecDeque::new();
             s.bytes = 0;
         }
-        let waker = s.wake();
+        let waker = s.waker.take();
         drop(s);
         if let Some(w) = waker {
             w.wake();

@@ -43,6 +43,11 @@ async fn a_postgres_outage_refuses_sends_acks_nothing_unstored_and_recovers() {
         h["backends"]["store"]["status"] == "degraded"
     });
     assert_eq!(gw.health()["status"], "degraded");
+    assert_eq!(
+        gw.get("/health").0,
+        200,
+        "a degraded node still answers its probes (restarting it would not help)"
+    );
     assert!(alice.alive().await, "connections stay up during the outage");
     assert!(gw.metric("chat_errors_total{code=\"unavailable\"}") >= 1.0);
 

@@ -56,8 +56,7 @@ impl PgConfig {
 
 /// The Postgres [`Store`].
 pub struct PgStore {
-    pool: Pool,
-    statements: Arc<AtomicU64>,
+    exec: Exec,
     inserts: Batcher<NewMessage, Inserted>,
     seqs: Batcher<(u64, u64), ()>,
 }
@@ -269,14 +268,11 @@ impl PgStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Internal(e.to_string()))?;
-        let statements = Arc::new(AtomicU64::new(0));
         let exec = Exec {
-            pool: pool.clone(),
-            statements: statements.clone(),
+            pool,
+            statements: Arc::new(AtomicU64::new(0)),
         };
         let store = PgStore {
-            pool,
-            statements,
             inserts: Batcher::spawn(BATCH_ROWS, BATCHES_IN_FLIGHT, {
                 let exec = exec.clone();
                 move |batch| {
@@ -284,12 +280,16 @@ impl PgStore {
                     async move { exec.insert_messages(batch).await }
                 }
             }),
-            seqs: Batcher::spawn(BATCH_ROWS, BATCHES_IN_FLIGHT, move |batch| {
+            seqs: Batcher::spawn(BATCH_ROWS, BATCHES_IN_FLIGHT, {
                 let exec = exec.clone();
-                async move { exec.set_seqs(batch).await }
+                move |batch| {
+                    let exec = exec.clone();
+                    async move { exec.set_seqs(batch).await }
+                }
             }),
+            exec,
         };
-        let mut client = store.pool.get().await.map_err(pool_error)?;
+        let mut client = store.exec.pool.get().await.map_err(pool_error)?;
         let applied = migrate(&mut client).await.map_err(pg_error)?;
         if !applied.is_empty() {
             tracing::info!(?applied, "database migrations applied");
@@ -300,7 +300,7 @@ impl PgStore {
     /// Statements sent to the server since start (a test hook proving
     /// how many round trips an operation takes).
     pub fn statements(&self) -> u64 {
-        self.statements.load(Ordering::Relaxed)
+        self.exec.statements.load(Ordering::Relaxed)
     }
 
     async fn query(
@@ -308,114 +308,12 @@ impl PgStore {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
-        query(&self.pool, &self.statements, sql, params).await
+        self.exec.query(sql, params).await
     }
 }
 
-/// Inserts one message, with its attachments, in one statement.
-async fn insert_one(
-    pool: &Pool,
-    statements: &AtomicU64,
-    msg: NewMessage,
-) -> Result<Inserted, StoreError> {
-    let urls: Vec<&str> = msg.attachments.iter().map(|a| a.url.as_str()).collect();
-    let names: Vec<&str> = msg.attachments.iter().map(|a| a.name.as_str()).collect();
-    let mimes: Vec<&str> = msg.attachments.iter().map(|a| a.mime.as_str()).collect();
-    let sizes: Vec<i64> = msg
-        .attachments
-        .iter()
-        .map(|a| a.size.min(i64::MAX as u64) as i64)
-        .collect();
-    let rows = query(
-        pool,
-        statements,
-        INSERT_MESSAGE,
-        &[
-            &msg.room,
-            &msg.sender_id,
-            &msg.sender_name,
-            &msg.sender_image,
-            &msg.client_msg_id,
-            &msg.body,
-            &urls,
-            &names,
-            &mimes,
-            &sizes,
-        ],
-    )
-    .await?;
-    match rows.first() {
-        Some(row) => {
-            let id: i64 = row.get(0);
-            let created: i64 = row.get(1);
-            Ok(Inserted {
-                message: msg.stored(id as u64, created.max(0) as u64),
-                duplicate: false,
-            })
-        }
-        None => original(pool, statements, &msg).await,
-    }
-}
-
-async fn query(
-    pool: &Pool,
-    statements: &AtomicU64,
-    sql: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-) -> Result<Vec<Row>, StoreError> {
-    query_attempts(pool, statements, sql, params, 1).await
-}
-
-/// Runs a statement; one Postgres picked as a deadlock victim runs again,
-/// up to `attempts` times in all (for idempotent statements only).
-async fn query_attempts(
-    pool: &Pool,
-    statements: &AtomicU64,
-    sql: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    attempts: usize,
-) -> Result<Vec<Row>, StoreError> {
-    let mut attempt = 1;
-    loop {
-        let client = pool.get().await.map_err(pool_error)?;
-        let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
-        statements.fetch_add(1, Ordering::Relaxed);
-        match client.query(&stmt, params).await {
-            Err(e)
-                if attempt < attempts
-                    && e.code()
-                        == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) =>
-            {
-                attempt += 1;
-            }
-            result => return result.map_err(pg_error),
-        }
-    }
-}
-
-/// The stored message a retried send's key points at.
-async fn original(
-    pool: &Pool,
-    statements: &AtomicU64,
-    msg: &NewMessage,
-) -> Result<Inserted, StoreError> {
-    let rows = query(
-        pool,
-        statements,
-        &message_by_key(),
-        &[&msg.sender_id, &msg.client_msg_id],
-    )
-    .await?;
-    let row = rows.first().ok_or_else(|| {
-        StoreError::Internal("idempotency conflict without a stored message".into())
-    })?;
-    Ok(Inserted {
-        message: message_from_row(row),
-        duplicate: true,
-    })
-}
-
-/// What the batching tasks run with.
+/// The pool and the statement counter: what the store and its batching
+/// tasks run statements with (clones share both).
 #[derive(Clone)]
 struct Exec {
     pool: Pool,
@@ -423,6 +321,94 @@ struct Exec {
 }
 
 impl Exec {
+    /// Inserts one message, with its attachments, in one statement.
+    async fn insert_one(&self, msg: NewMessage) -> Result<Inserted, StoreError> {
+        let urls: Vec<&str> = msg.attachments.iter().map(|a| a.url.as_str()).collect();
+        let names: Vec<&str> = msg.attachments.iter().map(|a| a.name.as_str()).collect();
+        let mimes: Vec<&str> = msg.attachments.iter().map(|a| a.mime.as_str()).collect();
+        let sizes: Vec<i64> = msg
+            .attachments
+            .iter()
+            .map(|a| a.size.min(i64::MAX as u64) as i64)
+            .collect();
+        let rows = self
+            .query(
+                INSERT_MESSAGE,
+                &[
+                    &msg.room,
+                    &msg.sender_id,
+                    &msg.sender_name,
+                    &msg.sender_image,
+                    &msg.client_msg_id,
+                    &msg.body,
+                    &urls,
+                    &names,
+                    &mimes,
+                    &sizes,
+                ],
+            )
+            .await?;
+        match rows.first() {
+            Some(row) => {
+                let id: i64 = row.get(0);
+                let created: i64 = row.get(1);
+                Ok(Inserted {
+                    message: msg.stored(id as u64, created.max(0) as u64),
+                    duplicate: false,
+                })
+            }
+            None => self.original(&msg).await,
+        }
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        self.query_attempts(sql, params, 1).await
+    }
+
+    /// Runs a statement; one Postgres picked as a deadlock victim runs again,
+    /// up to `attempts` times in all (for idempotent statements only).
+    async fn query_attempts(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        attempts: usize,
+    ) -> Result<Vec<Row>, StoreError> {
+        let mut attempt = 1;
+        loop {
+            let client = self.pool.get().await.map_err(pool_error)?;
+            let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
+            self.statements.fetch_add(1, Ordering::Relaxed);
+            match client.query(&stmt, params).await {
+                Err(e)
+                    if attempt < attempts
+                        && e.code()
+                            == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) =>
+                {
+                    attempt += 1;
+                }
+                result => return result.map_err(pg_error),
+            }
+        }
+    }
+
+    /// The stored message a retried send's key points at.
+    async fn original(&self, msg: &NewMessage) -> Result<Inserted, StoreError> {
+        let rows = self
+            .query(&message_by_key(), &[&msg.sender_id, &msg.client_msg_id])
+            .await?;
+        let row = rows.first().ok_or_else(|| {
+            StoreError::Internal("idempotency conflict without a stored message".into())
+        })?;
+        Ok(Inserted {
+            message: message_from_row(row),
+            duplicate: true,
+        })
+    }
+
     /// One INSERT for the whole batch; a key that already existed (a
     /// retry, or the same key twice in one batch) returns the original.
     async fn insert_messages(
@@ -434,7 +420,7 @@ impl Exec {
         if batch.len() == 1
             && let Some(msg) = batch.pop()
         {
-            return vec![insert_one(&self.pool, &self.statements, msg).await];
+            return vec![self.insert_one(msg).await];
         }
         let col = |f: fn(&NewMessage) -> &str| batch.iter().map(f).collect::<Vec<&str>>();
         let (rooms, senders, names) = (
@@ -447,14 +433,13 @@ impl Exec {
             col(|m| &m.client_msg_id),
             col(|m| &m.body),
         );
-        let rows = query_attempts(
-            &self.pool,
-            &self.statements,
-            INSERT_MESSAGES,
-            &[&rooms, &senders, &names, &images, &keys, &bodies],
-            DEADLOCK_ATTEMPTS,
-        )
-        .await;
+        let rows = self
+            .query_attempts(
+                INSERT_MESSAGES,
+                &[&rooms, &senders, &names, &images, &keys, &bodies],
+                DEADLOCK_ATTEMPTS,
+            )
+            .await;
         let rows = match rows {
             Ok(rows) => rows,
             Err(e) => return batch.iter().map(|_| Err(e.clone())).collect(),
@@ -470,7 +455,7 @@ impl Exec {
                     message: msg.stored(id as u64, created.max(0) as u64),
                     duplicate: false,
                 })),
-                None => out.push(original(&self.pool, &self.statements, &msg).await),
+                None => out.push(self.original(&msg).await),
             }
         }
         out
@@ -479,13 +464,12 @@ impl Exec {
     /// One UPDATE for the whole batch.
     async fn set_seqs(&self, batch: Vec<(u64, u64)>) -> Vec<Result<(), StoreError>> {
         if let [(id, seq)] = batch[..] {
-            let rows = query(
-                &self.pool,
-                &self.statements,
-                "UPDATE messages SET seq = $2 WHERE id = $1 RETURNING 1",
-                &[&(id as i64), &(seq as i64)],
-            )
-            .await;
+            let rows = self
+                .query(
+                    "UPDATE messages SET seq = $2 WHERE id = $1 RETURNING 1",
+                    &[&(id as i64), &(seq as i64)],
+                )
+                .await;
             return vec![rows.and_then(|r| {
                 if r.is_empty() {
                     Err(StoreError::NotFound)
@@ -501,15 +485,9 @@ impl Exec {
         rows.sort_unstable();
         rows.dedup_by_key(|(id, _)| *id);
         let (ids, seqs): (Vec<i64>, Vec<i64>) = rows.into_iter().unzip();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&ids, &seqs];
-        let done = query_attempts(
-            &self.pool,
-            &self.statements,
-            SET_SEQS,
-            &params,
-            DEADLOCK_ATTEMPTS,
-        )
-        .await;
+        let done = self
+            .query_attempts(SET_SEQS, &[&ids, &seqs], DEADLOCK_ATTEMPTS)
+            .await;
         match done {
             Ok(rows) => {
                 let found: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
@@ -588,7 +566,7 @@ impl Store for PgStore {
         if msg.attachments.is_empty() {
             self.inserts.submit(msg).await
         } else {
-            insert_one(&self.pool, &self.statements, msg).await
+            self.exec.insert_one(msg).await
         }
     }
 
