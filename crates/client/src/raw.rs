@@ -132,9 +132,16 @@ impl RawConnection {
         }
     }
 
-    /// Starts a clean close.
+    /// Starts a clean close (code 1000). The server answers with its own
+    /// Close frame, which [`recv`](Self::recv) then returns.
     pub async fn close(&mut self) -> Result<(), RawError> {
-        self.ws.close(None).await?;
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+        let frame = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        };
+        self.ws.close(Some(frame)).await?;
         Ok(())
     }
 }

@@ -57,6 +57,13 @@ impl RoomEvent {
     }
 }
 
+/// Told an event's position at the moment the engine hands the event to
+/// this node's members, in the room's order. The publishing connection
+/// queues its acknowledgement here: queued any later, an ack could land
+/// behind the room's next events on that connection; any earlier, ahead
+/// of events numbered before it.
+pub type OnSequenced = Box<dyn FnOnce(Position) + Send + Sync>;
+
 /// What [`crate::Fanout::publish`] did.
 #[derive(Debug, Clone)]
 pub struct Published {

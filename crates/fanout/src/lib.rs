@@ -18,6 +18,9 @@
 //!   and each is delivered to local members before the next is assigned,
 //!   so every member's queue sees the room's events in order.
 //! - An event is encoded once per node, never per recipient.
+//! - The publisher's `on_sequenced` runs in the room's delivery order on
+//!   its node, so the sender's acknowledgement never overtakes an earlier
+//!   event nor trails a later one on the sender's connection.
 
 pub mod cluster;
 pub mod event;
@@ -27,7 +30,7 @@ pub mod redis;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use event::{FanoutError, Position, Published, Replay, RoomEvent};
+pub use event::{FanoutError, OnSequenced, Position, Published, Replay, RoomEvent};
 pub use local::{LocalFanout, LocalFanoutConfig};
 pub use redis::{FanoutStats, RedisFanoutConfig, RedisStreamsFanout};
 
@@ -46,12 +49,16 @@ pub trait Fanout: Send + Sync + 'static {
     fn engine(&self) -> &'static str;
 
     /// Assigns the event its (epoch, seq), encodes it once, records it for
-    /// replay and delivers it to local members except `exclude`.
+    /// replay and delivers it to local members except `exclude`, calling
+    /// `on_sequenced` right after that delivery (or, for a publish that
+    /// finds the event already published, with the original position).
+    /// On `Err` it is not called.
     async fn publish(
         &self,
         room: &str,
         event: RoomEvent,
         exclude: Option<u64>,
+        on_sequenced: Option<OnSequenced>,
     ) -> Result<Published, FanoutError>;
 
     /// Delivers an ephemeral, already-encoded frame (typing): no sequence,

@@ -15,7 +15,9 @@ use parking_lot::Mutex;
 
 use chatgate_protocol::Codec;
 
-use crate::{Fanout, FanoutError, LocalDelivery, Position, Published, Replay, RoomEvent};
+use crate::{
+    Fanout, FanoutError, LocalDelivery, OnSequenced, Position, Published, Replay, RoomEvent,
+};
 
 /// Tuning for [`LocalFanout`].
 #[derive(Debug, Clone, Copy)]
@@ -140,6 +142,7 @@ impl Fanout for LocalFanout {
         room: &str,
         event: RoomEvent,
         exclude: Option<u64>,
+        on_sequenced: Option<OnSequenced>,
     ) -> Result<Published, FanoutError> {
         let log = self.log(room);
         let mut log = log.lock();
@@ -151,15 +154,17 @@ impl Fanout for LocalFanout {
         log.events.push_back((seq, now, frame.clone()));
         log.trim(now, &self.config);
         // Delivered under the room's lock: the next event of this room
-        // cannot overtake this one in any member's queue.
+        // cannot overtake this one in any member's queue, nor the
+        // sender's acknowledgement.
         self.sink.deliver(room, &frame, exclude, false);
-        Ok(Published {
-            position: Position {
-                epoch: self.epoch,
-                seq,
-            },
-            frame,
-        })
+        let position = Position {
+            epoch: self.epoch,
+            seq,
+        };
+        if let Some(ack) = on_sequenced {
+            ack(position);
+        }
+        Ok(Published { position, frame })
     }
 
     async fn publish_ephemeral(
@@ -268,7 +273,7 @@ mod tests {
         let (f, rec) = fanout(LocalFanoutConfig::default());
         for i in 1..=5u64 {
             let p = f
-                .publish("r", message(&i.to_string()), Some(9))
+                .publish("r", message(&i.to_string()), Some(9), None)
                 .await
                 .unwrap();
             assert_eq!(p.position.seq, i);
@@ -326,7 +331,9 @@ mod tests {
             ..Default::default()
         });
         for i in 0..10 {
-            f.publish("r", message(&i.to_string()), None).await.unwrap();
+            f.publish("r", message(&i.to_string()), None, None)
+                .await
+                .unwrap();
         }
         let epoch = f.epoch();
         assert!(matches!(
@@ -347,7 +354,7 @@ mod tests {
             recovery_window: Duration::ZERO,
             ..Default::default()
         });
-        f.publish("r", message("a"), None).await.unwrap();
+        f.publish("r", message("a"), None, None).await.unwrap();
         std::thread::sleep(Duration::from_millis(2));
         f.sweep();
         assert_eq!(f.retained_events(), 0);

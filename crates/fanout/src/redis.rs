@@ -27,12 +27,14 @@
 //! `XREAD` over all partitions, on a dedicated connection (a blocked
 //! connection cannot carry other commands). Reading in stream order is
 //! what keeps a room's events in sequence order on every node. The
-//! publisher waits for its reader to have delivered the event before it
-//! acknowledges, so the sender's ack never overtakes earlier events.
+//! reader also runs the publisher's `OnSequenced` (which queues the
+//! sender's ack) right after delivering that event, so the ack neither
+//! overtakes earlier events nor trails later ones; the publisher returns
+//! once that happened.
 //!
 //! # Faults
-//! Redis errors surface as [`FanoutError::Unavailable`] (sends are then
-//! refused with a retryable error and retried by clients with the same
+//! Redis errors surface as [`FanoutError::Unavailable`] (a stored send is
+//! then answered `not_delivered` and retried by its client with the same
 //! id; stored-but-unpublished messages are published on the retry). The
 //! reader reconnects by itself and continues from the last entry it
 //! delivered; if the stream went backwards (Redis restarted without its
@@ -53,7 +55,9 @@ use tokio::sync::oneshot;
 
 use chatgate_protocol::{Codec, EventTemplate};
 
-use crate::{Fanout, FanoutError, LocalDelivery, Position, Published, Replay, RoomEvent};
+use crate::{
+    Fanout, FanoutError, LocalDelivery, OnSequenced, Position, Published, Replay, RoomEvent,
+};
 
 /// Settings for [`RedisStreamsFanout`].
 #[derive(Debug, Clone)]
@@ -132,7 +136,7 @@ local frame = ARGV[1] .. varint(tonumber(epoch)) .. ARGV[2] .. varint(seq) .. AR
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], seq .. '-1', 'f', frame)
 redis.call('PEXPIRE', KEYS[3], ARGV[10])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*',
-  'r', ARGV[4], 'f', frame, 'n', ARGV[5], 'c', ARGV[6], 'p', ARGV[7])
+  'r', ARGV[4], 'f', frame, 'n', ARGV[5], 'c', ARGV[6], 'p', ARGV[7], 'h', epoch, 'q', seq)
 return { epoch, seq, 0 }
 "#;
 
@@ -176,7 +180,13 @@ pub struct FanoutStats {
     pub publish_errors: AtomicU64,
 }
 
-type Waiters = DashMap<u64, oneshot::Sender<Bytes>>;
+/// A publish waiting for this node's reader to deliver its event.
+struct Waiter {
+    delivered: oneshot::Sender<Bytes>,
+    on_sequenced: Option<OnSequenced>,
+}
+
+type Waiters = DashMap<u64, Waiter>;
 
 /// The Redis Streams [`Fanout`].
 pub struct RedisStreamsFanout {
@@ -381,6 +391,7 @@ impl Fanout for RedisStreamsFanout {
         room: &str,
         event: RoomEvent,
         exclude: Option<u64>,
+        on_sequenced: Option<OnSequenced>,
     ) -> Result<Published, FanoutError> {
         // The idempotency key (sender, client message id) is unique across
         // the cluster; stored ids are not when nodes use separate stores.
@@ -402,7 +413,13 @@ impl Fanout for RedisStreamsFanout {
         ];
         let pid = self.next_pid.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.waiters.insert(pid, tx);
+        self.waiters.insert(
+            pid,
+            Waiter {
+                delivered: tx,
+                on_sequenced,
+            },
+        );
         let args: Vec<Value> = vec![
             Value::Bytes(template.head.into()),
             Value::Bytes(template.mid.into()),
@@ -428,20 +445,30 @@ impl Fanout for RedisStreamsFanout {
                 return Err(e);
             }
         };
+        let position = Position { epoch, seq };
         if repeated {
             // Published before; its delivery is already in the stream.
-            self.waiters.remove(&pid);
+            if let Some((_, w)) = self.waiters.remove(&pid)
+                && let Some(ack) = w.on_sequenced
+            {
+                ack(position);
+            }
             return Ok(Published {
-                position: Position { epoch, seq },
+                position,
                 frame: Bytes::new(),
             });
         }
-        // Acknowledge after this node delivered it (keeps the sender's
-        // ack behind the room's earlier events).
+        // This node's reader delivers the event and runs `on_sequenced`
+        // in stream order (so the sender's ack keeps its place among the
+        // room's events); wait for that before returning.
         let frame = match tokio::time::timeout(self.config.self_delivery_timeout, rx).await {
             Ok(Ok(frame)) => frame,
             _ => {
-                self.waiters.remove(&pid);
+                if let Some((_, w)) = self.waiters.remove(&pid)
+                    && let Some(ack) = w.on_sequenced
+                {
+                    ack(position);
+                }
                 tracing::warn!(
                     room,
                     seq,
@@ -450,10 +477,7 @@ impl Fanout for RedisStreamsFanout {
                 Bytes::new()
             }
         };
-        Ok(Published {
-            position: Position { epoch, seq },
-            frame,
-        })
+        Ok(Published { position, frame })
     }
 
     async fn publish_ephemeral(
@@ -687,9 +711,16 @@ impl Reader {
                     .store(now_ms() - ms as i64, Ordering::Relaxed);
                 if mine
                     && let Some(pid) = fields.get("p").and_then(as_u64)
-                    && let Some((_, tx)) = self.waiters.remove(&pid)
+                    && let Some((_, w)) = self.waiters.remove(&pid)
                 {
-                    let _ = tx.send(frame);
+                    if let (Some(ack), Some(epoch), Some(seq)) = (
+                        w.on_sequenced,
+                        fields.get("h").and_then(as_u64),
+                        fields.get("q").and_then(as_u64),
+                    ) {
+                        ack(Position { epoch, seq });
+                    }
+                    let _ = w.delivered.send(frame);
                 }
             }
         }

@@ -97,7 +97,7 @@ async fn every_node_delivers_every_event_in_sequence_order() {
             for i in 0..100u64 {
                 let room = if i % 2 == 0 { "even" } else { "odd" };
                 let p = f
-                    .publish(room, message(room, n * 1000 + i, "x"), Some(7))
+                    .publish(room, message(room, n * 1000 + i, "x"), Some(7), None)
                     .await
                     .unwrap();
                 assert!(p.position.seq >= 1);
@@ -144,7 +144,7 @@ async fn replay_returns_exactly_the_missed_events_or_says_it_cannot() {
     let start = a.position("r").await.unwrap();
     assert_eq!(start.seq, 0);
     for i in 0..300 {
-        a.publish("r", message("r", i, &format!("m{i}")), None)
+        a.publish("r", message("r", i, &format!("m{i}")), None, None)
             .await
             .unwrap();
     }
@@ -247,11 +247,11 @@ async fn equal_message_ids_from_different_nodes_are_different_events() {
         x.sender_id = "alice".into();
         y.sender_id = "bob".into();
     }
-    let p1 = a.publish("r", m1.clone(), None).await.unwrap();
-    let p2 = b.publish("r", m2, None).await.unwrap();
+    let p1 = a.publish("r", m1.clone(), None, None).await.unwrap();
+    let p2 = b.publish("r", m2, None, None).await.unwrap();
     assert_eq!((p1.position.seq, p2.position.seq), (1, 2));
     // A real retry (same sender and client id) is recognised.
-    let again = a.publish("r", m1, None).await.unwrap();
+    let again = a.publish("r", m1, None, None).await.unwrap();
     assert_eq!(again.position.seq, 1);
     wait_for("two deliveries", || rec.0.lock().len() == 2).await;
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -48,7 +48,9 @@ const WRITE_CHUNK: usize = 8;
 enum Ended {
     /// Close with this code.
     Close(CloseCode),
-    /// The peer closed or the socket failed; nothing more to say.
+    /// The peer sent a Close: answer it (RFC 6455 §5.5.1) and stop.
+    PeerClosed,
+    /// The socket failed; nothing more to say.
     Gone,
 }
 
@@ -63,41 +65,48 @@ pub async fn serve(node: Arc<Node>, mut ws: Ws, mut shutdown: watch::Receiver<bo
     ));
 
     let opened = tokio::select! {
-        r = tokio::time::timeout(node.config.connect_timeout, Box::pin(identify(&node, &mut ws, conn, &outbox))) => {
-            r.unwrap_or(Err(Ended::Close(CloseCode::IdentifyTimeout)))
-        }
+        r = Box::pin(identify(&node, &mut ws, conn, &outbox)) => r,
         _ = shutdown.changed() => Err(Ended::Close(CloseCode::ShuttingDown)),
     };
     match opened {
         Ok(mut session) => {
             let end = run(&node, &mut ws, &mut session, &outbox, &mut shutdown).await;
-            if let Ended::Close(code) = end {
-                close(&node, &mut ws, code).await;
-            }
             drop(session);
+            finish(&node, &mut ws, end).await;
         }
-        Err(Ended::Close(code)) => close(&node, &mut ws, code).await,
-        Err(Ended::Gone) => {}
+        Err(end) => finish(&node, &mut ws, end).await,
     }
     node.metrics.connections.dec();
 }
 
+/// How long opening a session (store, fan-out and limit calls, each with
+/// its own timeout) may take before the client is told to come back.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Reads the first frame, which must be Identify, and opens the session.
+/// Only the wait for that frame is the client's connect timeout (4104);
+/// a slow backend while opening is the server's trouble (4003, reconnect).
 async fn identify(
     node: &Arc<Node>,
     ws: &mut Ws,
     conn: u64,
     outbox: &Arc<Outbox>,
 ) -> Result<Session, Ended> {
-    let data = loop {
-        match ws.next().await {
-            Some(Ok(Message::Binary(data))) => break data,
-            Some(Ok(Message::Text(_))) => return Err(Ended::Close(CloseCode::TextFrame)),
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-            Some(Ok(Message::Close(_))) | None => return Err(Ended::Gone),
-            Some(Err(e)) => return Err(ws_error(e)),
+    let first = async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Binary(data))) => return Ok(data),
+                Some(Ok(Message::Text(_))) => return Err(Ended::Close(CloseCode::TextFrame)),
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(Message::Close(_))) => return Err(Ended::PeerClosed),
+                None => return Err(Ended::Gone),
+                Some(Err(e)) => return Err(ws_error(e)),
+            }
         }
     };
+    let data = tokio::time::timeout(node.config.connect_timeout, first)
+        .await
+        .map_err(|_| Ended::Close(CloseCode::IdentifyTimeout))??;
     count_in(node, &data);
     let (rid, frame) = node
         .codec
@@ -106,11 +115,23 @@ async fn identify(
     let ClientFrame::Identify(identify) = frame else {
         return Err(Ended::Close(CloseCode::ProtocolViolation));
     };
-    if ClientFrame::Identify(identify.clone()).validate().is_err() {
-        return Err(Ended::Close(CloseCode::InvalidToken));
+    // A token that cannot be one (empty, too long) is a bad token; any
+    // other field out of its §6 limits is a broken client.
+    if let Err(invalid) = ClientFrame::Identify(identify.clone()).validate() {
+        tracing::debug!(%invalid, "invalid Identify");
+        return Err(Ended::Close(if invalid.field == "token" {
+            CloseCode::InvalidToken
+        } else {
+            CloseCode::ProtocolViolation
+        }));
     }
-    let (session, first) = Session::open(node.clone(), conn, outbox.clone(), rid, identify)
+    let open = Session::open(node.clone(), conn, outbox.clone(), rid, identify);
+    let (session, first) = tokio::time::timeout(OPEN_TIMEOUT, open)
         .await
+        .map_err(|_| {
+            tracing::warn!("opening a session timed out on its backends");
+            Ended::Close(CloseCode::ServerError)
+        })?
         .map_err(Ended::Close)?;
     for frame in first {
         count_out(node, &frame);
@@ -179,7 +200,8 @@ async fn run(
                     Some(Ok(Message::Binary(data))) => data,
                     Some(Ok(Message::Text(_))) => return Ended::Close(CloseCode::TextFrame),
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                    Some(Ok(Message::Close(_))) | None => return Ended::Gone,
+                    Some(Ok(Message::Close(_))) => return Ended::PeerClosed,
+                    None => return Ended::Gone,
                     Some(Err(e)) => return ws_error(e),
                 };
                 count_in(node, &data);
@@ -354,6 +376,18 @@ fn ws_error(e: WsError) -> Ended {
         WsError::Capacity(_) => Ended::Close(CloseCode::FrameTooLarge),
         WsError::Protocol(_) | WsError::Utf8(_) => Ended::Close(CloseCode::ProtocolViolation),
         _ => Ended::Gone,
+    }
+}
+
+/// Ends the WebSocket the way `end` says.
+async fn finish(node: &Node, ws: &mut Ws, end: Ended) {
+    match end {
+        Ended::Close(code) => close(node, ws, code).await,
+        // tungstenite queued the echo of the peer's Close; send it.
+        Ended::PeerClosed => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), ws.flush()).await;
+        }
+        Ended::Gone => {}
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use dashmap::DashSet;
+use dashmap::DashMap;
 use tokio::sync::Semaphore;
 
 use chatgate_fanout::cluster::Cluster;
@@ -54,7 +54,7 @@ pub struct Node {
     pub sessions: Arc<Semaphore>,
     /// (user, client message id) of sends between store and publish on
     /// this node, so a concurrent retry does not publish twice.
-    pub sends_in_flight: DashSet<(Arc<str>, String)>,
+    pub sends_in_flight: DashMap<(Arc<str>, String), Arc<tokio::sync::Notify>>,
     next_conn: AtomicU64,
     /// Cluster registry (node heartbeats), when clustered.
     pub cluster: Option<Arc<Cluster>>,
@@ -65,7 +65,6 @@ impl Node {
     /// (with the Redis cache when `redis_url` is set) or the in-memory
     /// store; the local fan-out.
     pub async fn build(config: Config) -> anyhow::Result<Arc<Node>> {
-        let metrics = Arc::new(Metrics::new());
         let (store, cache): (Arc<dyn Store>, Option<Arc<CachedStore>>) = match &config.database_url
         {
             None => {
@@ -95,6 +94,22 @@ impl Node {
                 }
             }
         };
+        Node::assemble(config, store, cache).await
+    }
+
+    /// A node on a store built elsewhere: what in-process tests use to
+    /// put a store with injected faults or delays under the session rules.
+    /// The fan-out is chosen by the configuration, as in [`Node::build`].
+    pub async fn with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Arc<Node>> {
+        Node::assemble(config, store, None).await
+    }
+
+    async fn assemble(
+        config: Config,
+        store: Arc<dyn Store>,
+        cache: Option<Arc<CachedStore>>,
+    ) -> anyhow::Result<Arc<Node>> {
+        let metrics = Arc::new(Metrics::new());
         let codec = codec_for(&config);
         let hub = Arc::new(Hub::new(metrics.clone()));
         let mut users = Users::new(config.max_connections_per_user, config.messages_per_minute);
@@ -155,7 +170,7 @@ impl Node {
             verifier: Verifier::new(config.token_secret.as_bytes()),
             started: Instant::now(),
             sessions: Arc::new(Semaphore::new(config.max_connections)),
-            sends_in_flight: DashSet::new(),
+            sends_in_flight: DashMap::new(),
             next_conn: AtomicU64::new(1),
             metrics,
             config,

@@ -19,7 +19,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rand::RngCore;
 
-use chatgate_fanout::{FanoutError, Position, Replay, RoomEvent};
+use chatgate_fanout::{FanoutError, OnSequenced, Position, Replay, RoomEvent};
 use chatgate_protocol::limits::HISTORY_DEFAULT_LIMIT;
 use chatgate_protocol::payload::*;
 use chatgate_protocol::{ClientFrame, CloseCode, ErrorCode, Opcode, ServerFrame};
@@ -54,8 +54,15 @@ impl Replier {
                 self.outbox.push(bytes, false);
             }
             Err(e) => {
-                tracing::error!(error = %e, "reply could not be encoded");
-                self.error(rid, ErrorCode::Internal, 0, "reply too large");
+                // Only a reply that outgrew the frame limit fails to encode;
+                // asking again unchanged would fail again.
+                tracing::warn!(error = %e, "reply could not be encoded");
+                self.error(
+                    rid,
+                    ErrorCode::InvalidRequest,
+                    0,
+                    "reply larger than the frame limit; ask for less",
+                );
             }
         }
     }
@@ -77,22 +84,12 @@ impl Replier {
             StoreError::NotFound => self.error(rid, ErrorCode::NotFound, 0, "not found"),
             StoreError::Unavailable(_) => {
                 self.node.metrics.store_errors.inc();
-                self.error(
-                    rid,
-                    ErrorCode::Unavailable,
-                    1000,
-                    "storage unavailable, nothing stored",
-                )
+                self.error(rid, ErrorCode::Unavailable, 1000, "storage unavailable")
             }
             StoreError::Internal(_) => {
                 self.node.metrics.store_errors.inc();
                 tracing::error!(error = %e, "store failure");
-                self.error(
-                    rid,
-                    ErrorCode::Internal,
-                    1000,
-                    "storage error, nothing stored",
-                )
+                self.error(rid, ErrorCode::Internal, 1000, "storage error")
             }
         }
     }
@@ -105,6 +102,20 @@ impl Replier {
             ErrorCode::Unavailable,
             1000,
             "fan-out unavailable, retry",
+        )
+    }
+
+    /// A message stored but not published: the client must retry (with
+    /// the same id) for the room to get it, and must know history may
+    /// already show it.
+    fn not_delivered(&self, rid: u32, e: &FanoutError) {
+        self.node.metrics.fanout_errors.inc();
+        tracing::warn!(error = %e, "stored message not published");
+        self.error(
+            rid,
+            ErrorCode::NotDelivered,
+            1000,
+            "stored, not yet delivered: retry with the same client_msg_id",
         )
     }
 }
@@ -451,13 +462,20 @@ impl Session {
         }
     }
 
+    /// Joins the rooms this connection is not in yet. A room it is
+    /// already in is left exactly as it is: its stream goes on from where
+    /// this connection is, so nothing queued for it is skipped (moving
+    /// the watermark to the head here would drop queued events silently).
+    /// `Joined` lists the newly joined rooms, each once, with the
+    /// position their stream starts after.
     async fn join(&mut self, rid: u32, rooms: Vec<String>) {
         let reply = self.replier();
-        let new: Vec<String> = rooms
-            .iter()
-            .filter(|r| !self.rooms.contains(r.as_str()))
-            .cloned()
-            .collect();
+        let mut new: Vec<String> = Vec::with_capacity(rooms.len());
+        for room in rooms {
+            if !self.rooms.contains(room.as_str()) && !new.contains(&room) {
+                new.push(room);
+            }
+        }
         if self.rooms.len() + new.len() > self.node.config.max_rooms_per_session {
             reply.error(
                 rid,
@@ -473,8 +491,8 @@ impl Session {
             reply.store_error(rid, &e);
             return;
         }
-        let mut joined = Vec::with_capacity(rooms.len());
-        for room in &rooms {
+        let mut joined = Vec::with_capacity(new.len());
+        for room in &new {
             if let Some(name) = self.node.hub.join(room, self.conn, &self.outbox) {
                 self.rooms.insert(name);
             }
@@ -539,12 +557,6 @@ impl Session {
         if !self.in_room(rid, &s.room) {
             return None;
         }
-        if self.rate_limited(rid).await {
-            return None;
-        }
-        let node = self.node.clone();
-        let conn = self.conn;
-        let key = (self.user_id.clone(), s.client_msg_id.clone());
         let msg = StoreMessage {
             room: s.room,
             sender_id: self.user_id.to_string(),
@@ -554,18 +566,55 @@ impl Session {
             body: s.body,
             attachments: s.attachments,
         };
-        Some(self.timed(Opcode::Send, async move {
-            let Some(_claim) = SendClaim::take(&node, key) else {
+        // Refused before anything is stored: a stored message whose event
+        // cannot be framed could never be delivered.
+        if !self.fits_a_frame(&msg) {
+            reply.error(
+                rid,
+                ErrorCode::InvalidRequest,
+                0,
+                "message too large for the frame limit once framed",
+            );
+            return None;
+        }
+        if self.rate_limited(rid).await {
+            return None;
+        }
+        let node = self.node.clone();
+        let conn = self.conn;
+        let key = (self.user_id.clone(), msg.client_msg_id.clone());
+        // Store, publish and record run to their end in their own task,
+        // even if this connection closes meanwhile: abandoned between
+        // publish and record, a retry could not tell the message had been
+        // delivered and would deliver it again.
+        let work = tokio::spawn(async move {
+            let Some(_claim) = SendClaim::take(&node, key).await else {
                 reply.error(
                     rid,
                     ErrorCode::Unavailable,
                     250,
-                    "this message is being stored; retry",
+                    "this message is still being stored; retry",
                 );
                 return;
             };
             publish_message(&node, &reply, rid, conn, msg).await;
+        });
+        Some(self.timed(Opcode::Send, async move {
+            let _ = work.await;
         }))
+    }
+
+    /// Whether the NewMessage event for `msg` fits the frame limit. Every
+    /// field is bounded (§6), so only a limit configured far below the
+    /// default needs the trial encoding.
+    fn fits_a_frame(&self, msg: &StoreMessage) -> bool {
+        const LARGEST_LEGAL_EVENT: usize = 64 * 1024;
+        if self.node.config.max_frame_bytes >= LARGEST_LEGAL_EVENT {
+            return true;
+        }
+        let probe = RoomEvent::Message(msg.clone().stored(u64::MAX, u64::MAX));
+        let frame = probe.into_frame(&msg.room, u64::MAX, u64::MAX);
+        self.node.codec.encode_server(0, &frame).is_ok()
     }
 
     async fn react(&self, rid: u32, r: React) -> Option<Pending> {
@@ -587,33 +636,38 @@ impl Session {
                 emoji: r.emoji.clone(),
                 remove: r.remove,
             };
-            let position = match node.store.react(&change).await {
-                Err(e) => return reply.store_error(rid, &e),
-                Ok(ReactionOutcome::Unchanged) => node.fanout.position(&r.room).await,
+            let (room, message_id) = (r.room.clone(), r.message_id);
+            let reacted = move |p: Position| {
+                ServerFrame::Reacted(Reacted {
+                    room,
+                    message_id,
+                    epoch: p.epoch,
+                    seq: p.seq,
+                })
+            };
+            match node.store.react(&change).await {
+                Err(e) => reply.store_error(rid, &e),
+                // Nothing changed, nothing published: no position to report
+                // (PROTOCOL.md §9.5: a Reacted with seq 0 moves nothing).
+                Ok(ReactionOutcome::Unchanged) => {
+                    reply.send(rid, &reacted(Position { epoch: 0, seq: 0 }))
+                }
                 Ok(ReactionOutcome::Changed) => {
                     let event = RoomEvent::Reaction {
                         message_id: r.message_id,
                         user_id,
-                        emoji: r.emoji,
+                        emoji: r.emoji.clone(),
                         removed: r.remove,
                     };
-                    node.fanout
-                        .publish(&r.room, event, Some(conn))
-                        .await
-                        .map(|p| p.position)
+                    let ack: OnSequenced = {
+                        let reply = reply.clone();
+                        Box::new(move |p| reply.send(rid, &reacted(p)))
+                    };
+                    let published = node.fanout.publish(&r.room, event, Some(conn), Some(ack));
+                    if let Err(e) = published.await {
+                        reply.fanout_error(rid, &e);
+                    }
                 }
-            };
-            match position {
-                Ok(p) => reply.send(
-                    rid,
-                    &ServerFrame::Reacted(Reacted {
-                        room: r.room,
-                        message_id: r.message_id,
-                        epoch: p.epoch,
-                        seq: p.seq,
-                    }),
-                ),
-                Err(e) => reply.fanout_error(rid, &e),
             }
         }))
     }
@@ -674,34 +728,58 @@ impl Session {
     }
 }
 
-/// Stores, publishes and acknowledges one message. A retry of a stored
-/// message is acknowledged with the original; one that was stored but
-/// never published (the node died in between, or fan-out failed) is
-/// published now, once.
 /// This node is storing and publishing (user, client message id): a
-/// concurrent retry of the same message waits instead of racing it.
-/// Released on drop, so a send abandoned midway (its connection closed)
-/// does not leave the key claimed and the client's retries refused.
+/// concurrent retry of the same message waits for it, then finds it
+/// stored. Released on drop.
 struct SendClaim {
     node: Arc<Node>,
     key: (Arc<str>, String),
 }
 
 impl SendClaim {
-    fn take(node: &Arc<Node>, key: (Arc<str>, String)) -> Option<SendClaim> {
-        node.sends_in_flight.insert(key.clone()).then(|| SendClaim {
-            node: node.clone(),
-            key,
-        })
+    /// How long a retry waits for the first attempt before it is told to
+    /// come back (store and fan-out calls time out well before this).
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+    async fn take(node: &Arc<Node>, key: (Arc<str>, String)) -> Option<SendClaim> {
+        let deadline = tokio::time::Instant::now() + Self::WAIT;
+        loop {
+            let released = match node.sends_in_flight.entry(key.clone()) {
+                dashmap::Entry::Vacant(v) => {
+                    v.insert(Arc::new(tokio::sync::Notify::new()));
+                    return Some(SendClaim {
+                        node: node.clone(),
+                        key,
+                    });
+                }
+                // Registered before the entry's lock is let go, so the
+                // release (which takes that lock) cannot be missed.
+                dashmap::Entry::Occupied(o) => {
+                    let notify = o.get().clone();
+                    let mut released = Box::pin(notify.notified_owned());
+                    released.as_mut().enable();
+                    released
+                }
+            };
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return None;
+            }
+        }
     }
 }
 
 impl Drop for SendClaim {
     fn drop(&mut self) {
-        self.node.sends_in_flight.remove(&self.key);
+        if let Some((_, notify)) = self.node.sends_in_flight.remove(&self.key) {
+            notify.notify_waiters();
+        }
     }
 }
 
+/// Stores, publishes and acknowledges one message. A retry of a message
+/// already published is answered with its original position; one stored
+/// but never published (the node died in between, or fan-out failed) is
+/// published now, once (the Redis engine remembers what it published).
 async fn publish_message(
     node: &Arc<Node>,
     reply: &Replier,
@@ -714,52 +792,46 @@ async fn publish_message(
         Err(e) => return reply.store_error(rid, &e),
     };
     let message = inserted.message;
-    if inserted.duplicate && message.seq != 0 {
-        let epoch = node
-            .fanout
-            .position(&message.room)
-            .await
-            .map(|p| p.epoch)
-            .unwrap_or(0);
-        reply.send(
-            rid,
-            &ServerFrame::MessageSent(MessageSent {
-                room: message.room,
-                message_id: message.id,
-                epoch,
-                seq: message.seq,
-                created_at_ms: message.created_at_ms,
-                duplicate: true,
-            }),
-        );
-        return;
-    }
     let (room, id, created_at_ms) = (message.room.clone(), message.id, message.created_at_ms);
-    let published = match node
-        .fanout
-        .publish(&room, RoomEvent::Message(message), Some(conn))
-        .await
-    {
-        Ok(p) => p,
-        Err(e) => return reply.fanout_error(rid, &e),
-    };
-    if let Err(e) = node.store.set_seq(id, published.position.seq).await {
-        // The message is stored and delivered; only history's copy of the
-        // sequence number is missing. Not worth failing the send.
-        node.metrics.store_errors.inc();
-        tracing::warn!(error = %e, message_id = id, "could not record sequence");
-    }
-    reply.send(
-        rid,
-        &ServerFrame::MessageSent(MessageSent {
+    let sent = move |p: Position, duplicate: bool| {
+        ServerFrame::MessageSent(MessageSent {
             room,
             message_id: id,
-            epoch: published.position.epoch,
-            seq: published.position.seq,
+            epoch: p.epoch,
+            seq: p.seq,
             created_at_ms,
-            duplicate: inserted.duplicate,
-        }),
-    );
+            duplicate,
+        })
+    };
+    if inserted.duplicate && message.seq != 0 {
+        let original = Position {
+            epoch: inserted.epoch,
+            seq: message.seq,
+        };
+        return reply.send(rid, &sent(original, true));
+    }
+    let duplicate = inserted.duplicate;
+    // Queued by the fan-out in the room's order (see `OnSequenced`).
+    let ack: OnSequenced = {
+        let reply = reply.clone();
+        Box::new(move |p| reply.send(rid, &sent(p, duplicate)))
+    };
+    let room = message.room.clone();
+    let published = match node
+        .fanout
+        .publish(&room, RoomEvent::Message(message), Some(conn), Some(ack))
+        .await
+    {
+        Ok(p) => p.position,
+        Err(e) => return reply.not_delivered(rid, &e),
+    };
+    if let Err(e) = node.store.set_seq(id, published.epoch, published.seq).await {
+        // The message is stored and delivered; only history's copy of the
+        // position is missing (a retry then asks the fan-out, which
+        // remembers what it published).
+        node.metrics.store_errors.inc();
+        tracing::warn!(error = %e, message_id = id, "could not record the position");
+    }
 }
 
 impl Drop for Session {

@@ -53,7 +53,8 @@ impl Users {
     }
 
     /// Claims a connection slot for `user`, cluster-wide when clustered;
-    /// `None` at the cap.
+    /// `None` at the cap. Cancel-safe: dropped while Redis answers, it
+    /// gives back the local count and whatever Redis granted.
     pub async fn connect(&self, user: &Arc<str>) -> Option<Slot> {
         if !self.connect_local(user) {
             return None;
@@ -61,15 +62,35 @@ impl Users {
         let Some(cluster) = &self.cluster else {
             return Some(Slot { in_cluster: false });
         };
-        match cluster.acquire_connection(user, self.max_connections).await {
-            Ok(true) => Some(Slot { in_cluster: true }),
-            Ok(false) => {
-                self.disconnect_local(user);
-                None
+        let acquire = {
+            let (cluster, user, cap) = (cluster.clone(), user.clone(), self.max_connections);
+            tokio::spawn(async move { cluster.acquire_connection(&user, cap).await })
+        };
+        let mut claim = Claim {
+            users: self,
+            user: user.clone(),
+            acquire: Some(acquire),
+            kept: false,
+        };
+        let answer = match claim.acquire.as_mut() {
+            Some(task) => task.await,
+            None => return None,
+        };
+        claim.acquire = None;
+        match answer {
+            Ok(Ok(true)) => {
+                claim.keep();
+                Some(Slot { in_cluster: true })
+            }
+            Ok(Ok(false)) => None,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cluster connection count unavailable; per-node cap only");
+                claim.keep();
+                Some(Slot { in_cluster: false })
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cluster connection count unavailable; per-node cap only");
-                Some(Slot { in_cluster: false })
+                tracing::error!(error = %e, "cluster connection count task failed");
+                None
             }
         }
     }
@@ -164,6 +185,42 @@ impl Users {
     }
 }
 
+/// A local connection count taken while the cluster's answer is awaited.
+/// Dropped without [`Claim::keep`] (refused, failed, or the waiting
+/// future cancelled) it gives the count back, and releases the cluster
+/// slot if Redis granted one after all.
+struct Claim<'a> {
+    users: &'a Users,
+    user: Arc<str>,
+    acquire: Option<tokio::task::JoinHandle<Result<bool, chatgate_fanout::FanoutError>>>,
+    kept: bool,
+}
+
+impl Claim<'_> {
+    fn keep(&mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        self.users.disconnect_local(&self.user);
+        if let (Some(task), Some(cluster)) = (self.acquire.take(), &self.users.cluster) {
+            let (cluster, user) = (cluster.clone(), self.user.clone());
+            tokio::spawn(async move {
+                if let Ok(Ok(true)) = task.await
+                    && let Err(e) = cluster.release_connection(&user).await
+                {
+                    tracing::warn!(error = %e, "could not release a cluster connection slot");
+                }
+            });
+        }
+    }
+}
+
 fn tokens_now(s: &UserState, per_minute: f64) -> f64 {
     let elapsed = s.refilled.elapsed().as_secs_f64();
     (s.tokens + elapsed * per_minute / 60.0).min(per_minute)
@@ -180,6 +237,51 @@ fn refill(s: &mut UserState, per_minute: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An Identify abandoned while Redis answers (its connection closed,
+    /// or it timed out) must not keep the user's connection counted.
+    #[tokio::test]
+    async fn a_connect_cancelled_while_redis_answers_counts_nothing() {
+        let url = std::env::var("CHAT_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+        let client = chatgate_fanout::redis::redis_client(&url, Some(Duration::from_secs(2)))
+            .expect("redis client");
+        use fred::prelude::ClientLike;
+        client.init().await.expect("the test Redis must run");
+        let ns = format!("t{:x}", rand::random::<u64>());
+        let cluster = Arc::new(Cluster::new(client, &ns, "n"));
+        cluster.heartbeat().await.expect("heartbeat");
+        let u = Users::new(2, 60).with_cluster(cluster.clone());
+        let a: Arc<str> = Arc::from("a");
+        for i in 0..20 {
+            // Polled once: counted locally, then dropped mid-wait.
+            let mut connecting = Box::pin(u.connect(&a));
+            let polled = futures_util::poll!(connecting.as_mut());
+            assert!(
+                polled.is_pending(),
+                "after {i} cancelled connects: {polled:?} (slots leaked)"
+            );
+            drop(connecting);
+        }
+        // Both slots are still free, locally and in the cluster.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (one, two) = (u.connect(&a).await, u.connect(&a).await);
+            if one == Some(Slot { in_cluster: true }) && two == Some(Slot { in_cluster: true }) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "slots leaked: {one:?} {two:?} (local count {:?})",
+                u.users.get("a").map(|s| s.connections)
+            );
+            for s in [one, two].into_iter().flatten() {
+                u.disconnect(&a, s);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(u.connect(&a).await, None, "and the cap still holds");
+    }
 
     #[test]
     fn cap_and_bucket() {

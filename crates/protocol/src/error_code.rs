@@ -21,15 +21,23 @@ pub enum ErrorCode {
     NotFound = 4,
     /// The session is in the maximum number of rooms.
     TooManyRooms = 5,
-    /// A backend (database, stream) is unavailable; nothing was stored.
-    /// Retry with the same client message id after `retry_after_ms`.
+    /// A backend (database, stream) is unavailable. For a Send: the
+    /// message is not acknowledged; retry with the same client message id
+    /// after `retry_after_ms` (it may already be stored, and the retry
+    /// stores and delivers it at most once).
     Unavailable = 6,
-    /// Unexpected server failure; nothing was stored. Retry later.
+    /// Unexpected server failure. Retry later (a Send with the same
+    /// client message id).
     Internal = 7,
+    /// The message was stored (history shows it) but not yet delivered to
+    /// the room: retry with the same client message id to deliver it; the
+    /// retry is acknowledged with `duplicate = true`, and nobody receives
+    /// the message twice.
+    NotDelivered = 8,
 }
 
 /// Every error code, in table order.
-pub const ALL_ERROR_CODES: [ErrorCode; 7] = [
+pub const ALL_ERROR_CODES: [ErrorCode; 8] = [
     ErrorCode::InvalidRequest,
     ErrorCode::RateLimited,
     ErrorCode::NotInRoom,
@@ -37,6 +45,7 @@ pub const ALL_ERROR_CODES: [ErrorCode; 7] = [
     ErrorCode::TooManyRooms,
     ErrorCode::Unavailable,
     ErrorCode::Internal,
+    ErrorCode::NotDelivered,
 ];
 
 impl ErrorCode {
@@ -54,7 +63,10 @@ impl ErrorCode {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            ErrorCode::RateLimited | ErrorCode::Unavailable | ErrorCode::Internal
+            ErrorCode::RateLimited
+                | ErrorCode::Unavailable
+                | ErrorCode::Internal
+                | ErrorCode::NotDelivered
         )
     }
 
@@ -68,6 +80,7 @@ impl ErrorCode {
             ErrorCode::TooManyRooms => "too_many_rooms",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::NotDelivered => "not_delivered",
         }
     }
 }

@@ -231,8 +231,8 @@ impl Store for CachedStore {
         self.inner.insert_message(msg).await
     }
 
-    async fn set_seq(&self, message_id: u64, seq: u64) -> Result<(), StoreError> {
-        self.inner.set_seq(message_id, seq).await
+    async fn set_seq(&self, message_id: u64, epoch: u64, seq: u64) -> Result<(), StoreError> {
+        self.inner.set_seq(message_id, epoch, seq).await
     }
 
     async fn react(&self, change: &ReactionChange) -> Result<ReactionOutcome, StoreError> {

@@ -41,6 +41,8 @@ impl Default for MemoryStoreConfig {
 
 struct Stored {
     message: Message,
+    /// Epoch of the room stream `message.seq` belongs to.
+    epoch: u64,
     reactions: BTreeMap<String, BTreeSet<String>>,
 }
 
@@ -121,11 +123,13 @@ impl MemoryStore {
         self.rooms.entry(room.to_owned()).or_default().clone()
     }
 
-    fn find(&self, room: &str, id: u64) -> Option<Message> {
+    fn find(&self, room: &str, id: u64) -> Option<(Message, u64)> {
         let data = self.rooms.get(room)?.clone();
         let data = data.lock();
-        data.position_of(id)
-            .map(|i| with_reactions(&data.messages[i]))
+        data.position_of(id).map(|i| {
+            let stored = &data.messages[i];
+            (with_reactions(stored), stored.epoch)
+        })
     }
 }
 
@@ -177,12 +181,13 @@ impl Store for MemoryStore {
             MapEntry::Occupied(e) => {
                 let (room, id) = e.get().clone();
                 drop(e);
-                let message = self.find(&room, id).ok_or_else(|| {
+                let (message, epoch) = self.find(&room, id).ok_or_else(|| {
                     StoreError::Internal("idempotency key without message".into())
                 })?;
                 return Ok(Inserted {
                     message,
                     duplicate: true,
+                    epoch,
                 });
             }
             MapEntry::Vacant(slot) => {
@@ -198,6 +203,7 @@ impl Store for MemoryStore {
                 let message = msg.stored(id, now_ms().max(last));
                 data.messages.push_back(Stored {
                     message: message.clone(),
+                    epoch: 0,
                     reactions: BTreeMap::new(),
                 });
                 while data.messages.len() > self.config.max_messages_per_room {
@@ -211,6 +217,7 @@ impl Store for MemoryStore {
                 Inserted {
                     message,
                     duplicate: false,
+                    epoch: 0,
                 }
             }
         };
@@ -223,7 +230,7 @@ impl Store for MemoryStore {
         Ok(inserted)
     }
 
-    async fn set_seq(&self, message_id: u64, seq: u64) -> Result<(), StoreError> {
+    async fn set_seq(&self, message_id: u64, epoch: u64, seq: u64) -> Result<(), StoreError> {
         let Some(room) = self.message_rooms.get(&message_id).map(|r| r.clone()) else {
             return Err(StoreError::NotFound);
         };
@@ -231,6 +238,7 @@ impl Store for MemoryStore {
         let mut data = data.lock();
         let i = data.position_of(message_id).ok_or(StoreError::NotFound)?;
         data.messages[i].message.seq = seq;
+        data.messages[i].epoch = epoch;
         Ok(())
     }
 

@@ -8,8 +8,14 @@
 use tokio_postgres::Client;
 
 /// (version, name, SQL), in order. Never edit an applied file; add one.
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "init", include_str!("../../../migrations/0001_init.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("../../../migrations/0001_init.sql")),
+    (
+        2,
+        "message_epoch",
+        include_str!("../../../migrations/0002_message_epoch.sql"),
+    ),
+];
 
 /// Applies pending migrations; returns the versions applied now.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Error> {

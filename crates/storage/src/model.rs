@@ -62,6 +62,9 @@ pub struct Inserted {
     pub message: Message,
     /// True when (sender, client id) was already stored.
     pub duplicate: bool,
+    /// The room stream's epoch the message was published under, recorded
+    /// with its `seq` (both 0 until then).
+    pub epoch: u64,
 }
 
 /// A reaction being added or removed.

@@ -58,7 +58,7 @@ impl PgConfig {
 pub struct PgStore {
     exec: Exec,
     inserts: Batcher<NewMessage, Inserted>,
-    seqs: Batcher<(u64, u64), ()>,
+    seqs: Batcher<(u64, u64, u64), ()>,
 }
 
 /// Most rows per group-committed statement.
@@ -78,8 +78,8 @@ ON CONFLICT (sender_id, client_msg_id) DO NOTHING
 RETURNING id, sender_id, client_msg_id, (extract(epoch FROM created_at) * 1000)::bigint";
 
 const SET_SEQS: &str = "
-UPDATE messages m SET seq = v.seq
-FROM unnest($1::bigint[], $2::bigint[]) AS v (id, seq)
+UPDATE messages m SET epoch = v.epoch, seq = v.seq
+FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS v (id, epoch, seq)
 WHERE m.id = v.id
 RETURNING m.id";
 
@@ -139,9 +139,12 @@ fn history_before() -> String {
     )
 }
 
+/// Columns in [`MESSAGE_COLUMNS`]; a query may select more after them.
+const MESSAGE_COLUMN_COUNT: usize = 15;
+
 fn message_by_key() -> String {
     format!(
-        "SELECT {MESSAGE_COLUMNS} FROM messages m {MESSAGE_JOINS}
+        "SELECT {MESSAGE_COLUMNS}, m.epoch FROM messages m {MESSAGE_JOINS}
          WHERE m.sender_id = $1 AND m.client_msg_id = $2"
     )
 }
@@ -355,6 +358,7 @@ impl Exec {
                 Ok(Inserted {
                     message: msg.stored(id as u64, created.max(0) as u64),
                     duplicate: false,
+                    epoch: 0,
                 })
             }
             None => self.original(&msg).await,
@@ -403,9 +407,11 @@ impl Exec {
         let row = rows.first().ok_or_else(|| {
             StoreError::Internal("idempotency conflict without a stored message".into())
         })?;
+        let epoch: i64 = row.get(MESSAGE_COLUMN_COUNT);
         Ok(Inserted {
             message: message_from_row(row),
             duplicate: true,
+            epoch: epoch.max(0) as u64,
         })
     }
 
@@ -454,6 +460,7 @@ impl Exec {
                 Some((id, created)) => out.push(Ok(Inserted {
                     message: msg.stored(id as u64, created.max(0) as u64),
                     duplicate: false,
+                    epoch: 0,
                 })),
                 None => out.push(self.original(&msg).await),
             }
@@ -462,12 +469,12 @@ impl Exec {
     }
 
     /// One UPDATE for the whole batch.
-    async fn set_seqs(&self, batch: Vec<(u64, u64)>) -> Vec<Result<(), StoreError>> {
-        if let [(id, seq)] = batch[..] {
+    async fn set_seqs(&self, batch: Vec<(u64, u64, u64)>) -> Vec<Result<(), StoreError>> {
+        if let [(id, epoch, seq)] = batch[..] {
             let rows = self
                 .query(
-                    "UPDATE messages SET seq = $2 WHERE id = $1 RETURNING 1",
-                    &[&(id as i64), &(seq as i64)],
+                    "UPDATE messages SET epoch = $2, seq = $3 WHERE id = $1 RETURNING 1",
+                    &[&(id as i64), &(epoch as i64), &(seq as i64)],
                 )
                 .await;
             return vec![rows.and_then(|r| {
@@ -478,22 +485,29 @@ impl Exec {
                 }
             })];
         }
-        let mut rows: Vec<(i64, i64)> = batch
+        let mut rows: Vec<(i64, i64, i64)> = batch
             .iter()
-            .map(|(id, seq)| (*id as i64, *seq as i64))
+            .map(|(id, epoch, seq)| (*id as i64, *epoch as i64, *seq as i64))
             .collect();
         rows.sort_unstable();
-        rows.dedup_by_key(|(id, _)| *id);
-        let (ids, seqs): (Vec<i64>, Vec<i64>) = rows.into_iter().unzip();
+        rows.dedup_by_key(|(id, _, _)| *id);
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut epochs = Vec::with_capacity(rows.len());
+        let mut seqs = Vec::with_capacity(rows.len());
+        for (id, epoch, seq) in rows {
+            ids.push(id);
+            epochs.push(epoch);
+            seqs.push(seq);
+        }
         let done = self
-            .query_attempts(SET_SEQS, &[&ids, &seqs], DEADLOCK_ATTEMPTS)
+            .query_attempts(SET_SEQS, &[&ids, &epochs, &seqs], DEADLOCK_ATTEMPTS)
             .await;
         match done {
             Ok(rows) => {
                 let found: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
                 batch
                     .iter()
-                    .map(|(id, _)| *id as i64)
+                    .map(|(id, _, _)| *id as i64)
                     .map(|id| {
                         if found.contains(&id) {
                             Ok(())
@@ -570,8 +584,8 @@ impl Store for PgStore {
         }
     }
 
-    async fn set_seq(&self, message_id: u64, seq: u64) -> Result<(), StoreError> {
-        self.seqs.submit((message_id, seq)).await
+    async fn set_seq(&self, message_id: u64, epoch: u64, seq: u64) -> Result<(), StoreError> {
+        self.seqs.submit((message_id, epoch, seq)).await
     }
 
     async fn react(&self, change: &ReactionChange) -> Result<ReactionOutcome, StoreError> {

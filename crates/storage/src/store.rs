@@ -33,8 +33,9 @@ pub trait Store: Send + Sync + 'static {
     /// (sender, client message id) exists. Returns only when durable.
     async fn insert_message(&self, msg: NewMessage) -> Result<Inserted, StoreError>;
 
-    /// Records the room sequence number a message was published under.
-    async fn set_seq(&self, message_id: u64, seq: u64) -> Result<(), StoreError>;
+    /// Records the room stream position (epoch and sequence number) a
+    /// message was published at.
+    async fn set_seq(&self, message_id: u64, epoch: u64, seq: u64) -> Result<(), StoreError>;
 
     /// Adds or removes a reaction. `NotFound` when the message is not in
     /// that room.

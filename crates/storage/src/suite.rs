@@ -221,8 +221,19 @@ pub async fn history_carries_reactions_attachments_and_seq(store: &dyn Store, ta
         mime: "image/png".into(),
         size: 1234,
     }];
-    let stored = store.insert_message(m).await.unwrap().message;
-    store.set_seq(stored.id, 7).await.unwrap();
+    let stored = store.insert_message(m.clone()).await.unwrap().message;
+    store
+        .set_seq(stored.id, 1_795_000_000_000, 7)
+        .await
+        .unwrap();
+    // A retry learns the position the message was published at, epoch
+    // included (an ack must not pair the sequence with another epoch).
+    let retry = store.insert_message(m).await.unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(
+        (retry.epoch, retry.message.seq, retry.message.id),
+        (1_795_000_000_000, 7, stored.id)
+    );
     for (user, emoji) in [("u1", "👍"), ("u2", "👍"), ("u1", "🎉")] {
         let change = ReactionChange {
             room: room.clone(),

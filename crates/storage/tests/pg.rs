@@ -248,14 +248,14 @@ async fn concurrent_sends_group_commit_and_stay_idempotent() {
         .map(|id| {
             let store = store.clone();
             let id = *id;
-            tokio::spawn(async move { store.set_seq(id, id * 10).await })
+            tokio::spawn(async move { store.set_seq(id, 42, id * 10).await })
         })
         .collect();
     for t in tasks {
         t.await.unwrap().unwrap();
     }
     assert_eq!(
-        store.set_seq(u64::MAX / 4, 1).await,
+        store.set_seq(u64::MAX / 4, 42, 1).await,
         Err(chatgate_storage::StoreError::NotFound)
     );
     let page = store.history("gc", None, 100).await.unwrap();

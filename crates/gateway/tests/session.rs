@@ -1,0 +1,238 @@
+//! The session rules in process, without sockets: a real node (in-memory
+//! store, local fan-out) whose store can be held at a chosen step, and
+//! sessions driven through `Session::handle` with their outboxes read
+//! directly. Races that need luck over the network are set up here step
+//! by step.
+#![allow(clippy::unwrap_used)] // a panic here is a failed test
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use tokio::sync::Semaphore;
+
+use chatgate_gateway::auth::{Claims, unix_now};
+use chatgate_gateway::outbox::Outbox;
+use chatgate_gateway::session::{Pending, Session};
+use chatgate_gateway::{Config, Node};
+use chatgate_protocol::payload::*;
+use chatgate_protocol::{ClientFrame, ServerFrame};
+use chatgate_storage::{
+    Inserted, MemoryStore, NewMessage as StoreMessage, Page, ReactionChange, ReactionOutcome,
+    Store, StoreError, User,
+};
+
+/// The in-memory store, with `set_seq` held until the test lets it go.
+struct HeldStore {
+    inner: MemoryStore,
+    set_seq_gate: Semaphore,
+    set_seqs: AtomicUsize,
+}
+
+impl HeldStore {
+    fn new() -> Arc<HeldStore> {
+        Arc::new(HeldStore {
+            inner: MemoryStore::default(),
+            set_seq_gate: Semaphore::new(0),
+            set_seqs: AtomicUsize::new(0),
+        })
+    }
+}
+
+#[async_trait]
+impl Store for HeldStore {
+    fn engine(&self) -> &'static str {
+        "held"
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn upsert_user(&self, user: &User) -> Result<(), StoreError> {
+        self.inner.upsert_user(user).await
+    }
+    async fn memberships(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.memberships(user_id).await
+    }
+    async fn join(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
+        self.inner.join(user_id, rooms).await
+    }
+    async fn leave(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
+        self.inner.leave(user_id, rooms).await
+    }
+    async fn insert_message(&self, msg: StoreMessage) -> Result<Inserted, StoreError> {
+        self.inner.insert_message(msg).await
+    }
+    async fn set_seq(&self, message_id: u64, epoch: u64, seq: u64) -> Result<(), StoreError> {
+        let permit = self.set_seq_gate.acquire().await.unwrap();
+        permit.forget();
+        let r = self.inner.set_seq(message_id, epoch, seq).await;
+        self.set_seqs.fetch_add(1, Ordering::SeqCst);
+        r
+    }
+    async fn react(&self, change: &ReactionChange) -> Result<ReactionOutcome, StoreError> {
+        self.inner.react(change).await
+    }
+    async fn history(
+        &self,
+        room: &str,
+        before: Option<Cursor>,
+        limit: u32,
+    ) -> Result<Page, StoreError> {
+        self.inner.history(room, before, limit).await
+    }
+}
+
+struct Client {
+    session: Session,
+    outbox: Arc<Outbox>,
+    node: Arc<Node>,
+}
+
+impl Client {
+    async fn open(node: &Arc<Node>, user: &str) -> Client {
+        let outbox = Arc::new(Outbox::new(1024, 1 << 22));
+        let token = node.verifier.mint(&Claims {
+            sub: user.into(),
+            name: None,
+            picture: None,
+            exp: unix_now() + 3600,
+        });
+        let identify = Identify {
+            token,
+            resume: None,
+        };
+        let (session, _ready) = Session::open(
+            node.clone(),
+            node.next_conn_id(),
+            outbox.clone(),
+            1,
+            identify,
+        )
+        .await
+        .unwrap();
+        Client {
+            session,
+            outbox,
+            node: node.clone(),
+        }
+    }
+
+    async fn request(&mut self, rid: u32, frame: ClientFrame) -> Option<Pending> {
+        self.session.handle(rid, frame).await.unwrap()
+    }
+
+    async fn join(&mut self, room: &str) {
+        let join = ClientFrame::Join(Rooms {
+            rooms: vec![room.into()],
+        });
+        assert!(self.request(2, join).await.is_none());
+    }
+
+    /// Everything queued, as the socket loop would write it (frames the
+    /// session says not to deliver are left out).
+    fn written(&mut self) -> Vec<ServerFrame> {
+        let mut queued = Vec::new();
+        self.outbox.drain(&mut queued, usize::MAX).unwrap();
+        queued
+            .into_iter()
+            .filter(|f| self.session.should_deliver(f))
+            .map(|f| self.node.codec.decode_server(&f).unwrap().1)
+            .collect()
+    }
+}
+
+fn send(cid: &str) -> ClientFrame {
+    ClientFrame::Send(Send {
+        room: "r".into(),
+        client_msg_id: cid.into(),
+        body: "hello".into(),
+        attachments: vec![],
+    })
+}
+
+async fn node(store: Arc<dyn Store>) -> Arc<Node> {
+    let config = Config {
+        messages_per_minute: 100_000,
+        ..Config::default()
+    };
+    Node::with_store(config, store).await.unwrap()
+}
+
+/// The connection of a sender closes after its message was published and
+/// before the position was recorded; the retry (same client message id)
+/// must be answered as a duplicate, and nobody may receive it twice.
+#[tokio::test]
+async fn a_send_abandoned_between_publish_and_record_is_delivered_once() {
+    let store = HeldStore::new();
+    let node = node(store.clone()).await;
+    let mut member = Client::open(&node, "member").await;
+    member.join("r").await;
+    let mut sender = Client::open(&node, "sender").await;
+    sender.join("r").await;
+    member.written();
+
+    let mut pending = sender.request(10, send("c-1")).await.unwrap();
+    // Run it until the member has the message: published, not recorded.
+    let delivered = loop {
+        assert!(futures_util::poll!(pending.as_mut()).is_pending());
+        let got = member.written();
+        if !got.is_empty() {
+            break got;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert!(matches!(&delivered[..], [ServerFrame::NewMessage(_)]));
+    // The connection closes: its requests are dropped with it.
+    drop(pending);
+    drop(sender);
+    store.set_seq_gate.add_permits(1);
+
+    let mut again = Client::open(&node, "sender").await;
+    again.join("r").await;
+    let retry = again.request(11, send("c-1")).await.unwrap();
+    store.set_seq_gate.add_permits(1);
+    retry.await;
+    let acks = again.written();
+    let [_joined, ServerFrame::MessageSent(ack)] = &acks[..] else {
+        panic!("expected Joined then MessageSent, got {acks:?}");
+    };
+    assert!(ack.duplicate, "the retry is a duplicate: {ack:?}");
+    assert_eq!(ack.seq, 1);
+    let more = member.written();
+    assert!(more.is_empty(), "delivered twice: {more:?}");
+    assert_eq!(store.set_seqs.load(Ordering::SeqCst), 1, "recorded once");
+}
+
+/// Events queued for a member are still written after it sends Join for
+/// a room it is already in: the Join moves nothing.
+#[tokio::test]
+async fn a_join_of_a_joined_room_keeps_what_is_queued() {
+    let node = node(Arc::new(MemoryStore::default())).await;
+    let mut member = Client::open(&node, "member").await;
+    member.join("r").await;
+    assert_eq!(member.written().len(), 1, "Joined");
+    let mut sender = Client::open(&node, "sender").await;
+    sender.join("r").await;
+    for i in 0..5 {
+        let p = sender
+            .request(10 + i, send(&format!("c-{i}")))
+            .await
+            .unwrap();
+        p.await;
+    }
+    // Nothing written yet; the member joins "r" again.
+    member.join("r").await;
+    let frames = member.written();
+    let seqs: Vec<u64> = frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::NewMessage(m) => Some(m.message.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5], "{frames:?}");
+    assert!(
+        matches!(frames.last(), Some(ServerFrame::Joined(j)) if j.rooms.is_empty()),
+        "the Join is answered with no room newly joined: {frames:?}"
+    );
+}
