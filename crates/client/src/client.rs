@@ -393,8 +393,13 @@ impl Driver {
                     pos.remove(r);
                 }
             }
-            ServerFrame::MessageSent(m) => self.advance(&m.room, m.epoch, m.seq).await,
-            ServerFrame::Reacted(r) => self.advance(&r.room, r.epoch, r.seq).await,
+            // A duplicate's ack repeats the original position, which this
+            // connection may be past (or which is of an older epoch); a
+            // Reacted with seq 0 published nothing (PROTOCOL.md §9.5).
+            ServerFrame::MessageSent(m) if !m.duplicate && m.seq != 0 => {
+                self.advance(&m.room, m.epoch, m.seq).await
+            }
+            ServerFrame::Reacted(r) if r.seq != 0 => self.advance(&r.room, r.epoch, r.seq).await,
             ServerFrame::NewMessage(m) => {
                 self.advance(&m.message.room, m.epoch, m.message.seq).await
             }
@@ -478,18 +483,14 @@ impl Driver {
                 .min(self.config.backoff_max);
             let jittered = step.mul_f64(rand::rng().random_range(0.5..=1.0));
             tokio::time::sleep(jittered).await;
-            match self.open(true).await {
-                Ok((mut conn, _ready)) => {
-                    // Re-send what was never answered, in request order.
-                    let mut rids: Vec<u32> = self.pending.keys().copied().collect();
-                    rids.sort_unstable();
-                    for rid in rids {
-                        if let Some(req) = self.pending.get(&rid) {
-                            conn.send(rid, &req.frame).await?;
-                        }
-                    }
-                    return Ok(conn);
-                }
+            let opened = match self.open(true).await {
+                // A connection that fails while the unanswered requests are
+                // re-sent is one more failed attempt, not the end.
+                Ok((conn, _ready)) => self.resend_pending(conn).await,
+                Err(e) => Err(e),
+            };
+            match opened {
+                Ok(conn) => return Ok(conn),
                 Err(ClientError::Closed {
                     code: Some(code),
                     reason,
@@ -508,6 +509,19 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Re-sends what was never answered, in request order (sends keep
+    /// their client message ids, so a retry is never stored twice).
+    async fn resend_pending(&self, mut conn: RawConnection) -> Result<RawConnection, ClientError> {
+        let mut rids: Vec<u32> = self.pending.keys().copied().collect();
+        rids.sort_unstable();
+        for rid in rids {
+            if let Some(req) = self.pending.get(&rid) {
+                conn.send(rid, &req.frame).await?;
+            }
+        }
+        Ok(conn)
     }
 
     async fn serve(
