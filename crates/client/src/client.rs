@@ -90,6 +90,18 @@ pub enum Event {
     /// A resume finished; rooms with `recovered = false` need a history
     /// reload.
     Resumed(Resumed),
+    /// A room event arrived in another epoch than the room's known
+    /// position: the room's stream was lost and events before this one
+    /// may be missing. Reload the room's history (as for a resume with
+    /// `recovered = false`); live events continue from (`epoch`, `seq`).
+    StreamLost {
+        /// Room.
+        room: String,
+        /// The new epoch.
+        epoch: u64,
+        /// Sequence number just before the event that revealed it.
+        seq: u64,
+    },
     /// An Error frame not tied to a pending request.
     Error(ErrorBody),
     /// The connection dropped; `reconnecting` says whether the client
@@ -379,6 +391,25 @@ impl Driver {
         }
     }
 
+    /// A room event at (`epoch`, `seq`): advances the position, and first
+    /// reports a lost stream when the epoch is not the position's
+    /// (PROTOCOL.md §9.5).
+    async fn event_at(&self, room: &str, epoch: u64, seq: u64) {
+        let known = self.positions.lock().await.get(room).map(|p| p.0);
+        if let Some(known) = known
+            && known != 0
+            && known != epoch
+        {
+            let lost = Event::StreamLost {
+                room: room.to_owned(),
+                epoch,
+                seq: seq.saturating_sub(1),
+            };
+            let _ = self.events.send(lost).await;
+        }
+        self.advance(room, epoch, seq).await;
+    }
+
     async fn on_frame(&mut self, rid: u32, frame: ServerFrame) {
         match &frame {
             ServerFrame::Joined(j) => {
@@ -401,9 +432,9 @@ impl Driver {
             }
             ServerFrame::Reacted(r) if r.seq != 0 => self.advance(&r.room, r.epoch, r.seq).await,
             ServerFrame::NewMessage(m) => {
-                self.advance(&m.message.room, m.epoch, m.message.seq).await
+                self.event_at(&m.message.room, m.epoch, m.message.seq).await
             }
-            ServerFrame::Reaction(r) => self.advance(&r.room, r.epoch, r.seq).await,
+            ServerFrame::Reaction(r) => self.event_at(&r.room, r.epoch, r.seq).await,
             ServerFrame::Resumed(r) => {
                 let mut pos = self.positions.lock().await;
                 for room in &r.rooms {

@@ -40,6 +40,12 @@ pub trait LocalDelivery: Send + Sync + 'static {
     /// Delivers `frame` to every local member of `room` except the
     /// connection `exclude` (the sender's own connection).
     fn deliver(&self, room: &str, frame: &Bytes, exclude: Option<u64>, ephemeral: bool);
+
+    /// The shared streams were lost (Redis restarted without its data):
+    /// every local member may have missed events it can no longer get
+    /// live, so the node makes them resume (and reload what cannot be
+    /// replayed). Called before anything of the new streams is delivered.
+    fn streams_lost(&self) {}
 }
 
 /// The fan-out engine of a node.

@@ -4,7 +4,7 @@
 //! has lost its logs, and the new epoch tells resuming clients so instead
 //! of letting them believe in a gapless stream.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,22 +39,33 @@ impl Default for LocalFanoutConfig {
     }
 }
 
+/// One recorded event: its sequence number, when, its frame, and for a
+/// message the sender's idempotency key.
+type Logged = (u64, Instant, Bytes, Option<Box<str>>);
+
 #[derive(Default)]
 struct RoomLog {
     /// Last assigned sequence number.
     seq: u64,
     /// Recent events, oldest first, with contiguous sequence numbers
     /// ending at `seq`.
-    events: VecDeque<(u64, Instant, Bytes)>,
+    events: VecDeque<Logged>,
+    /// Idempotency key -> sequence of the messages in `events`, so a
+    /// publish repeated after its record was lost is answered with the
+    /// original position instead of a second delivery (as the Redis
+    /// script does).
+    published: HashMap<Box<str>, u64>,
 }
 
 impl RoomLog {
     fn trim(&mut self, now: Instant, config: &LocalFanoutConfig) {
-        while let Some((_, at, _)) = self.events.front() {
+        while let Some((_, at, _, _)) = self.events.front() {
             if self.events.len() > config.max_events_per_room
                 || now.duration_since(*at) > config.recovery_window
             {
-                self.events.pop_front();
+                if let Some((_, _, _, Some(key))) = self.events.pop_front() {
+                    self.published.remove(&key);
+                }
             } else {
                 break;
             }
@@ -144,14 +155,36 @@ impl Fanout for LocalFanout {
         exclude: Option<u64>,
         on_sequenced: Option<OnSequenced>,
     ) -> Result<Published, FanoutError> {
+        let key: Option<Box<str>> = match &event {
+            RoomEvent::Message(m) => {
+                Some(format!("{}\u{1f}{}", m.sender_id, m.client_msg_id).into())
+            }
+            RoomEvent::Reaction { .. } => None,
+        };
         let log = self.log(room);
         let mut log = log.lock();
+        if let Some(&seq) = key.as_ref().and_then(|k| log.published.get(k)) {
+            let position = Position {
+                epoch: self.epoch,
+                seq,
+            };
+            if let Some(ack) = on_sequenced {
+                ack(position);
+            }
+            return Ok(Published {
+                position,
+                frame: Bytes::new(),
+            });
+        }
         let seq = log.seq + 1;
         // Encode before committing the number: a failure leaves no gap.
         let frame = self.encode(room, event, self.epoch, seq)?;
         log.seq = seq;
         let now = Instant::now();
-        log.events.push_back((seq, now, frame.clone()));
+        if let Some(k) = &key {
+            log.published.insert(k.clone(), seq);
+        }
+        log.events.push_back((seq, now, frame.clone(), key));
         log.trim(now, &self.config);
         // Delivered under the room's lock: the next event of this room
         // cannot overtake this one in any member's queue, nor the
@@ -207,7 +240,7 @@ impl Fanout for LocalFanout {
             });
         }
         let oldest = match log.events.front() {
-            Some((s, _, _)) => *s,
+            Some((s, _, _, _)) => *s,
             None => return Ok(Replay::NotRecoverable { current }),
         };
         if since.seq + 1 < oldest {
@@ -218,7 +251,7 @@ impl Fanout for LocalFanout {
             .events
             .iter()
             .skip(skip)
-            .map(|(_, _, f)| f.clone())
+            .map(|(_, _, f, _)| f.clone())
             .collect();
         Ok(Replay::Events {
             frames,
@@ -322,6 +355,31 @@ mod tests {
                 Replay::NotRecoverable { .. }
             ));
         }
+    }
+
+    /// A message published again (its record was lost) is answered with
+    /// its original position and delivered to nobody a second time.
+    #[tokio::test]
+    async fn a_repeated_publish_of_a_message_is_not_delivered_again() {
+        let (f, rec) = fanout(LocalFanoutConfig::default());
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let ack = |acked: &Arc<Mutex<Vec<Position>>>| -> OnSequenced {
+            let acked = acked.clone();
+            Box::new(move |p| acked.lock().push(p))
+        };
+        let first = f
+            .publish("r", message("m1"), Some(1), Some(ack(&acked)))
+            .await
+            .unwrap();
+        f.publish("r", message("m2"), Some(1), None).await.unwrap();
+        let again = f
+            .publish("r", message("m1"), Some(1), Some(ack(&acked)))
+            .await
+            .unwrap();
+        assert_eq!(again.position, first.position);
+        assert_eq!(rec.0.lock().len(), 2, "m1 and m2, once each");
+        assert_eq!(*acked.lock(), vec![first.position, first.position]);
+        assert_eq!(f.position("r").await.unwrap().seq, 2);
     }
 
     #[tokio::test]

@@ -140,6 +140,14 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*',
 return { epoch, seq, 0 }
 "#;
 
+/// A partition's incarnation: written once (first writer wins) and read
+/// back. A different value than the one a reader remembers means the
+/// partition's data was lost since it last looked.
+const INCARNATION: &str = r#"
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+"#;
+
 const POSITION: &str = r#"
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
@@ -178,6 +186,8 @@ pub struct FanoutStats {
     pub delivered: AtomicU64,
     /// Publish script failures.
     pub publish_errors: AtomicU64,
+    /// Times the partitions were found emptied (Redis lost its data).
+    pub streams_lost: AtomicU64,
 }
 
 /// A publish waiting for this node's reader to deliver its event.
@@ -242,6 +252,12 @@ impl RedisStreamsFanout {
             keys: (0..config.partitions)
                 .map(|p| partition_key(&config.namespace, p))
                 .collect(),
+            incarnation_keys: (0..config.partitions)
+                .map(|p| format!("{}:{{p{p}}}:incarnation", config.namespace))
+                .collect(),
+            incarnation: Script::from_lua(INCARNATION),
+            node_token: config.node_id.clone(),
+            checks: AtomicU64::new(0),
             node_id: config.node_id.clone(),
             codec,
             sink,
@@ -249,7 +265,8 @@ impl RedisStreamsFanout {
             stats: stats.clone(),
         };
         let start_ids = reader.current_ids().await;
-        let reader = tokio::spawn(reader.run(start_ids));
+        let known = reader.incarnations().await.ok();
+        let reader = tokio::spawn(reader.run(start_ids, known));
         Ok(RedisStreamsFanout {
             publish: Script::from_lua(PUBLISH),
             position: Script::from_lua(POSITION),
@@ -580,10 +597,22 @@ impl Fanout for RedisStreamsFanout {
     }
 }
 
+/// How often a reader that never lost its connection checks that the
+/// partitions were not emptied under it (FLUSHALL, a failover to an
+/// empty replica).
+const INCARNATION_CHECK: Duration = Duration::from_secs(5);
+
 /// This node's reader of every partition stream.
 struct Reader {
     client: Client,
     keys: Vec<String>,
+    incarnation_keys: Vec<String>,
+    incarnation: Script,
+    /// Prefix of this node's candidate incarnation values.
+    node_token: String,
+    /// Incarnation checks made; with the time, makes every candidate
+    /// value new (a partition recreated must never get its old value).
+    checks: AtomicU64,
     node_id: String,
     codec: Codec,
     sink: Arc<dyn LocalDelivery>,
@@ -606,44 +635,85 @@ impl Reader {
         ids
     }
 
-    /// After an outage: a stream whose last id is older than ours (or
-    /// which is gone) was recreated; read it from its start.
-    async fn reconcile(&self, ids: &mut [String]) {
-        for (key, id) in self.keys.iter().zip(ids.iter_mut()) {
-            let last: Result<Value, _> = self.client.xrevrange(key, "+", "-", Some(1)).await;
-            let Ok(last) = last else { return };
-            let newest = entries(&last).into_iter().next().map(|(id, _)| id);
-            let behind = match &newest {
-                None => true,
-                Some(n) => stream_id(n) < stream_id(id),
-            };
-            if behind && id != "0-0" {
-                tracing::warn!(
-                    stream = key,
-                    "stream went backwards (Redis lost data); reading it from the start"
-                );
-                *id = "0-0".into();
-            }
+    /// Every partition's incarnation (see [`INCARNATION`]).
+    async fn incarnations(&self) -> Result<Vec<String>, FanoutError> {
+        let check = self.checks.fetch_add(1, Ordering::Relaxed);
+        let token = format!("{}@{}#{check}", self.node_token, now_ms());
+        let mut out = Vec::with_capacity(self.incarnation_keys.len());
+        for key in &self.incarnation_keys {
+            let v: Value = self
+                .incarnation
+                .evalsha_with_reload(
+                    &self.client,
+                    vec![key.clone()],
+                    vec![Value::from(token.as_str())],
+                )
+                .await
+                .map_err(err)?;
+            out.push(as_str(&v).unwrap_or_default());
         }
+        Ok(out)
     }
 
-    async fn run(self, mut ids: Vec<String>) {
+    /// Compares the partitions' incarnations with the remembered ones. A
+    /// partition whose data was lost is read again from its start, and the
+    /// node's members are made to resume before anything of the new
+    /// streams reaches them (they may have missed events of the old ones).
+    /// `Err` while Redis cannot be reached.
+    async fn check_incarnations(
+        &self,
+        ids: &mut [String],
+        known: &mut Option<Vec<String>>,
+    ) -> Result<(), FanoutError> {
+        let now = self.incarnations().await?;
+        let mut lost = false;
+        if let Some(before) = known.as_ref() {
+            for (i, (was, is)) in before.iter().zip(&now).enumerate() {
+                if was != is {
+                    lost = true;
+                    ids[i] = "0-0".into();
+                }
+            }
+        }
+        *known = Some(now);
+        if lost {
+            self.stats.streams_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("Redis lost the room streams (restarted without its data?)");
+            self.sink.streams_lost();
+        }
+        Ok(())
+    }
+
+    async fn run(self, mut ids: Vec<String>, mut known: Option<Vec<String>>) {
         let mut failing = false;
         let mut backoff = Duration::from_millis(50);
+        let mut checked = tokio::time::Instant::now();
         loop {
+            if failing || checked.elapsed() >= INCARNATION_CHECK {
+                // Back from an outage (or due): see what survived before
+                // reading on, so nothing of a new stream is delivered to
+                // members who were not told of the loss.
+                if let Err(e) = self.check_incarnations(&mut ids, &mut known).await {
+                    tracing::debug!(error = %e, "incarnation check failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    failing = true;
+                    continue;
+                }
+                checked = tokio::time::Instant::now();
+                if failing {
+                    failing = false;
+                    backoff = Duration::from_millis(50);
+                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!("fan-out reader reconnected");
+                }
+            }
             let reply: Result<Value, _> = self
                 .client
                 .xread(Some(1000), Some(1000), self.keys.clone(), ids.clone())
                 .await;
             match reply {
                 Ok(v) => {
-                    if failing {
-                        failing = false;
-                        backoff = Duration::from_millis(50);
-                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!("fan-out reader reconnected");
-                        self.reconcile(&mut ids).await;
-                    }
                     self.stats.connected.store(true, Ordering::Relaxed);
                     self.deliver(v, &mut ids);
                 }

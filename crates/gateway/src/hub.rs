@@ -11,6 +11,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 
 use chatgate_fanout::LocalDelivery;
+use chatgate_protocol::CloseCode;
 
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pushed};
@@ -84,6 +85,20 @@ impl Hub {
 }
 
 impl LocalDelivery for Hub {
+    fn streams_lost(&self) {
+        let mut closed = 0usize;
+        for room in self.rooms.iter() {
+            for m in room.value() {
+                m.outbox.close(CloseCode::StreamsLost);
+                closed += 1;
+            }
+        }
+        tracing::warn!(
+            memberships = closed,
+            "room streams lost; members closed with 4005 to resume"
+        );
+    }
+
     fn deliver(&self, room: &str, frame: &Bytes, exclude: Option<u64>, ephemeral: bool) {
         let Some(members) = self.rooms.get(room) else {
             return;

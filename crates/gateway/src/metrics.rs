@@ -48,6 +48,9 @@ pub struct Metrics {
     errors: IntCounterVec,
     /// Store calls that failed.
     pub store_errors: IntCounter,
+    /// Retried sends answered "stored, reachable through History only":
+    /// the room stream they may have been published in was lost.
+    pub history_only_sends: IntCounter,
     /// Fan-out calls that failed.
     pub fanout_errors: IntCounter,
     /// 1 when a backend answered its last probe, by backend.
@@ -196,6 +199,11 @@ impl Metrics {
                 "Connections closed because their outbound queue filled",
             ),
             auth_failures: counter(r, "auth_failures_total", "Identify with an invalid token"),
+            history_only_sends: counter(
+                r,
+                "history_only_sends_total",
+                "Retried sends whose room stream was lost since they were stored",
+            ),
             closes,
             errors,
             store_errors: counter(r, "store_errors_total", "Failed store calls"),

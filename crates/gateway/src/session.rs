@@ -776,6 +776,13 @@ impl Drop for SendClaim {
     }
 }
 
+/// How far the fan-out's clock (which dates epochs) may run ahead of the
+/// store's (which dates messages) without a retry being mistaken for one
+/// whose room stream began after it was stored. Both are one host's clock
+/// in the embedded and single-host setups; NTP keeps separate hosts well
+/// inside this.
+const EPOCH_CLOCK_MARGIN_MS: u64 = 20;
+
 /// Stores, publishes and acknowledges one message. A retry of a message
 /// already published is answered with its original position; one stored
 /// but never published (the node died in between, or fan-out failed) is
@@ -811,6 +818,28 @@ async fn publish_message(
         return reply.send(rid, &sent(original, true));
     }
     let duplicate = inserted.duplicate;
+    if duplicate {
+        // Stored before and never recorded as published: the first attempt
+        // may have been delivered under a room stream lost since (its reply
+        // lost with it). A stream that began after the message was stored
+        // cannot hold it, and every member of the lost one is made to
+        // reload (4005, `recovered = false`), so the message reaches them
+        // through History; published again it would reach them twice.
+        // Otherwise the fan-out's own record answers whether it was
+        // published, and it is published at most once.
+        let current = match node.fanout.position(&message.room).await {
+            Ok(p) => p,
+            Err(e) => return reply.not_delivered(rid, &e),
+        };
+        if current.epoch > created_at_ms.saturating_add(EPOCH_CLOCK_MARGIN_MS) {
+            node.metrics.history_only_sends.inc();
+            let history_only = Position {
+                epoch: current.epoch,
+                seq: 0,
+            };
+            return reply.send(rid, &sent(history_only, true));
+        }
+    }
     // Queued by the fan-out in the room's order (see `OnSequenced`).
     let ack: OnSequenced = {
         let reply = reply.clone();

@@ -33,10 +33,7 @@ async fn send_acked(c: &mut Conn, rid: &mut u32, room: &str, cid: &str, body: &s
         *rid += 1;
         match c.request(*rid, send_frame(room, cid, body)).await {
             ServerFrame::MessageSent(ack) => return ack,
-            ServerFrame::Error(e)
-                if e.code == ErrorCode::Unavailable.code()
-                    || e.code == ErrorCode::Internal.code() =>
-            {
+            ServerFrame::Error(e) if ErrorCode::from_u16(e.code).is_some_and(|c| c.retryable()) => {
                 assert!(Instant::now() < deadline, "never acknowledged: {e:?}");
                 tokio::time::sleep(Duration::from_millis(e.retry_after_ms.clamp(50, 500) as u64))
                     .await;
@@ -281,6 +278,147 @@ async fn a_redis_restart_loses_and_duplicates_no_acknowledged_message() {
             node.metric("chat_fanout_reconnects") >= 1.0,
             "the outage shows in metrics"
         );
+    }
+}
+
+/// A message published, then Redis loses its data before the position
+/// is recorded (the node died, or the reply was lost with Redis): the
+/// store still says "never published". The sender's retry must not
+/// deliver it a second time under the new epoch to members who had it;
+/// they are made to resume, are told the old stream cannot be replayed,
+/// and find the message in History.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_send_retried_after_redis_lost_its_data_is_not_delivered_twice() {
+    let mut redis = PrivateRedis::start();
+    let cluster = Cluster::start(2, &redis.url(), &[]).await;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let mut sender = user(a, "lost-sender").await;
+    join(&mut sender, &["fragile"]).await;
+    let mut members = Vec::new();
+    for (i, node) in [a, b].into_iter().enumerate() {
+        let mut m = user(node, &format!("lost-member-{i}")).await;
+        let start = join(&mut m, &["fragile"]).await.rooms[0].clone();
+        members.push((m, start));
+    }
+    let mut rid = 10;
+    let first = send_acked(&mut sender, &mut rid, "fragile", "c-1", "once").await;
+    for (m, _) in &mut members {
+        let got = collect(m, 1, Duration::from_secs(10)).await;
+        assert_eq!(got.len(), 1, "delivered live");
+        assert_eq!(got[0].0, first.message_id);
+    }
+    // The position was never recorded ...
+    let db = cluster.args[cluster
+        .args
+        .iter()
+        .position(|a| a == "--database-url")
+        .unwrap()
+        + 1]
+    .clone();
+    let (pg, conn) = tokio_postgres::connect(&db, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let updated = pg
+        .execute(
+            "UPDATE messages SET seq = 0, epoch = 0 WHERE id = $1",
+            &[&(first.message_id as i64)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated, 1);
+    // ... and Redis comes back without its data.
+    redis.restart();
+    for node in [a, b] {
+        node.wait_health("fan-out back", |h| {
+            h["backends"]["fanout"]["status"] == "ok"
+        });
+    }
+
+    // The sender retries on a new connection.
+    let mut again = user(a, "lost-sender").await;
+    let retry = send_acked(&mut again, &mut rid, "fragile", "c-1", "once").await;
+    assert!(retry.duplicate, "{retry:?}");
+    assert_eq!(retry.message_id, first.message_id);
+
+    for (i, (mut m, start)) in members.into_iter().enumerate() {
+        let node = if i == 0 { a } else { b };
+        // Whatever the member hears from here on, live or after a resume,
+        // must not include the message again.
+        let mut ids: Vec<u64> = collect(&mut m, 1, Duration::from_secs(2))
+            .await
+            .into_iter()
+            .map(|g| g.0)
+            .collect();
+        assert!(
+            !ids.contains(&first.message_id),
+            "member {i} received the message a second time, live"
+        );
+        let closed = m.close_code().await;
+        assert_eq!(closed, Some(4005), "member {i} is made to resume");
+        let mut raw = chatgate_client::RawConnection::connect(&node.url())
+            .await
+            .unwrap();
+        let resume = Resume {
+            session_id: [0; 16],
+            positions: vec![RoomPosition {
+                room: "fragile".into(),
+                epoch: start.epoch,
+                seq: start.seq + 1,
+            }],
+        };
+        raw.send(
+            1,
+            &ClientFrame::Identify(Identify {
+                token: token(&format!("lost-member-{i}")),
+                resume: Some(resume),
+            }),
+        )
+        .await
+        .unwrap();
+        let mut resumed = Conn::new(raw);
+        let outcome = loop {
+            match resumed.expect().await {
+                (_, ServerFrame::Resumed(r)) => break r,
+                (_, ServerFrame::NewMessage(n)) => ids.push(n.message.id),
+                _ => {}
+            }
+        };
+        assert!(
+            !outcome.rooms[0].recovered,
+            "member {i}: the lost stream cannot be replayed: {outcome:?}"
+        );
+        ids.extend(
+            collect(&mut resumed, 1, Duration::from_secs(2))
+                .await
+                .into_iter()
+                .map(|g| g.0),
+        );
+        assert!(
+            !ids.contains(&first.message_id),
+            "member {i} received the message a second time"
+        );
+        assert!(resumed.alive().await, "member {i}'s connection is alive");
+        // History, which the member reloads, has it once.
+        let page = resumed
+            .request(
+                20,
+                ClientFrame::History(History {
+                    room: "fragile".into(),
+                    before: None,
+                    limit: 10,
+                }),
+            )
+            .await;
+        let ServerFrame::HistoryPage(page) = page else {
+            panic!("{page:?}");
+        };
+        let found = page
+            .messages
+            .iter()
+            .filter(|m| m.id == first.message_id)
+            .count();
+        assert_eq!(found, 1, "member {i}: History holds the message once");
     }
 }
 

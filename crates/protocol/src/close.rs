@@ -31,6 +31,10 @@ pub enum CloseCode {
     ServerError = 4003,
     /// The node is at its connection capacity; try again (another node).
     Overloaded = 4004,
+    /// The node's room streams were lost (Redis restarted without its
+    /// data). Reconnect and resume at once: rooms whose events cannot be
+    /// replayed answer `recovered = false`, and the client reloads them.
+    StreamsLost = 4005,
 
     /// The token was missing, malformed, expired or wrongly signed.
     /// Obtain a new token before reconnecting.
@@ -51,12 +55,13 @@ pub enum CloseCode {
 }
 
 /// Every close code, in table order.
-pub const ALL_CLOSE_CODES: [CloseCode; 12] = [
+pub const ALL_CLOSE_CODES: [CloseCode; 13] = [
     CloseCode::ShuttingDown,
     CloseCode::SlowConsumer,
     CloseCode::HeartbeatTimeout,
     CloseCode::ServerError,
     CloseCode::Overloaded,
+    CloseCode::StreamsLost,
     CloseCode::InvalidToken,
     CloseCode::ProtocolViolation,
     CloseCode::TextFrame,
@@ -91,6 +96,7 @@ impl CloseCode {
             CloseCode::HeartbeatTimeout => "heartbeat timeout",
             CloseCode::ServerError => "server error",
             CloseCode::Overloaded => "server overloaded",
+            CloseCode::StreamsLost => "room streams lost; resume",
             CloseCode::InvalidToken => "invalid token",
             CloseCode::ProtocolViolation => "protocol violation",
             CloseCode::TextFrame => "text frames are not supported",
@@ -109,6 +115,7 @@ impl CloseCode {
             CloseCode::HeartbeatTimeout => "heartbeat_timeout",
             CloseCode::ServerError => "server_error",
             CloseCode::Overloaded => "overloaded",
+            CloseCode::StreamsLost => "streams_lost",
             CloseCode::InvalidToken => "invalid_token",
             CloseCode::ProtocolViolation => "protocol_violation",
             CloseCode::TextFrame => "text_frame",

@@ -150,6 +150,9 @@ fn print_event(ev: &Event) {
                 );
             }
         }
+        Event::StreamLost { room, .. } => {
+            eprintln!("[{room}] the room's stream was lost; run `chat history`")
+        }
         Event::Error(e) => eprintln!("error {}: {}", e.code, e.message),
         Event::Ready(_) => {}
     }
