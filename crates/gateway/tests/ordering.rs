@@ -155,6 +155,7 @@ async fn acks_in_sequence_order(nodes: &[Gateway]) {
     for (i, mut c) in tasks.into_iter().enumerate() {
         handles.push(tokio::spawn(async move {
             let mut order = Vec::new();
+            let mut by_request = Vec::new();
             let mut acks = 0;
             for m in 0..count {
                 c.raw
@@ -164,9 +165,10 @@ async fn acks_in_sequence_order(nodes: &[Gateway]) {
                 // Keep a few sends in flight, as a chatty client does.
                 while m + 1 - acks > 4 {
                     match c.expect().await {
-                        (_, ServerFrame::MessageSent(a)) => {
+                        (rid, ServerFrame::MessageSent(a)) => {
                             acks += 1;
                             order.push((a.seq, "ack"));
+                            by_request.push((rid, a.seq));
                         }
                         (_, ServerFrame::NewMessage(n)) => order.push((n.message.seq, "event")),
                         other => panic!("unexpected {other:?}"),
@@ -176,17 +178,26 @@ async fn acks_in_sequence_order(nodes: &[Gateway]) {
             let deadline = Instant::now() + Duration::from_secs(30);
             while order.len() < 2 * count as usize && Instant::now() < deadline {
                 match c.next(Duration::from_millis(200)).await {
-                    Some((_, ServerFrame::MessageSent(a))) => order.push((a.seq, "ack")),
+                    Some((rid, ServerFrame::MessageSent(a))) => {
+                        order.push((a.seq, "ack"));
+                        by_request.push((rid, a.seq));
+                    }
                     Some((_, ServerFrame::NewMessage(n))) => order.push((n.message.seq, "event")),
                     Some(other) => panic!("unexpected {other:?}"),
                     None => {}
                 }
             }
-            order
+            (order, by_request)
         }));
     }
     for h in handles {
-        let order = h.await.unwrap();
+        let (order, mut by_request) = h.await.unwrap();
+        // A client's messages take their places in the order it sent them.
+        by_request.sort_unstable();
+        assert!(
+            by_request.windows(2).all(|w| w[0].1 < w[1].1),
+            "messages of one connection out of request order"
+        );
         assert_eq!(order.len(), 2 * count as usize, "every ack and every event");
         let bad: Vec<_> = order.windows(2).filter(|w| w[1].0 <= w[0].0).collect();
         assert!(
