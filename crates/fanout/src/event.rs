@@ -62,7 +62,11 @@ impl RoomEvent {
 /// queues its acknowledgement here: queued any later, an ack could land
 /// behind the room's next events on that connection; any earlier, ahead
 /// of events numbered before it.
-pub type OnSequenced = Box<dyn FnOnce(Position) + Send + Sync>;
+///
+/// The flag is true when the event had been published before (a retry
+/// whose first attempt's record was lost): the position is the original
+/// one, and this call is not the event's place in any stream.
+pub type OnSequenced = Box<dyn FnOnce(Position, bool) + Send + Sync>;
 
 /// What [`crate::Fanout::publish`] did.
 #[derive(Debug, Clone)]

@@ -169,7 +169,7 @@ impl Fanout for LocalFanout {
                 seq,
             };
             if let Some(ack) = on_sequenced {
-                ack(position);
+                ack(position, true);
             }
             return Ok(Published {
                 position,
@@ -195,7 +195,7 @@ impl Fanout for LocalFanout {
             seq,
         };
         if let Some(ack) = on_sequenced {
-            ack(position);
+            ack(position, false);
         }
         Ok(Published { position, frame })
     }
@@ -363,9 +363,9 @@ mod tests {
     async fn a_repeated_publish_of_a_message_is_not_delivered_again() {
         let (f, rec) = fanout(LocalFanoutConfig::default());
         let acked = Arc::new(Mutex::new(Vec::new()));
-        let ack = |acked: &Arc<Mutex<Vec<Position>>>| -> OnSequenced {
+        let ack = |acked: &Arc<Mutex<Vec<(Position, bool)>>>| -> OnSequenced {
             let acked = acked.clone();
-            Box::new(move |p| acked.lock().push(p))
+            Box::new(move |p, before| acked.lock().push((p, before)))
         };
         let first = f
             .publish("r", message("m1"), Some(1), Some(ack(&acked)))
@@ -378,7 +378,10 @@ mod tests {
             .unwrap();
         assert_eq!(again.position, first.position);
         assert_eq!(rec.0.lock().len(), 2, "m1 and m2, once each");
-        assert_eq!(*acked.lock(), vec![first.position, first.position]);
+        assert_eq!(
+            *acked.lock(),
+            vec![(first.position, false), (first.position, true)]
+        );
         assert_eq!(f.position("r").await.unwrap().seq, 2);
     }
 

@@ -232,7 +232,10 @@ impl Session {
                 .resume
                 .as_ref()
                 .and_then(|r| r.positions.iter().find(|p| &p.room == room));
-            let position = match claimed {
+            // `told`: where Ready puts the client (§9.5: nothing at or
+            // before it follows). `mark`: what it has once the replay is
+            // written, so live events queued meanwhile are not repeated.
+            let (told, mark) = match claimed {
                 None => {
                     let current = node
                         .fanout
@@ -248,7 +251,7 @@ impl Session {
                             seq: current.seq,
                         });
                     }
-                    current
+                    (current, current)
                 }
                 Some(p) => {
                     let since = Position {
@@ -265,7 +268,9 @@ impl Session {
                                 seq: position.seq,
                             });
                             replay_frames.extend(frames);
-                            position
+                            // The replay follows Ready: Ready says where the
+                            // client was, Resumed where it is after it.
+                            (since, position)
                         }
                         Ok(Replay::NotRecoverable { current }) => {
                             outcomes.push(RoomResume {
@@ -275,7 +280,7 @@ impl Session {
                                 epoch: current.epoch,
                                 seq: current.seq,
                             });
-                            current
+                            (current, current)
                         }
                         Err(e) => {
                             node.metrics.fanout_errors.inc();
@@ -287,16 +292,16 @@ impl Session {
                                 epoch: 0,
                                 seq: 0,
                             });
-                            Position { epoch: 0, seq: 0 }
+                            (Position { epoch: 0, seq: 0 }, Position { epoch: 0, seq: 0 })
                         }
                     }
                 }
             };
-            session.watermarks.push((name, position));
+            session.watermarks.push((name, mark));
             positions.push(RoomPosition {
                 room: room.clone(),
-                epoch: position.epoch,
-                seq: position.seq,
+                epoch: told.epoch,
+                seq: told.seq,
             });
         }
 
@@ -689,7 +694,7 @@ impl Session {
                     };
                     let ack: OnSequenced = {
                         let reply = reply.clone();
-                        Box::new(move |p| reply.send(rid, &reacted(p)))
+                        Box::new(move |p, _| reply.send(rid, &reacted(p)))
                     };
                     let published = node.fanout.publish(&r.room, event, Some(conn), Some(ack));
                     if let Err(e) = published.await {
@@ -845,8 +850,7 @@ async fn publish_message(
         };
         return reply.send(rid, &sent(original, true));
     }
-    let duplicate = inserted.duplicate;
-    if duplicate {
+    if inserted.duplicate {
         // Stored before and never recorded as published: the first attempt
         // may have been delivered under a room stream lost since (its reply
         // lost with it). A stream that began after the message was stored
@@ -869,9 +873,12 @@ async fn publish_message(
         }
     }
     // Queued by the fan-out in the room's order (see `OnSequenced`).
+    // `duplicate` says whether the message reached the room before this
+    // request, not whether the store had it: a retry that publishes it
+    // for the first time takes its place in this connection's stream.
     let ack: OnSequenced = {
         let reply = reply.clone();
-        Box::new(move |p| reply.send(rid, &sent(p, duplicate)))
+        Box::new(move |p, published_before| reply.send(rid, &sent(p, published_before)))
     };
     let room = message.room.clone();
     let published = match node

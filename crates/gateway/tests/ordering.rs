@@ -241,3 +241,73 @@ async fn a_clients_close_is_answered_with_a_close() {
     let mut c = user(&gw, "after").await;
     assert!(c.alive().await);
 }
+
+/// PROTOCOL.md §9.5 and §9.7 agree: a resuming Ready puts a replayed room
+/// at the client's own position, so a client that drops every event at or
+/// before Ready's position keeps the whole replay, each event once.
+#[tokio::test]
+async fn a_resumed_room_starts_at_the_clients_position_and_the_replay_follows() {
+    let gw = Gateway::start(&FAST);
+    let mut sender = user(&gw, "resume-sender").await;
+    join(&mut sender, &["again"]).await;
+    let (raw, ready) = identified(&gw, "resume-reader").await;
+    let mut reader = Conn::new(raw);
+    let start = join(&mut reader, &["again"]).await.rooms[0].clone();
+    drop(reader);
+
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        match sender
+            .request(10 + i, send_frame("again", &format!("r-{i}"), "missed"))
+            .await
+        {
+            ServerFrame::MessageSent(a) => acked.push(a.seq),
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut raw = chatgate_client::RawConnection::connect(&gw.url())
+        .await
+        .unwrap();
+    let identify = Identify {
+        token: token("resume-reader"),
+        resume: Some(Resume {
+            session_id: ready.session_id,
+            positions: vec![start.clone()],
+        }),
+    };
+    raw.send(1, &ClientFrame::Identify(identify)).await.unwrap();
+    let mut c = Conn::new(raw);
+    let (_, first) = c.expect().await;
+    let ServerFrame::Ready(resumed_ready) = first else {
+        panic!("expected Ready, got {first:?}");
+    };
+    assert!(resumed_ready.resuming);
+    assert_eq!(
+        resumed_ready.rooms,
+        vec![start.clone()],
+        "Ready carries the client's own position for a replayed room"
+    );
+    // A client following §9.5 literally: drop what is at or before its
+    // position, advance on everything else.
+    let mut position = (start.epoch, start.seq);
+    let mut kept = Vec::new();
+    let outcome = loop {
+        match c.expect().await {
+            (_, ServerFrame::NewMessage(m)) => {
+                if m.epoch == position.0 && m.message.seq > position.1 {
+                    position.1 = m.message.seq;
+                    kept.push(m.message.seq);
+                }
+            }
+            (_, ServerFrame::Resumed(r)) => break r,
+            (_, other) => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(kept, acked, "every missed message, once, in order");
+    let room = &outcome.rooms[0];
+    assert!(room.recovered);
+    assert_eq!(room.replayed, 5);
+    assert_eq!((room.epoch, room.seq), position, "Resumed carries the head");
+    assert!(c.next(Duration::from_millis(300)).await.is_none());
+    assert!(c.alive().await);
+}

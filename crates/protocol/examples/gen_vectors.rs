@@ -325,6 +325,23 @@ fn main() {
         }),
     );
     out.server(
+        "ready_resuming",
+        "Ready answering identify_resume: `general` is replayed, so it carries the \
+         client's own position (1, 250) and events 251.. follow; `random` cannot be \
+         replayed (its epoch changed), so it carries the room's current position.",
+        1,
+        ServerFrame::Ready(Ready {
+            session_id: [9; 16],
+            user_id: "u-alice".into(),
+            user_name: "Alice".into(),
+            rooms: vec![pos("general", 1, 250), pos("random", 8, 0)],
+            heartbeat_interval_ms: 25_000,
+            heartbeat_timeout_ms: 20_000,
+            max_frame_bytes: 1_048_576,
+            resuming: true,
+        }),
+    );
+    out.server(
         "heartbeat_ack",
         "Reply to Heartbeat with the server clock.",
         9,
