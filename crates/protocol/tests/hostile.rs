@@ -5,38 +5,54 @@
 #![allow(clippy::unwrap_used)] // a panic here is a failed test
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::Cell;
 
 use chatgate_protocol::payload::*;
 use chatgate_protocol::{ClientFrame, Codec, CodecConfig, DecodeError};
 
-/// Tracks bytes currently allocated and the peak since the last reset.
+/// Tracks, per thread, bytes allocated minus bytes freed and the peak of
+/// that since the last reset. Per thread because tests run on several
+/// threads at once: a process-wide count would add the other tests'
+/// allocations to this one's peak (a lock only serialises measurements,
+/// not the unmeasured tests around them). The decoder allocates on its
+/// caller's thread, so that thread's count is the decoder's.
 struct Counting;
 
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-/// Tests run on several threads; measurements take this lock so one
-/// test's allocations do not land in another's peak.
-static MEASURE: Mutex<()> = Mutex::new(());
+thread_local! {
+    // Const-initialised cells of plain integers: no allocation and no
+    // destructor, so the allocator itself may use them.
+    static CURRENT: Cell<isize> = const { Cell::new(0) };
+    static PEAK: Cell<isize> = const { Cell::new(0) };
+}
+
+fn grew(bytes: usize) {
+    let _ = CURRENT.try_with(|c| {
+        let now = c.get().wrapping_add(bytes as isize);
+        c.set(now);
+        let _ = PEAK.try_with(|p| p.set(p.get().max(now)));
+    });
+}
+
+fn shrank(bytes: usize) {
+    // Memory allocated on another thread may be freed here: the count can
+    // go below zero, which only lowers this thread's baseline.
+    let _ = CURRENT.try_with(|c| c.set(c.get().wrapping_sub(bytes as isize)));
+}
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let now = CURRENT.fetch_add(layout.size(), Ordering::SeqCst) + layout.size();
-        PEAK.fetch_max(now, Ordering::SeqCst);
+        grew(layout.size());
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        CURRENT.fetch_sub(layout.size(), Ordering::SeqCst);
+        shrank(layout.size());
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         if new_size > layout.size() {
-            let now = CURRENT.fetch_add(new_size - layout.size(), Ordering::SeqCst) + new_size
-                - layout.size();
-            PEAK.fetch_max(now, Ordering::SeqCst);
+            grew(new_size - layout.size());
         } else {
-            CURRENT.fetch_sub(layout.size() - new_size, Ordering::SeqCst);
+            shrank(layout.size() - new_size);
         }
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -45,13 +61,14 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// Runs `f` and returns its result and the peak extra bytes it allocated.
+/// Runs `f` and returns its result and the peak extra bytes it allocated
+/// on this thread.
 fn peak_alloc<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let _guard = MEASURE.lock().unwrap_or_else(|e| e.into_inner());
-    let base = CURRENT.load(Ordering::SeqCst);
-    PEAK.store(base, Ordering::SeqCst);
+    let base = CURRENT.with(Cell::get);
+    PEAK.with(|p| p.set(base));
     let out = f();
-    (out, PEAK.load(Ordering::SeqCst).saturating_sub(base))
+    let peak = PEAK.with(Cell::get);
+    (out, peak.saturating_sub(base).max(0) as usize)
 }
 
 /// A simple deterministic generator (no external RNG needed).

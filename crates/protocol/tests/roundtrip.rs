@@ -1,6 +1,12 @@
 //! Property tests: every frame round-trips through the codec (compressed
-//! or not), and decoding arbitrary bytes never panics.
+//! or not), and the fuzz target's property (whatever decodes re-encodes
+//! to the same frame; nothing panics) holds on its seed corpus, on
+//! arbitrary bytes and on mutated frames.
 #![allow(clippy::unwrap_used)] // a panic here is a failed test
+
+/// The `decode` fuzz target's property, the same file the target runs.
+#[path = "../../../fuzz/property.rs"]
+mod property;
 
 use bytes::Bytes;
 use chatgate_protocol::payload::*;
@@ -261,20 +267,114 @@ proptest! {
     }
 
     #[test]
-    fn arbitrary_bytes_never_panic(bytes in vec(any::<u8>(), 0..512), op in any::<u8>(), flags in 0u8..4) {
-        let codec = Codec::default();
+    fn arbitrary_bytes_hold_the_fuzz_property(bytes in vec(any::<u8>(), 0..512), op in any::<u8>(), flags in 0u8..4) {
         let mut b = bytes;
         if b.len() >= 2 { b[0] = op; b[1] = flags; }
-        let _ = codec.decode_client(&b);
-        let _ = codec.decode_server_all(&b);
+        property::check(&b);
     }
 
     #[test]
-    fn mutated_frames_never_panic(frame in server_frame(), flips in vec((any::<prop::sample::Index>(), any::<u8>()), 1..6)) {
-        let codec = Codec::default();
-        let mut b = codec.encode_server(0, &frame).unwrap().to_vec();
+    fn mutated_frames_hold_the_fuzz_property(frame in prop_oneof![
+        server_frame().prop_map(|f| Codec::default().encode_server(7, &f).unwrap()),
+        client_frame().prop_map(|f| Codec::default().encode_client(7, &f).unwrap()),
+    ], flips in vec((any::<prop::sample::Index>(), any::<u8>()), 0..6)) {
+        let mut b = frame.to_vec();
+        let unchanged = flips.iter().all(|(_, x)| *x == 0);
         for (i, x) in flips { let i = i.index(b.len()); b[i] ^= x; }
-        let _ = codec.decode_server_all(&b);
-        let _ = codec.decode_client(&b);
+        let checked = property::check(&b);
+        // An encoded frame decodes at least with the default limits: the
+        // property was really exercised, not skipped.
+        prop_assert!(!unchanged || checked >= 1, "a valid frame did not round-trip");
     }
+
+    #[test]
+    fn mutated_seeds_hold_the_fuzz_property(pick in any::<prop::sample::Index>(), flips in vec((any::<prop::sample::Index>(), any::<u8>()), 1..6), cut in any::<prop::sample::Index>()) {
+        let seeds: Vec<&Vec<u8>> = SEEDS.iter().map(|(_, b)| b).filter(|b| !b.is_empty()).collect();
+        let mut b = seeds[pick.index(seeds.len())].clone();
+        for (i, x) in flips { let i = i.index(b.len()); b[i] ^= x; }
+        b.truncate(cut.index(b.len() + 1));
+        property::check(&b);
+    }
+}
+
+fn repo_dir(relative: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(relative)
+}
+
+/// The fuzz target's seed corpus: (file name, bytes), by name.
+static SEEDS: std::sync::LazyLock<Vec<(String, Vec<u8>)>> = std::sync::LazyLock::new(|| {
+    let dir = repo_dir("fuzz/corpus/decode");
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&path).unwrap())
+        })
+        .collect();
+    out.sort();
+    assert!(!out.is_empty(), "empty corpus in {}", dir.display());
+    out
+});
+
+/// Every frame in `proto-spec/vectors/`: (name, bytes, valid).
+fn vectors() -> Vec<(String, Vec<u8>, bool)> {
+    let dir = repo_dir("proto-spec/vectors");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        if path.extension().is_none_or(|e| e != "json") || name == "index" {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let bytes = hex::decode(v["hex"].as_str().expect("hex field")).unwrap();
+        out.push((name, bytes, v.get("error").is_none()));
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn the_vectors_and_seeds_hold_the_fuzz_property() {
+    let mut not_round_tripped = Vec::new();
+    for (name, bytes, valid) in vectors() {
+        if property::check(&bytes) == 0 && valid {
+            not_round_tripped.push(name);
+        }
+    }
+    // A valid frame that decodes with neither codec means the property
+    // was skipped, not that it held.
+    assert!(
+        not_round_tripped.is_empty(),
+        "valid vectors that did not round-trip: {not_round_tripped:?}"
+    );
+    for (_, bytes) in SEEDS.iter() {
+        property::check(bytes);
+    }
+}
+
+/// The fuzzer starts from the seeds; stale ones (a vector changed since)
+/// fail early in the decoder and leave the paths behind them unexplored.
+#[test]
+fn the_seed_corpus_is_the_vectors() {
+    let want: Vec<(String, Vec<u8>)> = vectors().into_iter().map(|(n, b, _)| (n, b)).collect();
+    let stale: Vec<&str> = want
+        .iter()
+        .filter(|v| !SEEDS.contains(v))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let extra: Vec<&str> = SEEDS
+        .iter()
+        .filter(|s| !want.iter().any(|(n, _)| *n == s.0))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert!(
+        stale.is_empty() && extra.is_empty(),
+        "fuzz/corpus/decode differs from proto-spec/vectors (refresh it as fuzz/README.md says): \
+         missing or stale {stale:?}, no such vector {extra:?}"
+    );
 }

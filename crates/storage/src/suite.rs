@@ -31,6 +31,12 @@ pub fn test_database_url() -> String {
 
 /// A fresh schema in the test database, so tests can run in parallel.
 /// Returns a URL whose connections use it, and the schema's name.
+///
+/// The name is `t_<creation time, ns since the epoch, hex>_<pid>_<n>`:
+/// unique per process, and old leftovers can be told by their age
+/// (`scripts/services` sweeps those of runs that were killed). Every
+/// schema made here is dropped when this process exits, and only those:
+/// other runs may be using the same database at the same time.
 pub async fn fresh_schema() -> (String, String) {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -49,11 +55,91 @@ pub async fn fresh_schema() -> (String, String) {
         .batch_execute(&format!("CREATE SCHEMA {schema}"))
         .await
         .unwrap();
+    at_exit::drop_schema(&schema);
     let sep = if base.contains('?') { '&' } else { '?' };
     (
         format!("{base}{sep}options=-csearch_path%3D{schema}"),
         schema,
     )
+}
+
+/// Drops this process's schemas when it exits. A test binary has no
+/// other end-of-run hook: its tests return on other threads and the
+/// harness then calls `exit`, which runs the C library's `atexit`
+/// handlers (a failed run exits through the same path). Tests hand
+/// schema URLs to gateway processes, so a guard dropped at the end of
+/// one test would be too early for some callers.
+mod at_exit {
+    use std::sync::{Mutex, Once};
+    use std::time::Duration;
+
+    static CREATED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    static HOOK: Once = Once::new();
+
+    #[allow(unsafe_code)] // the C library's atexit; std has no exit hook
+    mod ffi {
+        unsafe extern "C" {
+            pub(super) fn atexit(callback: extern "C" fn()) -> std::ffi::c_int;
+        }
+    }
+
+    pub(super) fn drop_schema(schema: &str) {
+        CREATED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(schema.to_owned());
+        HOOK.call_once(|| {
+            // SAFETY: `atexit` only records the pointer to a function
+            // that lives as long as the program; registered once.
+            #[allow(unsafe_code)]
+            let refused = unsafe { ffi::atexit(drop_created) } != 0;
+            if refused {
+                eprintln!("cannot register the test schemas' cleanup; they stay until swept");
+            }
+        });
+    }
+
+    extern "C" fn drop_created() {
+        // Unwinding out of an `extern "C"` function aborts: contain it.
+        let _ = std::panic::catch_unwind(|| {
+            let schemas = std::mem::take(&mut *CREATED.lock().unwrap_or_else(|e| e.into_inner()));
+            if schemas.is_empty() {
+                return;
+            }
+            // A runtime of its own on a thread of its own: whatever the
+            // exiting thread was running is gone or going.
+            let worker = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()?;
+                runtime.block_on(async {
+                    tokio::time::timeout(Duration::from_secs(30), drop_all(&schemas))
+                        .await
+                        .ok()
+                })
+            });
+            let _ = worker.join();
+        });
+    }
+
+    async fn drop_all(schemas: &[String]) -> Result<(), tokio_postgres::Error> {
+        let (client, conn) =
+            tokio_postgres::connect(&super::test_database_url(), tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        // A gateway killed mid-transaction can hold a lock for a moment;
+        // never wait long: the age-based sweep collects what is left.
+        client.batch_execute("SET lock_timeout = '5s'").await?;
+        for schema in schemas {
+            if let Err(e) = client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                .await
+            {
+                eprintln!("test schema {schema} not dropped: {e}");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Runs every check against `store`.
@@ -94,6 +180,13 @@ pub async fn memberships(store: &dyn Store, tag: &str) {
         store.memberships(&u).await.unwrap(),
         want,
         "memberships after join"
+    );
+    // Read again unchanged: where a cache is in front, this read is
+    // answered from it (its hit counter shows the cache was really used).
+    assert_eq!(
+        store.memberships(&u).await.unwrap(),
+        want,
+        "memberships read twice"
     );
     store.leave(&u, &rooms[1..2]).await.unwrap();
     store.leave(&u, &rooms[1..2]).await.unwrap();

@@ -35,7 +35,22 @@ async fn cached_pg_store_passes_the_suite() {
     let cached = CachedStore::connect(pg().await, CacheConfig::new(redis_url()))
         .await
         .unwrap();
+    let stats = cached.stats();
     suite::run_all(Arc::new(cached), &tag).await;
+    // Without Redis the cache falls back to Postgres and the suite passes
+    // all the same; only the counters tell that Redis was really used.
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(
+        stats.errors.load(Relaxed),
+        0,
+        "the cache met Redis errors (is Redis at {} running?)",
+        redis_url()
+    );
+    assert!(
+        stats.hits.load(Relaxed) >= 1,
+        "no read was answered from Redis ({} misses)",
+        stats.misses.load(Relaxed)
+    );
 }
 
 #[tokio::test]

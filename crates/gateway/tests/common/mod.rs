@@ -60,6 +60,39 @@ impl Gateway {
         self.child.id()
     }
 
+    /// Sends a WebSocket upgrade for `/ws` offering `chat.v1` and reads
+    /// the response head; returns (status, headers with lower-case names).
+    /// For answers a client library reports only as an error (a 503 and
+    /// its `Retry-After`).
+    pub fn upgrade_response(&self) -> (u16, Vec<(String, String)>) {
+        let mut s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Protocol: {}\r\n\r\n",
+            chatgate_protocol::SUBPROTOCOL
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match s.read(&mut byte).unwrap() {
+                0 => panic!("connection closed inside the response head: {head:?}"),
+                _ => head.push(byte[0]),
+            }
+        }
+        let head = String::from_utf8(head).unwrap();
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap()[9..12].parse().unwrap();
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        (status, headers)
+    }
+
     /// GET a path; returns (status, body).
     pub fn get(&self, path: &str) -> (u16, String) {
         let mut s = TcpStream::connect(self.addr).unwrap();
@@ -238,6 +271,30 @@ impl Conn {
             ServerFrame::HeartbeatAck(_)
         )
     }
+
+    /// Asserts that nothing arrives within `wait` and that the connection
+    /// is alive afterwards: a closed or stuck connection receives nothing
+    /// too, so silence alone proves nothing. The heartbeat is answered
+    /// after everything the server queued before it, so a frame already
+    /// on its way is caught however slowly it travels.
+    pub async fn assert_quiet(&mut self, wait: Duration, what: &str) {
+        if let Some(f) = self.next(wait).await {
+            panic!("{what}: got {f:?}");
+        }
+        assert!(
+            self.closed.is_none(),
+            "{what}: the connection closed ({:?})",
+            self.closed
+        );
+        self.raw
+            .send(0xFFFF, &ClientFrame::Heartbeat)
+            .await
+            .unwrap();
+        match self.expect().await {
+            (0xFFFF, ServerFrame::HeartbeatAck(_)) => {}
+            other => panic!("{what}: got {other:?} before the heartbeat's answer"),
+        }
+    }
 }
 
 pub async fn next_frame(c: &mut RawConnection) -> (u32, ServerFrame) {
@@ -276,13 +333,16 @@ pub fn send_frame(room: &str, cid: &str, body: &str) -> ClientFrame {
     })
 }
 
-/// A free TCP port on loopback (bound then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A directory of its own under the temp dir for a private server.
+fn private_dir(kind: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("chatgate-{kind}-{}-{n}", std::process::id()));
+    // A leftover of an earlier process with the same PID.
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 fn is_root() -> bool {
@@ -308,10 +368,13 @@ fn pg_bin(name: &str) -> String {
     name.to_owned()
 }
 
-/// A private PostgreSQL server in a temp dir on a spare port, for tests
-/// that stop and start it. Never touches the shared server.
+/// A private PostgreSQL server in a temp dir, for tests that stop and
+/// start it. Never touches the shared server. It listens on a Unix socket
+/// in its own directory and on no TCP port at all, so no other process
+/// can take its address between a stop and a start (or before the first).
 pub struct PrivatePostgres {
     pub dir: std::path::PathBuf,
+    /// The socket's number (part of its file name; not a TCP port).
     pub port: u16,
 }
 
@@ -333,12 +396,7 @@ impl PrivatePostgres {
     }
 
     pub fn start() -> PrivatePostgres {
-        let dir = std::env::temp_dir().join(format!(
-            "chatgate-pg-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = private_dir("pg");
         if is_root() {
             Command::new("chown")
                 .args(["postgres:postgres"])
@@ -346,10 +404,7 @@ impl PrivatePostgres {
                 .status()
                 .unwrap();
         }
-        let pg = PrivatePostgres {
-            dir,
-            port: free_port(),
-        };
+        let pg = PrivatePostgres { dir, port: 5432 };
         let data = pg.dir.join("data");
         let data = data.to_str().unwrap();
         assert!(
@@ -362,14 +417,27 @@ impl PrivatePostgres {
     }
 
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        // The socket's directory as the URL's host, percent-encoded.
+        let socket_dir: String = self
+            .dir
+            .to_str()
+            .unwrap()
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                    char::from(b).to_string()
+                }
+                b => format!("%{b:02X}"),
+            })
+            .collect();
+        format!("postgres://postgres@{socket_dir}:{}/postgres", self.port)
     }
 
     /// Starts (again) and waits until it accepts connections.
     pub fn resume(&self) {
         let data = self.dir.join("data");
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses='' -c fsync=off",
             self.port,
             self.dir.display()
         );
@@ -385,7 +453,11 @@ impl PrivatePostgres {
             "-w",
             "start",
         ]);
-        assert!(ok.success(), "pg_ctl start failed");
+        assert!(
+            ok.success(),
+            "pg_ctl start failed: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     }
 
     /// Stops immediately (like a crash or an operator's fast shutdown).
@@ -410,7 +482,14 @@ impl Drop for PrivatePostgres {
     }
 }
 
-/// A private redis-server on a spare port (killed by PID on drop).
+/// A private redis-server (killed by PID on drop).
+///
+/// Redis cannot bind port 0 and report the port (0 turns TCP off), so it
+/// is offered a port the kernel just handed out and must prove it got
+/// it: ready means a `PING` on that port is answered `PONG` by a server
+/// whose `INFO` names this child's PID. If another process holds the
+/// port, the child exits (or someone else answers) and another port is
+/// tried; nothing is assumed from a port merely accepting connections.
 pub struct PrivateRedis {
     pub child: Child,
     pub port: u16,
@@ -421,31 +500,45 @@ pub struct PrivateRedis {
 impl PrivateRedis {
     /// A throwaway Redis (no persistence).
     pub fn start() -> PrivateRedis {
-        Self::launch(free_port(), false)
+        Self::launch(false)
     }
 
     /// A Redis that keeps its data across restarts (append-only file,
     /// fsync on every write), as production runs it.
     pub fn start_durable() -> PrivateRedis {
-        Self::launch(free_port(), true)
+        Self::launch(true)
     }
 
-    fn launch(port: u16, durable: bool) -> PrivateRedis {
-        let dir =
-            std::env::temp_dir().join(format!("chatgate-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Self::spawn(port, &dir, durable);
-        PrivateRedis {
-            child,
-            port,
-            dir,
-            durable,
+    fn launch(durable: bool) -> PrivateRedis {
+        let dir = private_dir("redis");
+        let mut failures = Vec::new();
+        for _ in 0..10 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            match Self::spawn(port, &dir, durable) {
+                Ok(child) => {
+                    return PrivateRedis {
+                        child,
+                        port,
+                        dir,
+                        durable,
+                    };
+                }
+                Err(e) => failures.push(e),
+            }
         }
+        panic!("redis-server did not start: {failures:#?}");
     }
 
-    fn spawn(port: u16, dir: &std::path::Path, durable: bool) -> Child {
+    /// Runs redis-server on `port` and waits until it is the one that
+    /// answers there; on failure the child is gone and the error says why.
+    fn spawn(port: u16, dir: &std::path::Path, durable: bool) -> Result<Child, String> {
         let aof = if durable { "yes" } else { "no" };
-        let child = Command::new("redis-server")
+        let log = dir.join("redis.log");
+        let mut child = Command::new("redis-server")
             .args([
                 "--port",
                 &port.to_string(),
@@ -457,22 +550,47 @@ impl PrivateRedis {
             .args(["--appendonly", aof, "--appendfsync", "always"])
             .arg("--dir")
             .arg(dir)
+            .arg("--logfile")
+            .arg(&log)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        child
+        let why = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break format!("port {port}: exited with {status}");
+            }
+            match redis_pid(port) {
+                Some(pid) if pid == child.id() => return Ok(child),
+                Some(pid) => break format!("port {port}: answered by another redis (pid {pid})"),
+                None if Instant::now() > deadline => break format!("port {port}: no PONG in 10 s"),
+                None => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        Err(format!("{why}; log: {}", log.trim_end()))
     }
 
     /// Kills the server (SIGKILL, by PID) and starts it again on the same
     /// port and data directory.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = Self::spawn(self.port, &self.dir, self.durable);
+        // The same port, since clients hold its URL. A port in use by
+        // someone else now is an error here, not a silent wrong server.
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            match Self::spawn(self.port, &self.dir, self.durable) {
+                Ok(child) => {
+                    self.child = child;
+                    return;
+                }
+                Err(e) => failures.push(e),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("redis-server did not restart: {failures:#?}");
     }
 
     pub fn url(&self) -> String {
@@ -490,6 +608,32 @@ impl Drop for PrivateRedis {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The PID of the Redis answering `PING` with `PONG` on `port`, if one
+/// does.
+fn redis_pid(port: u16) -> Option<u32> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"PING\r\nINFO server\r\n").ok()?;
+    let mut reader = BufReader::new(s);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    if line != "+PONG\r\n" {
+        // Loading its data, say ("-LOADING ..."): not ready yet.
+        return None;
+    }
+    // INFO's answer is one bulk string: "$<len>\r\n<text>\r\n".
+    line.clear();
+    reader.read_line(&mut line).ok()?;
+    let len: usize = line.strip_prefix('$')?.trim_end().parse().ok()?;
+    let mut text = vec![0; len];
+    reader.read_exact(&mut text).ok()?;
+    String::from_utf8(text)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|pid| pid.trim().parse().ok())
 }
 
 /// A fresh schema in the shared test database; returns a URL whose
