@@ -41,6 +41,8 @@ const DRAIN_FRAMES: usize = 256;
 /// so batches stay small enough that a burst leaves idle connections
 /// cheap; 4 KiB still carries ~30 typical events per write.
 const MAX_BATCH_BYTES: usize = 4 * 1024;
+/// How long a write cut short by a close may take to finish its frames.
+const WRITE_FINISH: Duration = Duration::from_secs(1);
 /// Messages per vectored write (header and payload slices on the stack).
 const WRITE_CHUNK: usize = 8;
 
@@ -52,6 +54,9 @@ enum Ended {
     PeerClosed,
     /// The socket failed; nothing more to say.
     Gone,
+    /// Closed for this reason while a frame was half written: no close
+    /// frame can follow, the socket is dropped.
+    Abandoned(CloseCode),
 }
 
 /// Serves one upgraded WebSocket until it closes.
@@ -278,10 +283,19 @@ async fn write_queued(
     // A client that stops reading blocks this write; the outbox closing
     // (slow consumer) or the write timeout ends it.
     let deadline = tokio::time::sleep(node.config.heartbeat_timeout);
-    tokio::select! {
-        r = &mut write => r.map_err(|_| Ended::Gone),
-        code = outbox.closing() => Err(Ended::Close(code)),
-        _ = deadline => Err(Ended::Close(CloseCode::SlowConsumer)),
+    let code = tokio::select! {
+        r = &mut write => return r.map_err(|_| Ended::Gone),
+        code = outbox.closing() => code,
+        _ = deadline => CloseCode::SlowConsumer,
+    };
+    // The close frame can only follow whole frames: give the write in
+    // progress a moment to finish (a client that reads again gets the
+    // code); one that still cannot is dropped without a close frame
+    // rather than sent one in the middle of a frame.
+    match tokio::time::timeout(WRITE_FINISH, &mut write).await {
+        Ok(Ok(())) => Err(Ended::Close(code)),
+        Ok(Err(_)) => Err(Ended::Gone),
+        Err(_) => Err(Ended::Abandoned(code)),
     }
 }
 
@@ -388,6 +402,12 @@ async fn finish(node: &Node, ws: &mut Ws, end: Ended) {
             let _ = tokio::time::timeout(Duration::from_secs(1), ws.flush()).await;
         }
         Ended::Gone => {}
+        Ended::Abandoned(code) => {
+            node.metrics.close(code);
+            if code == CloseCode::SlowConsumer {
+                node.metrics.slow_consumers.inc();
+            }
+        }
     }
 }
 

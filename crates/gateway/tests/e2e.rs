@@ -446,9 +446,16 @@ async fn a_client_that_stops_reading_is_closed_as_slow_and_others_keep_up() {
     assert_eq!(gw.metric("chat_slow_consumer_disconnects_total"), 1.0);
     assert_eq!(gw.metric("chat_closes_total{code=\"slow_consumer\"}"), 1.0);
     // The sloth's socket is ended by the gateway. Its close code is the
-    // metric above: the sloth cannot read the close frame, which is
-    // queued behind a frame cut off mid-write on a full socket.
-    Conn::new(sloth).close_code().await;
+    // metric above: a write was cut off mid-frame on its full socket and
+    // did not finish within a second, so the gateway dropped the socket
+    // rather than put a close frame inside a frame. What the sloth reads
+    // is whole frames, then the end.
+    let mut sloth = Conn::new(sloth);
+    let ended = sloth.close_code().await;
+    assert!(
+        matches!(ended, None | Some(4001)),
+        "whole frames then the end (or 4001): {ended:?}"
+    );
 }
 
 #[tokio::test]
