@@ -79,7 +79,13 @@ fn upgrade(
     let Some(key) = h.get(header::SEC_WEBSOCKET_KEY) else {
         return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
     };
-    if !header_has_token(h, header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL) {
+    // Subprotocol tokens are case-sensitive (RFC 6455 §4.1), unlike the
+    // Connection and Upgrade values: `chat.V1` is not `chat.v1`.
+    let offered = h.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim() == SUBPROTOCOL))
+    });
+    if !offered {
         return text(
             StatusCode::BAD_REQUEST,
             "offer the chat.v1 subprotocol in Sec-WebSocket-Protocol\n",

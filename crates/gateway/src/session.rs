@@ -44,9 +44,16 @@ struct Replier {
 }
 
 impl Replier {
-    /// A success reply; request id 0 asked for none (PROTOCOL.md §9.4).
+    /// A success reply; request id 0 asked for none (PROTOCOL.md §9.4),
+    /// except where the reply carries what the client must not miss: a
+    /// heartbeat's answer, and the position of its own message or
+    /// reaction.
     fn send(&self, rid: u32, frame: &ServerFrame) {
-        if rid == 0 {
+        let always = matches!(
+            frame,
+            ServerFrame::HeartbeatAck(_) | ServerFrame::MessageSent(_) | ServerFrame::Reacted(_)
+        );
+        if rid == 0 && !always {
             return;
         }
         match self.node.codec.encode_server(rid, frame) {
@@ -526,7 +533,13 @@ impl Session {
         reply.send(rid, &ServerFrame::Joined(Joined { rooms: joined }));
     }
 
-    async fn leave(&mut self, rid: u32, rooms: Vec<String>) {
+    async fn leave(&mut self, rid: u32, named: Vec<String>) {
+        let mut rooms: Vec<String> = Vec::with_capacity(named.len());
+        for room in named {
+            if !rooms.contains(&room) {
+                rooms.push(room);
+            }
+        }
         for room in &rooms {
             self.node.hub.leave(room, self.conn);
             self.rooms.remove(room.as_str());
@@ -809,6 +822,17 @@ impl Drop for SendClaim {
     }
 }
 
+/// What a retry of a Send must repeat to be the same message.
+fn fingerprint(room: &str, body: &str, attachments: &[Attachment]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (room, body).hash(&mut h);
+    for a in attachments {
+        (&a.url, &a.name, &a.mime, a.size).hash(&mut h);
+    }
+    h.finish()
+}
+
 /// How far the fan-out's clock (which dates epochs) may run ahead of the
 /// store's (which dates messages) without a retry being mistaken for one
 /// whose room stream began after it was stored. Both are one host's clock
@@ -827,11 +851,24 @@ async fn publish_message(
     conn: u64,
     msg: StoreMessage,
 ) {
+    let asked = fingerprint(&msg.room, &msg.body, &msg.attachments);
     let inserted = match node.store.insert_message(msg).await {
         Ok(i) => i,
         Err(e) => return reply.store_error(rid, &e),
     };
     let message = inserted.message;
+    // An idempotency key names one message: reused for a different one,
+    // acknowledging the original would silently drop the new text.
+    if inserted.duplicate
+        && fingerprint(&message.room, &message.body, &message.attachments) != asked
+    {
+        return reply.error(
+            rid,
+            ErrorCode::InvalidRequest,
+            0,
+            "client_msg_id already used for a different message",
+        );
+    }
     let (room, id, created_at_ms) = (message.room.clone(), message.id, message.created_at_ms);
     let sent = move |p: Position, duplicate: bool| {
         ServerFrame::MessageSent(MessageSent {

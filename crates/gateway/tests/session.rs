@@ -236,3 +236,83 @@ async fn a_join_of_a_joined_room_keeps_what_is_queued() {
         "the Join is answered with no room newly joined: {frames:?}"
     );
 }
+
+/// PROTOCOL.md §9.4: request id 0 asks for no success reply, except
+/// where the reply is something the client must not miss: a heartbeat's
+/// answer and its own message's or reaction's position.
+#[tokio::test]
+async fn request_id_zero_still_gets_heartbeat_acks_and_positions() {
+    let node = node(Arc::new(MemoryStore::default())).await;
+    let mut c = Client::open(&node, "zero").await;
+    c.join("r").await;
+    c.written();
+    assert!(c.request(0, ClientFrame::Heartbeat).await.is_none());
+    c.request(0, send("z-1")).await.unwrap().await;
+    let join = ClientFrame::Join(Rooms {
+        rooms: vec!["other".into()],
+    });
+    assert!(c.request(0, join).await.is_none());
+    let frames = c.written();
+    assert!(
+        matches!(
+            &frames[..],
+            [ServerFrame::HeartbeatAck(_), ServerFrame::MessageSent(m)] if m.seq == 1
+        ),
+        "{frames:?}"
+    );
+}
+
+/// An idempotency key names one message: reusing it for another body is
+/// refused, not acknowledged as the original (which would drop the text).
+#[tokio::test]
+async fn a_client_message_id_reused_for_another_body_is_refused() {
+    let node = node(Arc::new(MemoryStore::default())).await;
+    let mut c = Client::open(&node, "reuser").await;
+    c.join("r").await;
+    c.request(10, send("same")).await.unwrap().await;
+    let other = ClientFrame::Send(Send {
+        room: "r".into(),
+        client_msg_id: "same".into(),
+        body: "something else".into(),
+        attachments: vec![],
+    });
+    c.request(11, other).await.unwrap().await;
+    c.request(12, send("same")).await.unwrap().await;
+    let frames = c.written();
+    let [
+        _joined,
+        ServerFrame::MessageSent(first),
+        ServerFrame::Error(refused),
+        ServerFrame::MessageSent(retry),
+    ] = &frames[..]
+    else {
+        panic!("{frames:?}");
+    };
+    assert_eq!(
+        refused.code,
+        chatgate_protocol::ErrorCode::InvalidRequest.code()
+    );
+    assert!(!first.duplicate && retry.duplicate);
+    assert_eq!(first.message_id, retry.message_id);
+}
+
+/// A Join or Leave naming a room twice is answered with it once.
+#[tokio::test]
+async fn a_room_named_twice_is_answered_once() {
+    let node = node(Arc::new(MemoryStore::default())).await;
+    let mut c = Client::open(&node, "twice").await;
+    let twice = vec!["a".to_string(), "b".into(), "a".into()];
+    let join = ClientFrame::Join(Rooms {
+        rooms: twice.clone(),
+    });
+    assert!(c.request(3, join).await.is_none());
+    let leave = ClientFrame::Leave(Rooms { rooms: twice });
+    assert!(c.request(4, leave).await.is_none());
+    let frames = c.written();
+    let [ServerFrame::Joined(j), ServerFrame::Left(l)] = &frames[..] else {
+        panic!("{frames:?}");
+    };
+    let joined: Vec<&str> = j.rooms.iter().map(|r| r.room.as_str()).collect();
+    assert_eq!(joined, ["a", "b"]);
+    assert_eq!(l.rooms, ["a", "b"]);
+}

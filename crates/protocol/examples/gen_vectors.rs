@@ -503,11 +503,16 @@ fn main() {
     );
     out.server(
         "new_message",
-        "A message event (request id 0).",
+        "A message event (request id 0): what Bob receives for Alice's Send in \
+         PROTOCOL.md §10 (same id, sequence, client id and time as its MessageSent).",
         0,
         ServerFrame::NewMessage(NewMessage {
             epoch: 1,
-            message: msg(1001, 251, "hello"),
+            message: Message {
+                client_msg_id: "c-1".into(),
+                created_at_ms: 1_764_316_800_000,
+                ..msg(1001, 251, "hello")
+            },
         }),
     );
     out.server(

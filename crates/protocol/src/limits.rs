@@ -8,7 +8,8 @@
 use crate::ClientFrame;
 use crate::payload::Attachment;
 
-/// Room names: 1..=128 bytes of UTF-8, no control characters.
+/// Room names: 1..=128 bytes of UTF-8, no control characters and no
+/// invisible direction or width controls (see [`check_room`]).
 pub const MAX_ROOM_NAME_BYTES: usize = 128;
 /// Rooms named in one `Join` or `Leave`.
 pub const MAX_ROOMS_PER_REQUEST: usize = 100;
@@ -60,7 +61,29 @@ pub fn check_room(field: &'static str, room: &str) -> Result<(), Invalid> {
     if room.chars().any(char::is_control) {
         return invalid(field, "control character in room name");
     }
+    if room.chars().any(is_invisible_control) {
+        return invalid(field, "invisible direction or width control in room name");
+    }
     Ok(())
+}
+
+/// Characters that change how a name displays without showing: bidi
+/// marks, embeddings, overrides and isolates (a room name that reads
+/// differently than it is spelled), zero-width space, word joiner and
+/// byte-order mark. The joiners U+200C/U+200D stay allowed: some scripts
+/// and emoji sequences need them.
+fn is_invisible_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}'
+            | '\u{200B}'
+            | '\u{200E}'
+            | '\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
 }
 
 fn check_len(
@@ -184,6 +207,135 @@ impl ClientFrame {
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::payload::*;
+
+    fn send(room: &str, cid: &str, body: &str, attachments: Vec<Attachment>) -> ClientFrame {
+        ClientFrame::Send(Send {
+            room: room.into(),
+            client_msg_id: cid.into(),
+            body: body.into(),
+            attachments,
+        })
+    }
+
+    fn file(url: usize, name: usize, mime: usize) -> Attachment {
+        Attachment {
+            url: "u".repeat(url),
+            name: "n".repeat(name),
+            mime: "m".repeat(mime),
+            size: 1,
+        }
+    }
+
+    /// Each §6 limit accepts n and refuses n + 1, naming the field.
+    #[test]
+    fn every_limit_holds_at_n_and_fails_at_n_plus_one() {
+        let ok = |f: ClientFrame| assert_eq!(f.validate(), Ok(()), "{f:?}");
+        let bad = |f: ClientFrame, field: &str| match f.validate() {
+            Err(e) => assert_eq!(e.field, field, "{f:?}"),
+            Ok(()) => panic!("accepted {f:?}"),
+        };
+        let room = |n: usize| "r".repeat(n);
+        ok(send(&room(128), "c", "x", vec![]));
+        bad(send(&room(129), "c", "x", vec![]), "room");
+        bad(send("", "c", "x", vec![]), "room");
+        ok(send("r", &"c".repeat(64), "x", vec![]));
+        bad(send("r", &"c".repeat(65), "x", vec![]), "client_msg_id");
+        bad(send("r", "", "x", vec![]), "client_msg_id");
+        ok(send("r", "c", &"b".repeat(16_384), vec![]));
+        bad(send("r", "c", &"b".repeat(16_385), vec![]), "body");
+        ok(send("r", "c", "", vec![file(1, 0, 0)]));
+        bad(send("r", "c", " \u{3000}\u{a0}", vec![]), "body");
+        ok(send("r", "c", "\u{200b}", vec![]));
+        ok(send("r", "c", "x", vec![file(2048, 255, 127); 10]));
+        bad(send("r", "c", "x", vec![file(1, 0, 0); 11]), "attachments");
+        bad(
+            send("r", "c", "x", vec![file(2049, 0, 0)]),
+            "attachments.url",
+        );
+        bad(send("r", "c", "x", vec![file(0, 0, 0)]), "attachments.url");
+        bad(
+            send("r", "c", "x", vec![file(1, 256, 0)]),
+            "attachments.name",
+        );
+        bad(
+            send("r", "c", "x", vec![file(1, 0, 128)]),
+            "attachments.mime",
+        );
+        let rooms = |n: usize| Rooms {
+            rooms: (0..n).map(|i| format!("r{i}")).collect(),
+        };
+        ok(ClientFrame::Join(rooms(100)));
+        bad(ClientFrame::Join(rooms(101)), "rooms");
+        bad(ClientFrame::Leave(rooms(0)), "rooms");
+        let react = |emoji: &str| {
+            ClientFrame::React(React {
+                room: "r".into(),
+                message_id: 1,
+                emoji: emoji.into(),
+                remove: false,
+            })
+        };
+        ok(react(&"e".repeat(64)));
+        bad(react(&"e".repeat(65)), "emoji");
+        bad(react(""), "emoji");
+        let identify = |token: usize, rooms: usize| {
+            ClientFrame::Identify(Identify {
+                token: "t".repeat(token),
+                resume: Some(Resume {
+                    session_id: [0; 16],
+                    positions: (0..rooms)
+                        .map(|i| RoomPosition {
+                            room: format!("r{i}"),
+                            epoch: 1,
+                            seq: 0,
+                        })
+                        .collect(),
+                }),
+            })
+        };
+        ok(identify(4096, 1000));
+        bad(identify(4097, 0), "token");
+        bad(identify(0, 0), "token");
+        bad(identify(1, 1001), "resume.positions");
+        let history = |limit: u32| {
+            ClientFrame::History(History {
+                room: "r".into(),
+                before: None,
+                limit,
+            })
+        };
+        ok(history(100));
+        ok(history(0));
+        bad(history(101), "limit");
+    }
+
+    /// What "control character" means for room names (PROTOCOL.md §6).
+    #[test]
+    fn room_names_refuse_control_and_invisible_characters() {
+        for c in [
+            '\0', '\n', '\u{7f}', '\u{85}', '\u{9f}', '\u{200b}', '\u{202e}', '\u{2066}',
+            '\u{feff}',
+        ] {
+            let name = format!("a{c}b");
+            assert!(check_room("room", &name).is_err(), "{c:?} accepted");
+        }
+        for name in [
+            "général",
+            "日本語",
+            "a b",
+            "👩\u{200d}💻",
+            "ab\u{200c}c",
+            "\u{3000}x",
+        ] {
+            assert_eq!(check_room("room", name), Ok(()), "{name:?} refused");
         }
     }
 }
