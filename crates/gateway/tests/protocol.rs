@@ -21,3 +21,34 @@ async fn the_subprotocol_is_matched_case_sensitively() {
         RawConnection::connect_with(&gw.url(), Codec::default(), Some("x, chat.v1")).await;
     assert!(accepted.is_ok(), "chat.v1 among others is accepted");
 }
+
+/// A frame small on the wire whose payload inflates past the frame limit
+/// is closed with 4103 (the cap applies after decompression, §2, §3),
+/// and the gateway goes on serving everyone else.
+#[tokio::test]
+async fn a_payload_that_inflates_past_the_limit_is_4103() {
+    use chatgate_protocol::payload::Send;
+    use chatgate_protocol::{ClientFrame, CodecConfig};
+    let gw = Gateway::start(&["--max-frame-bytes", "4096"]);
+    let mut bystander = user(&gw, "bystander").await;
+    let (mut raw, _) = identified(&gw, "inflater").await;
+    let squeezing = Codec::new(CodecConfig {
+        compress_threshold: 16,
+        ..CodecConfig::default()
+    });
+    let frame = ClientFrame::Send(Send {
+        room: "r".into(),
+        client_msg_id: "big".into(),
+        body: "a".repeat(10_000),
+        attachments: vec![],
+    });
+    let bytes = squeezing.encode_client(7, &frame).unwrap();
+    assert!(
+        bytes.len() < 4096 && bytes[1] & 1 == 1,
+        "small and compressed"
+    );
+    raw.send_bytes(bytes).await.unwrap();
+    let mut c = Conn::new(raw);
+    assert_eq!(c.close_code().await, Some(4103));
+    assert!(bystander.alive().await);
+}

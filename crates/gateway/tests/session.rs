@@ -22,11 +22,13 @@ use chatgate_storage::{
     Store, StoreError, User,
 };
 
-/// The in-memory store, with `set_seq` held until the test lets it go.
+/// The in-memory store, with `set_seq` held until the test lets it go,
+/// and inserts that fail on demand.
 struct HeldStore {
     inner: MemoryStore,
     set_seq_gate: Semaphore,
     set_seqs: AtomicUsize,
+    fail_inserts: std::sync::atomic::AtomicBool,
 }
 
 impl HeldStore {
@@ -35,6 +37,7 @@ impl HeldStore {
             inner: MemoryStore::default(),
             set_seq_gate: Semaphore::new(0),
             set_seqs: AtomicUsize::new(0),
+            fail_inserts: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -60,6 +63,9 @@ impl Store for HeldStore {
         self.inner.leave(user_id, rooms).await
     }
     async fn insert_message(&self, msg: StoreMessage) -> Result<Inserted, StoreError> {
+        if self.fail_inserts.load(Ordering::SeqCst) {
+            return Err(StoreError::Internal("injected".into()));
+        }
         self.inner.insert_message(msg).await
     }
     async fn set_seq(&self, message_id: u64, epoch: u64, seq: u64) -> Result<(), StoreError> {
@@ -90,6 +96,16 @@ struct Client {
 
 impl Client {
     async fn open(node: &Arc<Node>, user: &str) -> Client {
+        Client::resume(node, user, None).await.0
+    }
+
+    /// Opens a session (resuming when `resume` is given); also returns
+    /// the frames written before anything queued: Ready, replay, Resumed.
+    async fn resume(
+        node: &Arc<Node>,
+        user: &str,
+        resume: Option<Resume>,
+    ) -> (Client, Vec<ServerFrame>) {
         let outbox = Arc::new(Outbox::new(1024, 1 << 22));
         let token = node.verifier.mint(&Claims {
             sub: user.into(),
@@ -97,11 +113,8 @@ impl Client {
             picture: None,
             exp: unix_now() + 3600,
         });
-        let identify = Identify {
-            token,
-            resume: None,
-        };
-        let (session, _ready) = Session::open(
+        let identify = Identify { token, resume };
+        let (session, first) = Session::open(
             node.clone(),
             node.next_conn_id(),
             outbox.clone(),
@@ -110,11 +123,24 @@ impl Client {
         )
         .await
         .unwrap();
-        Client {
+        let first = first
+            .iter()
+            .flat_map(|f| node.codec.decode_server_all(f).unwrap())
+            .map(|(_, f)| f)
+            .collect();
+        let client = Client {
             session,
             outbox,
             node: node.clone(),
-        }
+        };
+        (client, first)
+    }
+
+    /// Everything queued, still encoded (to compare buffers).
+    fn raw_written(&mut self) -> Vec<bytes::Bytes> {
+        let mut queued = Vec::new();
+        self.outbox.drain(&mut queued, usize::MAX).unwrap();
+        queued
     }
 
     async fn request(&mut self, rid: u32, frame: ClientFrame) -> Option<Pending> {
@@ -151,11 +177,23 @@ fn send(cid: &str) -> ClientFrame {
 }
 
 async fn node(store: Arc<dyn Store>) -> Arc<Node> {
-    let config = Config {
+    node_with(store, |_| {}).await
+}
+
+async fn node_with(store: Arc<dyn Store>, tune: impl FnOnce(&mut Config)) -> Arc<Node> {
+    let mut config = Config {
         messages_per_minute: 100_000,
         ..Config::default()
     };
+    tune(&mut config);
     Node::with_store(config, store).await.unwrap()
+}
+
+fn error_code(f: &ServerFrame) -> Option<u16> {
+    match f {
+        ServerFrame::Error(e) => Some(e.code),
+        _ => None,
+    }
 }
 
 /// The connection of a sender closes after its message was published and
@@ -315,4 +353,146 @@ async fn a_room_named_twice_is_answered_once() {
     let joined: Vec<&str> = j.rooms.iter().map(|r| r.room.as_str()).collect();
     assert_eq!(joined, ["a", "b"]);
     assert_eq!(l.rooms, ["a", "b"]);
+}
+
+/// The per-session room limit refuses the whole Join with
+/// `too_many_rooms` and joins nothing.
+#[tokio::test]
+async fn joining_past_the_room_limit_is_too_many_rooms_and_joins_nothing() {
+    let node = node_with(Arc::new(MemoryStore::default()), |c| {
+        c.max_rooms_per_session = 2
+    })
+    .await;
+    let mut c = Client::open(&node, "busy").await;
+    c.join("a").await;
+    let join = ClientFrame::Join(Rooms {
+        rooms: vec!["b".into(), "c".into()],
+    });
+    assert!(c.request(3, join).await.is_none());
+    let typing = ClientFrame::Typing(Typing { room: "b".into() });
+    assert!(c.request(4, typing).await.is_none());
+    let frames = c.written();
+    let codes: Vec<Option<u16>> = frames.iter().map(error_code).collect();
+    assert_eq!(
+        codes,
+        [
+            None,
+            Some(chatgate_protocol::ErrorCode::TooManyRooms.code()),
+            Some(chatgate_protocol::ErrorCode::NotInRoom.code())
+        ],
+        "{frames:?}"
+    );
+}
+
+/// A store failure that is not an outage is `internal` (retryable), and
+/// the retry works.
+#[tokio::test]
+async fn a_store_failure_is_internal_and_the_session_goes_on() {
+    let store = HeldStore::new();
+    let node = node(store.clone()).await;
+    let mut c = Client::open(&node, "unlucky").await;
+    c.join("r").await;
+    c.written();
+    store.fail_inserts.store(true, Ordering::SeqCst);
+    c.request(5, send("i-1")).await.unwrap().await;
+    store.fail_inserts.store(false, Ordering::SeqCst);
+    store.set_seq_gate.add_permits(1);
+    c.request(6, send("i-1")).await.unwrap().await;
+    let frames = c.written();
+    assert_eq!(
+        error_code(&frames[0]),
+        Some(chatgate_protocol::ErrorCode::Internal.code()),
+        "{frames:?}"
+    );
+    assert!(matches!(&frames[1], ServerFrame::MessageSent(m) if !m.duplicate && m.seq == 1));
+}
+
+/// Encode once per broadcast: every member's queue holds the same
+/// buffer, not a copy encoded for it.
+#[tokio::test]
+async fn a_broadcast_is_encoded_once_for_all_members() {
+    let node = node(Arc::new(MemoryStore::default())).await;
+    let mut members = Vec::new();
+    for i in 0..3 {
+        let mut m = Client::open(&node, &format!("m{i}")).await;
+        m.join("r").await;
+        m.written();
+        members.push(m);
+    }
+    let mut sender = Client::open(&node, "s").await;
+    sender.join("r").await;
+    let frame = ClientFrame::Send(Send {
+        room: "r".into(),
+        client_msg_id: "e-1".into(),
+        // Above the compression threshold: the costly case.
+        body: "chat ".repeat(800),
+        attachments: vec![],
+    });
+    sender.request(7, frame).await.unwrap().await;
+    let got: Vec<bytes::Bytes> = members
+        .iter_mut()
+        .map(|m| {
+            let mut w = m.raw_written();
+            assert_eq!(w.len(), 1);
+            w.remove(0)
+        })
+        .collect();
+    assert!(got[0][1] & 1 == 1, "the event is compressed");
+    assert!(
+        got.windows(2).all(|w| w[0].as_ptr() == w[1].as_ptr()),
+        "one buffer shared by every member"
+    );
+}
+
+/// A resume replays stored events only (typing never), and past the
+/// recovery window says `recovered = false` instead of a silent gap.
+#[tokio::test]
+async fn a_resume_replays_stored_events_only_and_admits_what_it_cannot() {
+    for window in [
+        std::time::Duration::from_secs(120),
+        std::time::Duration::ZERO,
+    ] {
+        let node = node_with(Arc::new(MemoryStore::default()), |c| {
+            c.recovery_window = window
+        })
+        .await;
+        let mut member = Client::open(&node, "away").await;
+        member.join("r").await;
+        let start = match &member.written()[..] {
+            [ServerFrame::Joined(j)] => j.rooms[0].clone(),
+            other => panic!("{other:?}"),
+        };
+        drop(member);
+        let mut other = Client::open(&node, "here").await;
+        other.join("r").await;
+        let typing = ClientFrame::Typing(Typing { room: "r".into() });
+        assert!(other.request(8, typing).await.is_none());
+        other.request(9, send("t-1")).await.unwrap().await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let resume = Resume {
+            session_id: [0; 16],
+            positions: vec![start.clone()],
+        };
+        let (_back, first) = Client::resume(&node, "away", Some(resume)).await;
+        let kinds: Vec<&str> = first
+            .iter()
+            .map(|f| match f {
+                ServerFrame::Ready(_) => "ready",
+                ServerFrame::NewMessage(_) => "message",
+                ServerFrame::UserTyping(_) => "typing",
+                ServerFrame::Resumed(r) if r.rooms[0].recovered => "recovered",
+                ServerFrame::Resumed(_) => "not recovered",
+                _ => "other",
+            })
+            .collect();
+        if window.is_zero() {
+            assert_eq!(kinds, ["ready", "not recovered"], "window {window:?}");
+        } else {
+            assert_eq!(
+                kinds,
+                ["ready", "message", "recovered"],
+                "window {window:?}"
+            );
+        }
+    }
 }
