@@ -391,12 +391,19 @@ impl Driver {
         }
     }
 
-    /// A room event at (`epoch`, `seq`): advances the position, and first
-    /// reports a lost stream when the epoch is not the position's
-    /// (PROTOCOL.md §9.5).
-    async fn event_at(&self, room: &str, epoch: u64, seq: u64) {
-        let known = self.positions.lock().await.get(room).map(|p| p.0);
-        if let Some(known) = known
+    /// A room event at (`epoch`, `seq`): `false` when the client already
+    /// has it (at or before its position: PROTOCOL.md §9.5). Otherwise
+    /// advances the position, first reporting a lost stream when the
+    /// epoch is not the position's.
+    async fn event_at(&self, room: &str, epoch: u64, seq: u64) -> bool {
+        let known = self.positions.lock().await.get(room).copied();
+        if let Some((e, s)) = known
+            && e == epoch
+            && seq <= s
+        {
+            return false;
+        }
+        if let Some((known, _)) = known
             && known != 0
             && known != epoch
         {
@@ -408,9 +415,20 @@ impl Driver {
             let _ = self.events.send(lost).await;
         }
         self.advance(room, epoch, seq).await;
+        true
     }
 
     async fn on_frame(&mut self, rid: u32, frame: ServerFrame) {
+        let fresh = match &frame {
+            ServerFrame::NewMessage(m) => {
+                self.event_at(&m.message.room, m.epoch, m.message.seq).await
+            }
+            ServerFrame::Reaction(r) => self.event_at(&r.room, r.epoch, r.seq).await,
+            _ => true,
+        };
+        if !fresh {
+            return;
+        }
         match &frame {
             ServerFrame::Joined(j) => {
                 let mut pos = self.positions.lock().await;
@@ -431,10 +449,6 @@ impl Driver {
                 self.advance(&m.room, m.epoch, m.seq).await
             }
             ServerFrame::Reacted(r) if r.seq != 0 => self.advance(&r.room, r.epoch, r.seq).await,
-            ServerFrame::NewMessage(m) => {
-                self.event_at(&m.message.room, m.epoch, m.message.seq).await
-            }
-            ServerFrame::Reaction(r) => self.event_at(&r.room, r.epoch, r.seq).await,
             ServerFrame::Resumed(r) => {
                 let mut pos = self.positions.lock().await;
                 for room in &r.rooms {

@@ -563,3 +563,88 @@ async fn the_per_user_cap_holds_across_nodes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Through the client library's public API: a client whose node goes
+/// away reconnects to its replacement, resumes, and receives every
+/// message it missed exactly once, in order, then live ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_client_library_resumes_and_gets_each_missed_message_once() {
+    use chatgate_client::{Client, ClientConfig, Event};
+    let cluster = Cluster::start(0, &shared_redis_url(), &[]).await;
+    let node = |i: usize, listen: &str| {
+        let mut a: Vec<&str> = cluster.args.iter().map(String::as_str).collect();
+        let id = format!("node-{i}");
+        a.extend(["--node-id", &id, "--reuse-port"]);
+        Gateway::start_on(listen, &a)
+    };
+    let first = node(0, "127.0.0.1:0");
+    let other = node(1, "127.0.0.1:0");
+    let mut config = ClientConfig::new(first.url(), token("library"));
+    config.backoff_base = Duration::from_millis(50);
+    let (client, mut events) = Client::connect(config).await.unwrap();
+    client.join(&["lib"]).await.unwrap();
+    let mut sender = user(&other, "lib-sender").await;
+    join(&mut sender, &["lib"]).await;
+    let mut rid = 10;
+    let mut sent = Vec::new();
+    let send = async |sender: &mut Conn, rid: &mut u32, i: usize| {
+        send_acked(sender, rid, "lib", &format!("l{i}"), &format!("#{i}"))
+            .await
+            .message_id
+    };
+    for i in 0..2 {
+        sent.push(send(&mut sender, &mut rid, i).await);
+    }
+    let mut got = Vec::new();
+    let next = async |events: &mut tokio::sync::mpsc::Receiver<Event>| {
+        tokio::time::timeout(Duration::from_secs(20), events.recv())
+            .await
+            .expect("an event")
+            .expect("the client is running")
+    };
+    while got.len() < 2 {
+        if let Event::Message(m) = next(&mut events).await {
+            got.push(m.message.id);
+        }
+    }
+    // The node goes; the address is held until its replacement binds.
+    let placeholder = hold_address(first.addr);
+    first.terminate();
+    loop {
+        if let Event::Disconnected { reconnecting, .. } = next(&mut events).await {
+            assert!(reconnecting);
+            break;
+        }
+    }
+    for i in 2..7 {
+        sent.push(send(&mut sender, &mut rid, i).await);
+    }
+    let listen = first.addr.to_string();
+    drop(first);
+    let _second = node(0, &listen);
+    drop(placeholder);
+    let resumed = loop {
+        match next(&mut events).await {
+            Event::Message(m) => got.push(m.message.id),
+            Event::Resumed(r) => break r,
+            Event::StreamLost { room, .. } => panic!("stream of {room} lost"),
+            _ => {}
+        }
+    };
+    assert!(resumed.rooms[0].recovered, "{resumed:?}");
+    assert_eq!(resumed.rooms[0].replayed, 5);
+    sent.push(send(&mut sender, &mut rid, 7).await);
+    while got.len() < sent.len() {
+        if let Event::Message(m) = next(&mut events).await {
+            got.push(m.message.id);
+        }
+    }
+    assert_eq!(got, sent, "every message once, in order");
+    let extra = tokio::time::timeout(Duration::from_millis(300), events.recv()).await;
+    assert!(
+        !matches!(extra, Ok(Some(Event::Message(_)))),
+        "nothing twice: {extra:?}"
+    );
+    let seq = client.send("lib", "back").await.unwrap().seq;
+    assert_eq!(seq, 9, "the client's position is the room's");
+}

@@ -895,17 +895,6 @@ async fn the_client_library_reconnects_and_rejoins_after_a_restart() {
     assert_eq!(client.send("r", "thanks").await.unwrap().seq, 2);
 }
 
-/// A listener on `addr` shared with SO_REUSEPORT that never accepts:
-/// it keeps the address taken while no gateway holds it.
-fn hold_address(addr: std::net::SocketAddr) -> socket2::Socket {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    socket.set_reuse_port(true).unwrap();
-    socket.bind(&addr.into()).unwrap();
-    socket.listen(16).unwrap();
-    socket
-}
-
 #[tokio::test]
 async fn a_typing_flood_is_refused_with_rate_limited_and_the_connection_stays() {
     // The lowest refill (one request a second) under a burst of 40: the

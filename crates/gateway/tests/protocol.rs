@@ -52,3 +52,61 @@ async fn a_payload_that_inflates_past_the_limit_is_4103() {
     assert_eq!(c.close_code().await, Some(4103));
     assert!(bystander.alive().await);
 }
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// The connect timeout is the client's: it covers the wait for the
+/// Identify frame only. A backend that is slow while the session opens
+/// (here Redis, paused) delays Ready; it never produces 4104, which tells
+/// the client not to reconnect. A bad `resume` field is 4101, not 4100.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_backend_at_identify_is_not_the_clients_timeout() {
+    use chatgate_protocol::payload::*;
+    use chatgate_protocol::{ClientFrame, ServerFrame};
+    let redis = PrivateRedis::start();
+    let gw = Gateway::start(&[
+        "--cluster",
+        "--redis-url",
+        &redis.url(),
+        "--connect-timeout-ms",
+        "300",
+    ]);
+    let pid = redis.child.id();
+    signal(pid, "STOP");
+    let mut raw = RawConnection::connect(&gw.url()).await.unwrap();
+    let identify = Identify {
+        token: token("patient"),
+        resume: None,
+    };
+    raw.send(1, &ClientFrame::Identify(identify)).await.unwrap();
+    let mut c = Conn::new(raw);
+    let first = c.next(std::time::Duration::from_secs(15)).await;
+    signal(pid, "CONT");
+    assert!(
+        matches!(first, Some((1, ServerFrame::Ready(_)))),
+        "Ready once the backend answered or timed out, not 4104: {first:?} {:?}",
+        c.closed
+    );
+
+    let mut raw = RawConnection::connect(&gw.url()).await.unwrap();
+    let identify = Identify {
+        token: token("careless"),
+        resume: Some(Resume {
+            session_id: [0; 16],
+            positions: vec![RoomPosition {
+                room: String::new(),
+                epoch: 1,
+                seq: 0,
+            }],
+        }),
+    };
+    raw.send(1, &ClientFrame::Identify(identify)).await.unwrap();
+    assert_eq!(Conn::new(raw).close_code().await, Some(4101));
+}

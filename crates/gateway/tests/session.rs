@@ -496,3 +496,48 @@ async fn a_resume_replays_stored_events_only_and_admits_what_it_cannot() {
         }
     }
 }
+
+/// The same message sent on two connections at once (a retry racing
+/// the first attempt): the second waits for the first and is answered
+/// as its duplicate, instead of being refused as `unavailable`.
+#[tokio::test]
+async fn a_retry_racing_the_first_attempt_waits_and_is_its_duplicate() {
+    let store = HeldStore::new();
+    let node = node(store.clone()).await;
+    let mut a = Client::open(&node, "twin").await;
+    a.join("r").await;
+    let mut b = Client::open(&node, "twin").await;
+    b.join("r").await;
+    a.written();
+    b.written();
+    let first = tokio::spawn(a.request(20, send("race")).await.unwrap());
+    // Published and acknowledged; its position is not recorded yet, so
+    // the first attempt still holds the message.
+    let acked = loop {
+        let w = a.written();
+        if !w.is_empty() {
+            break w;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert!(matches!(&acked[..], [ServerFrame::MessageSent(m)] if !m.duplicate));
+    let second = tokio::spawn(b.request(21, send("race")).await.unwrap());
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    // The user's other connection has the message as an event, and no
+    // answer to its retry yet.
+    let early = b.written();
+    assert!(
+        matches!(&early[..], [ServerFrame::NewMessage(_)]),
+        "the retry waits for the first attempt: {early:?}"
+    );
+    store.set_seq_gate.add_permits(2);
+    first.await.unwrap();
+    second.await.unwrap();
+    let answer = b.written();
+    assert!(
+        matches!(&answer[..], [ServerFrame::MessageSent(m)] if m.duplicate && m.seq == 1),
+        "{answer:?}"
+    );
+}

@@ -680,3 +680,15 @@ impl Cluster {
         Gateway::start(&a)
     }
 }
+
+/// A listener on `addr` shared with SO_REUSEPORT that never accepts:
+/// it keeps the address taken while no gateway holds it (between one
+/// gateway stopping and the next, started with `--reuse-port`, binding).
+pub fn hold_address(addr: std::net::SocketAddr) -> socket2::Socket {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_reuse_port(true).unwrap();
+    socket.bind(&addr.into()).unwrap();
+    socket.listen(16).unwrap();
+    socket
+}
