@@ -122,27 +122,52 @@ fn bind_source(source: IpAddr, v4: bool) -> std::io::Result<TcpSocket> {
     Ok(socket)
 }
 
-/// Waits for the reply to `rid`, returning it and any events that came
-/// first.
+/// The server closed the connection (or it broke) while the harness still
+/// needed it. A distinct type so that scenarios can count a connection
+/// that ended early apart from other failures: both fail `--check`, but
+/// they point at different causes.
+#[derive(Debug)]
+pub struct Closed(pub Option<(u16, String)>);
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some((code, reason)) => write!(f, "closed by the server: {code} {reason}"),
+            None => write!(f, "connection closed"),
+        }
+    }
+}
+
+impl std::error::Error for Closed {}
+
+/// Waits for the reply to `rid`. Returns it and every other frame read
+/// meanwhile, with its request id and in arrival order: the events that
+/// came first and those that shared the reply's message (a batch), which
+/// a caller that accounts deliveries must not lose.
 pub async fn reply(
     c: &mut RawConnection,
     rid: u32,
     limit: Duration,
-) -> anyhow::Result<(ServerFrame, Vec<ServerFrame>)> {
-    let mut before = Vec::new();
+) -> anyhow::Result<(ServerFrame, Vec<(u32, ServerFrame)>)> {
+    let mut others = Vec::new();
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match c.recv_timeout(left).await? {
             Some(Incoming::Frames(frames)) => {
+                let mut answer = None;
                 for (r, f) in frames {
-                    if r == rid {
-                        return Ok((f, before));
+                    if r == rid && answer.is_none() {
+                        answer = Some(f);
+                    } else {
+                        others.push((r, f));
                     }
-                    before.push(f);
+                }
+                if let Some(f) = answer {
+                    return Ok((f, others));
                 }
             }
-            Some(Incoming::Closed(code)) => bail!("closed by the server: {code:?}"),
+            Some(Incoming::Closed(code)) => return Err(Closed(code).into()),
             None => bail!("no reply to request {rid} within {limit:?}"),
         }
     }

@@ -85,23 +85,32 @@ pub async fn round_trips(o: &LatencyOptions) -> anyhow::Result<(Histogram<u64>, 
         while !frames(c).await?.iter().any(|(rid, _)| *rid == 2) {}
     }
     let (mut ack, mut delivery) = (histogram(), histogram());
+    let messages = o.messages;
     let receiver = tokio::spawn(async move {
         let mut got = Vec::with_capacity(1 << 14);
-        while let Ok(Some(Incoming::Frames(f))) = b.recv_timeout(Duration::from_secs(5)).await {
+        // Once everything is in, a short quiet spell shows that nothing
+        // more (a duplicate) follows.
+        let quiet = |n: usize| Duration::from_millis(if n >= messages { 500 } else { 5000 });
+        while let Ok(Some(Incoming::Frames(f))) = b.recv_timeout(quiet(got.len())).await {
             let now = Instant::now();
-            got.extend(
-                f.iter()
-                    .filter(|(_, f)| matches!(f, ServerFrame::NewMessage(_)))
-                    .map(|_| now),
-            );
+            got.extend(f.into_iter().filter_map(|(_, f)| match f {
+                ServerFrame::NewMessage(m) => Some((m.message.client_msg_id, now)),
+                _ => None,
+            }));
         }
         got
     });
+    // Ids unique to this run: a second run against the same gateway must
+    // not be taken for retries (which are acknowledged, not delivered).
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let id = |i: usize| format!("lat-{run}-{i}");
     let mut sent_at = Vec::with_capacity(o.messages);
     for i in 0..o.messages {
         let frame = ClientFrame::Send(Send {
             room: room.clone(),
-            client_msg_id: format!("lat-{i}"),
+            client_msg_id: id(i),
             body: "a typical short chat message, about sixty bytes long, ok".into(),
             attachments: vec![],
         });
@@ -121,10 +130,18 @@ pub async fn round_trips(o: &LatencyOptions) -> anyhow::Result<(Histogram<u64>, 
     }
     let _ = a.close().await;
     let got = receiver.await?;
+    // The i-th delivery must be the i-th message: a count alone would let
+    // a loss and a duplicate cancel out.
+    if let Some((i, (got_id, _))) = got.iter().enumerate().find(|(i, (g, _))| *g != id(*i)) {
+        bail!(
+            "delivery {i} was {got_id}, expected {} (lost, duplicated or out of order)",
+            id(i)
+        );
+    }
     if got.len() != sent_at.len() {
         bail!("receiver got {} of {} messages", got.len(), sent_at.len());
     }
-    for (s, r) in sent_at.iter().zip(&got) {
+    for (s, (_, r)) in sent_at.iter().zip(&got) {
         record(&mut delivery, r.saturating_duration_since(*s));
     }
     Ok((ack, delivery))

@@ -41,8 +41,9 @@ struct Cli {
     /// Print the change against an earlier JSON report.
     #[arg(long, global = true)]
     compare: Option<PathBuf>,
-    /// Exit non-zero if anything was lost, duplicated, failed or errored
-    /// (what CI's smoke run uses).
+    /// Exit non-zero if anything was lost, duplicated, out of order,
+    /// failed, errored or closed early, or if nothing was delivered (what
+    /// CI's smoke run uses). Never refuses a run for being slow.
     #[arg(long, global = true)]
     check: bool,
     #[command(subcommand)]
@@ -149,6 +150,10 @@ enum Scenario {
         /// p99 bound in ms.
         #[arg(long, default_value_t = 50.0)]
         bound_ms: f64,
+        /// Run every step, also after one goes over the bound (the smoke
+        /// run's `--check` then covers the same steps on any machine).
+        #[arg(long)]
+        all_steps: bool,
     },
     /// A realistic mix: sends, typing, reactions, history, resumes.
     Chat {
@@ -224,6 +229,14 @@ async fn coordinate_cli(cli: Cli) -> anyhow::Result<()> {
         gateway_pids: cli.gateway_pids.clone(),
         out: cli.out.clone(),
     };
+    // The multi-process scenarios write `<scenario>.json` into `--out`
+    // themselves (with a picture); these three only have a report.
+    let single = match &cli.scenario {
+        Scenario::Latency { .. } => Some("latency"),
+        Scenario::Sends { .. } => Some("sends"),
+        Scenario::History { .. } => Some("history"),
+        _ => None,
+    };
     let report = match cli.scenario {
         Scenario::Latency {
             connects,
@@ -278,6 +291,7 @@ async fn coordinate_cli(cli: Cli) -> anyhow::Result<()> {
             factor,
             steps,
             bound_ms,
+            all_steps,
         } => {
             run::ramp(
                 &common,
@@ -286,6 +300,7 @@ async fn coordinate_cli(cli: Cli) -> anyhow::Result<()> {
                 factor,
                 steps,
                 bound_ms,
+                all_steps,
             )
             .await?
         }
@@ -297,6 +312,10 @@ async fn coordinate_cli(cli: Cli) -> anyhow::Result<()> {
         } => run::chat(&common, connections, room_size, seconds, think_ms).await?,
         Scenario::Worker { .. } => unreachable!("handled above"),
     };
+    if let (Some(name), Some(dir)) = (single, &cli.out) {
+        let path = run::write_report(dir, name, &report)?;
+        eprintln!("wrote {}", path.display());
+    }
     if let Some(path) = cli.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")?;
         eprintln!("report written to {}", path.display());

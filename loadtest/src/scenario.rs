@@ -16,7 +16,7 @@ use chatgate_client::{Incoming, RawConnection};
 use chatgate_protocol::payload::*;
 use chatgate_protocol::{ClientFrame, ServerFrame};
 
-use crate::conn::{Target, session, source_address};
+use crate::conn::{Closed, Target, session, source_address};
 use crate::worker::{Meter, Recorder, Spec, wait_for};
 
 fn param(p: &Value, key: &str, default: u64) -> u64 {
@@ -96,6 +96,8 @@ struct Arrivals {
     gaps: Arc<AtomicU64>,
     delivery: Arc<Recorder>,
     order: Order,
+    /// The publisher id this receiver sends under, if it sends.
+    me: Option<u64>,
 }
 
 impl Arrivals {
@@ -106,13 +108,26 @@ impl Arrivals {
             gaps: meter.counter("gaps"),
             delivery: meter.recorder("delivery"),
             order: Order::default(),
+            me: None,
         }
+    }
+
+    /// A receiver that also publishes as `publisher`. The sending
+    /// connection never gets its own message (it has the ack instead), so
+    /// one arriving there is a message delivered twice to that client.
+    fn publishing_as(mut self, publisher: u64) -> Self {
+        self.me = Some(publisher);
+        self
     }
 
     /// Accounts a NewMessage with this `body`, received at `now` (ns);
     /// `key` spreads recording over the recorder's shards.
     fn message(&mut self, key: u64, now: u64, body: &str) {
         if let Some((publisher, seq, sent)) = parse_stamp(body) {
+            if self.me == Some(publisher) {
+                self.dups.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             let (dup, gap) = self.order.see(publisher, seq);
             if dup {
                 self.dups.fetch_add(1, Ordering::Relaxed);
@@ -128,13 +143,18 @@ impl Arrivals {
 
 /// Reads a member's socket until stopped: counts messages, records
 /// latency from the body's timestamp, tracks order; heartbeats on time.
+/// A connection that ends before "stop" is counted in `closed_early`
+/// (its later deliveries are missing, and the run must say why), and an
+/// Error frame, which no request of a member asks for, in
+/// `error_replies`.
 async fn member_loop(
     id: u64,
     mut c: RawConnection,
     meter: Arc<Meter>,
     mut stop: watch::Receiver<String>,
 ) {
-    let closed = meter.counter("closed_by_server");
+    let closed = meter.counter("closed_early");
+    let error_replies = meter.counter("error_replies");
     let mut arrivals = Arrivals::new(&meter);
     let mut beat = tokio::time::interval(Duration::from_secs(20));
     beat.tick().await;
@@ -149,6 +169,7 @@ async fn member_loop(
             _ = beat.tick() => {
                 if c.send(0, &ClientFrame::Heartbeat).await.is_err() {
                     closed.fetch_add(1, Ordering::Relaxed);
+                    tracing_free_log(&format!("member {id}: heartbeat failed, connection closed"));
                     return;
                 }
             }
@@ -156,18 +177,40 @@ async fn member_loop(
                 Ok(Incoming::Frames(frames)) => {
                     let now = now_ns();
                     for (_, f) in frames {
-                        if let ServerFrame::NewMessage(m) = f {
-                            arrivals.message(id, now, &m.message.body);
+                        match f {
+                            ServerFrame::NewMessage(m) => arrivals.message(id, now, &m.message.body),
+                            ServerFrame::Error(e) => {
+                                error_replies.fetch_add(1, Ordering::Relaxed);
+                                tracing_free_log(&format!("member {id}: server error {}", e.code));
+                            }
+                            _ => {}
                         }
                     }
                 }
-                _ => {
+                other => {
                     closed.fetch_add(1, Ordering::Relaxed);
+                    tracing_free_log(&format!("member {id}: connection ended early: {other:?}"));
                     return;
                 }
             }
         }
     }
+}
+
+/// Awaits every task. A task that panicked left its connection's
+/// deliveries silently missing; it fails the worker, which the
+/// coordinator reports as a worker error (and `--check` refuses).
+async fn join_all(tasks: Vec<tokio::task::JoinHandle<()>>) -> anyhow::Result<()> {
+    let mut panicked = 0;
+    for t in tasks {
+        if t.await.is_err() {
+            panicked += 1;
+        }
+    }
+    if panicked > 0 {
+        anyhow::bail!("{panicked} connection task(s) panicked");
+    }
+    Ok(())
 }
 
 /// `idle`: open connections (each in 2 rooms: `all` and one of many
@@ -247,20 +290,42 @@ async fn idle(spec: Spec, meter: Arc<Meter>) -> anyhow::Result<()> {
             sent.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // Keep the publisher's acks drained until stop.
+        // Read the publisher's acks until stop: an Error or a closed
+        // connection here means burst messages may never be delivered.
+        let acked = meter.counter("burst_acked");
+        let errors = meter.counter("send_errors");
+        let closed = meter.counter("closed_early");
         let mut stop = commands.clone();
         loop {
             tokio::select! {
-                _ = publisher.recv() => {}
+                r = publisher.recv() => match r {
+                    Ok(Incoming::Frames(frames)) => {
+                        for (_, f) in frames {
+                            match f {
+                                ServerFrame::MessageSent(_) => {
+                                    acked.fetch_add(1, Ordering::Relaxed);
+                                }
+                                ServerFrame::Error(e) => {
+                                    errors.fetch_add(1, Ordering::Relaxed);
+                                    tracing_free_log(&format!("burst publisher: server error {}", e.code));
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                    other => {
+                        closed.fetch_add(1, Ordering::Relaxed);
+                        tracing_free_log(&format!("burst publisher: connection ended early: {other:?}"));
+                        break;
+                    }
+                },
                 _ = stop.changed() => if *stop.borrow() == "stop" { break },
             }
         }
+        let _ = publisher.close().await;
     }
     wait_for(&mut commands, "stop").await;
-    for j in joins {
-        let _ = j.await;
-    }
-    Ok(())
+    join_all(joins).await
 }
 
 /// Stderr logging for workers (stdout carries the report lines).
@@ -355,10 +420,7 @@ async fn fanout(spec: Spec, meter: Arc<Meter>) -> anyhow::Result<()> {
     }
     wait_for(&mut commands, "stop").await;
     drop(sloths);
-    for j in joins {
-        let _ = j.await;
-    }
-    Ok(())
+    join_all(joins).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -378,7 +440,12 @@ async fn publisher(
     let expected = meter.counter("expected");
     let sent = meter.counter("sent");
     let errors = meter.counter("send_errors");
-    let mut arrivals = Arrivals::new(&meter);
+    let closed = meter.counter("closed_early");
+    // The coordinator stops the run once every publisher is done and
+    // everything it sent is acknowledged and delivered.
+    let done = meter.counter("publishers_done");
+    meter.counter("publishers").fetch_add(1, Ordering::Relaxed);
+    let mut arrivals = Arrivals::new(&meter).publishing_as(id + 1);
     let mut sent_at: HashMap<u32, Instant> = HashMap::new();
     // Publishers start at spread-out phases of their interval: started
     // together, every room would publish in the same instant and the run
@@ -387,11 +454,19 @@ async fn publisher(
     let mut next = tokio::time::Instant::now() + interval.mul_f64(phase);
     let mut seq = 0u64;
     let mut sending = true;
+    // A publisher whose connection ends early stops publishing, so its
+    // room gets fewer messages than the rate says, and nothing else would
+    // notice: it is counted, and the run fails `--check`.
+    let ended_early = |why: String| {
+        closed.fetch_add(1, Ordering::Relaxed);
+        tracing_free_log(&format!("publisher {id}: connection ended early: {why}"));
+    };
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(next), if sending => {
                 if Instant::now() >= until {
                     sending = false;
+                    done.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 seq += 1;
@@ -403,8 +478,9 @@ async fn publisher(
                     attachments: vec![],
                 });
                 sent_at.insert(rid, Instant::now());
-                if c.send(rid, &frame).await.is_err() {
-                    errors.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = c.send(rid, &frame).await {
+                    ended_early(format!("send failed: {e}"));
+                    done.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
                 sent.fetch_add(1, Ordering::Relaxed);
@@ -428,8 +504,9 @@ async fn publisher(
                                     meter.record("ack", t.elapsed());
                                 }
                             }
-                            ServerFrame::Error(_) => {
+                            ServerFrame::Error(e) => {
                                 errors.fetch_add(1, Ordering::Relaxed);
+                                tracing_free_log(&format!("publisher {id}: server error {}", e.code));
                             }
                             ServerFrame::NewMessage(m) => {
                                 arrivals.message(id, now, &m.message.body);
@@ -438,7 +515,13 @@ async fn publisher(
                         }
                     }
                 }
-                _ => return,
+                other => {
+                    ended_early(format!("{other:?}"));
+                    if sending {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return;
+                }
             },
             _ = stop.changed() => if *stop.borrow() == "stop" {
                 let _ = c.close().await;
@@ -448,205 +531,436 @@ async fn publisher(
     }
 }
 
-/// `chat`: every connection runs a realistic mix for `seconds`: sends,
-/// typing, reactions, history pages, and reconnects with resume.
+/// `chat`: all connections open first (each in one room of `room_size`
+/// members); on "go" every connection runs a realistic mix for
+/// `seconds` (sends, typing, reactions, history pages, reconnects with
+/// resume), then keeps reading until "stop" so that every message sent
+/// can arrive. Sends carry the sender's id and its own sequence, so each
+/// receiver checks every sender's messages for duplicates and gaps, and
+/// each acknowledged send expects one delivery per other room member.
 async fn chat(spec: Spec, meter: Arc<Meter>) -> anyhow::Result<()> {
     let p = &spec.params;
     let total = param(p, "connections", 200);
     let room_size = param(p, "room_size", 20).max(2);
     let seconds = param(p, "seconds", 20);
     let think_ms = param(p, "think_ms", 2000).max(50);
+    let concurrency = param(p, "concurrency", 64) as usize;
     let targets = targets(&spec)?;
     let mut commands = crate::worker::commands();
     let source = source_address(spec.worker + spec.workers * (run_id(&spec) % 64) as usize);
-    let until = Instant::now() + Duration::from_secs(seconds + 5);
+    let run = run_id(&spec);
+    let gate = Arc::new(Semaphore::new(concurrency.max(1)));
+    let connected = meter.counter("connected");
+    let failed = meter.counter("failed");
+    // Everyone is in the room before anyone sends: a member that joined
+    // late would rightly miss earlier messages, which would read as loss.
+    let mut pending = Vec::new();
+    for i in (0..total).filter(|i| *i as usize % spec.workers == spec.worker) {
+        let permit = gate.clone().acquire_owned().await?;
+        let target = targets[i as usize % targets.len()].clone();
+        let token = crate::token(&spec.secret, &format!("chatter-{run}-{i}"));
+        let room = format!("chat-{}", i / room_size);
+        let meter = meter.clone();
+        pending.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let r = session(&target, source, token.clone(), std::slice::from_ref(&room)).await;
+            drop(permit);
+            if r.is_ok() {
+                meter.record("connect", t0.elapsed());
+            }
+            (i, target, token, room, r)
+        }));
+    }
+    let mut chatters = Vec::new();
+    for t in pending {
+        let (i, target, token, room, r) = t.await?;
+        match r {
+            Ok((c, ready)) => {
+                connected.fetch_add(1, Ordering::Relaxed);
+                // Room r holds chatters r*room_size .. (r+1)*room_size-1.
+                let first = i / room_size * room_size;
+                let members = room_size.min(total - first);
+                chatters.push(Chatter::new(
+                    i, c, ready, room, members, target, source, token, think_ms, &meter,
+                ));
+            }
+            Err(e) => {
+                failed.fetch_add(1, Ordering::Relaxed);
+                tracing_free_log(&format!("chatter {i}: connect failed: {e:#}"));
+            }
+        }
+    }
     meter
         .counter("workers_connected")
         .store(1, Ordering::Relaxed);
     if !wait_for(&mut commands, "go").await {
         return Ok(());
     }
+    let until = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
-    for i in (0..total).filter(|i| *i as usize % spec.workers == spec.worker) {
-        let target = targets[i as usize % targets.len()].clone();
-        let meter = meter.clone();
-        let secret = spec.secret.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = chatter(
-                i, &target, source, &secret, room_size, think_ms, until, &meter,
-            )
-            .await
-            {
-                meter.counter("errors").fetch_add(1, Ordering::Relaxed);
-                tracing_free_log(&format!("chatter {i}: {e:#}"));
-            }
-        }));
+    for ch in chatters {
+        let stop = commands.clone();
+        tasks.push(tokio::spawn(ch.run(until, stop)));
     }
-    for t in tasks {
-        let _ = t.await;
-    }
-    Ok(())
+    join_all(tasks).await
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn chatter(
+/// One chat connection: its session, its position in its room (for
+/// resume), and its account of what it sent and received.
+struct Chatter {
     i: u64,
-    target: &Target,
+    c: RawConnection,
+    session_id: SessionId,
+    room: String,
+    /// Members of the room, this one included.
+    members: u64,
+    target: Target,
     source: std::net::IpAddr,
-    secret: &str,
-    room_size: u64,
+    token: String,
     think_ms: u64,
-    until: Instant,
-    meter: &Meter,
-) -> anyhow::Result<()> {
-    use crate::conn::reply;
-    let run = now_ns();
-    let room = format!("chat-{}", i / room_size);
-    let token = crate::token(secret, &format!("chatter-{run}-{i}"));
-    let t0 = Instant::now();
-    let (mut c, ready) =
-        session(target, source, token.clone(), std::slice::from_ref(&room)).await?;
-    meter.record("connect", t0.elapsed());
-    meter.counter("connected").fetch_add(1, Ordering::Relaxed);
-    let mut position = ready
-        .rooms
-        .iter()
-        .find(|r| r.room == room)
-        .map(|r| (r.epoch, r.seq))
-        .unwrap_or((0, 0));
-    let mut last_msg: Option<u64> = None;
-    let delivery = meter.recorder("delivery");
-    let received = meter.counter("received");
-    let typing = meter.counter("typing_received");
-    let mut rid = 10u32;
-    let mut rng = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
-    while Instant::now() + Duration::from_secs(5) < until {
-        // Think, reading whatever arrives meanwhile.
-        let think = Duration::from_millis(think_ms / 2 + next() % think_ms);
-        let wake = tokio::time::Instant::now() + think;
+    /// (epoch, seq) of the last room event seen, own acks included.
+    position: (u64, u64),
+    last_msg: Option<u64>,
+    /// This chatter's own message sequence (1, 2, ...), in its bodies.
+    sends: u64,
+    rid: u32,
+    rng: u64,
+    arrivals: Arrivals,
+    meter: Arc<Meter>,
+}
+
+impl Chatter {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        i: u64,
+        c: RawConnection,
+        ready: Ready,
+        room: String,
+        members: u64,
+        target: Target,
+        source: std::net::IpAddr,
+        token: String,
+        think_ms: u64,
+        meter: &Arc<Meter>,
+    ) -> Self {
+        let position = ready
+            .rooms
+            .iter()
+            .find(|r| r.room == room)
+            .map(|r| (r.epoch, r.seq))
+            .unwrap_or((0, 0));
+        Chatter {
+            i,
+            c,
+            session_id: ready.session_id,
+            room,
+            members,
+            target,
+            source,
+            token,
+            think_ms,
+            position,
+            last_msg: None,
+            sends: 0,
+            rid: 10,
+            rng: i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            arrivals: Arrivals::new(meter).publishing_as(i + 1),
+            meter: meter.clone(),
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// Acts until `until`, then reads until "stop". A chatter that ends
+    /// early is counted: `closed_early` when its connection closed,
+    /// `errors` for anything else. Either fails `--check`, since its
+    /// room's deliveries to it stop there.
+    async fn run(mut self, until: Instant, mut stop: watch::Receiver<String>) {
+        let finished = self.meter.counter("finished");
+        let result = self.act_until(until).await;
+        finished.fetch_add(1, Ordering::Relaxed);
+        let result = match result {
+            Ok(()) => self.drain(&mut stop).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            let key = if e.downcast_ref::<Closed>().is_some() {
+                "closed_early"
+            } else {
+                "errors"
+            };
+            self.meter.counter(key).fetch_add(1, Ordering::Relaxed);
+            tracing_free_log(&format!("chatter {}: {e:#}", self.i));
+        }
+    }
+
+    async fn act_until(&mut self, until: Instant) -> anyhow::Result<()> {
         loop {
-            match tokio::time::timeout_at(wake, c.recv()).await {
-                Err(_) => break,
+            // Think, reading whatever arrives meanwhile.
+            let think = Duration::from_millis(self.think_ms / 2 + self.next() % self.think_ms);
+            self.read_for(think).await?;
+            if Instant::now() >= until {
+                return Ok(());
+            }
+            self.act().await?;
+        }
+    }
+
+    /// Reads events for `d`.
+    async fn read_for(&mut self, d: Duration) -> anyhow::Result<()> {
+        let wake = tokio::time::Instant::now() + d;
+        loop {
+            match tokio::time::timeout_at(wake, self.c.recv()).await {
+                Err(_) => return Ok(()),
                 Ok(Ok(Incoming::Frames(frames))) => {
                     let now = now_ns();
-                    for (_, f) in frames {
-                        match f {
-                            ServerFrame::NewMessage(m) => {
-                                position = (m.epoch, position.1.max(m.message.seq));
-                                last_msg = Some(m.message.id);
-                                if let Some((_, _, sent)) = parse_stamp(&m.message.body) {
-                                    delivery.record_micros(i, now.saturating_sub(sent) / 1000);
-                                }
-                                received.fetch_add(1, Ordering::Relaxed);
-                            }
-                            ServerFrame::Reaction(r) => position = (r.epoch, position.1.max(r.seq)),
-                            ServerFrame::UserTyping(_) => {
-                                typing.fetch_add(1, Ordering::Relaxed);
-                            }
-                            _ => {}
-                        }
+                    for (rid, f) in frames {
+                        self.unasked(rid, f, now);
                     }
                 }
-                Ok(_) => anyhow::bail!("connection closed"),
+                Ok(Ok(Incoming::Closed(code))) => return Err(Closed(code).into()),
+                Ok(Err(e)) => return Err(e.into()),
             }
         }
-        rid += 1;
-        let roll = next() % 100;
+    }
+
+    /// After acting: reads until the coordinator says "stop" (it waits
+    /// until every acknowledged message has arrived, or nothing more
+    /// does), heartbeating meanwhile.
+    async fn drain(&mut self, stop: &mut watch::Receiver<String>) -> anyhow::Result<()> {
+        let mut beat = tokio::time::interval(Duration::from_secs(20));
+        beat.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => if *stop.borrow() == "stop" {
+                    let _ = self.c.close().await;
+                    return Ok(());
+                },
+                _ = beat.tick() => self.c.send(0, &ClientFrame::Heartbeat).await?,
+                r = self.c.recv() => match r? {
+                    Incoming::Frames(frames) => {
+                        let now = now_ns();
+                        for (rid, f) in frames {
+                            self.unasked(rid, f, now);
+                        }
+                    }
+                    Incoming::Closed(code) => return Err(Closed(code).into()),
+                },
+            }
+        }
+    }
+
+    /// Moves the room position to (epoch, seq); a new epoch starts over.
+    fn advance(&mut self, epoch: u64, seq: u64) {
+        if epoch != self.position.0 {
+            self.position = (epoch, seq);
+        } else {
+            self.position.1 = self.position.1.max(seq);
+        }
+    }
+
+    /// An Error the scenario did not provoke: every one fails `--check`
+    /// (`error_replies`); per-code counters say which.
+    fn server_error(&self, e: &ErrorBody) {
+        let name = chatgate_protocol::ErrorCode::from_u16(e.code).map_or("unknown", |c| c.name());
+        self.meter
+            .counter("error_replies")
+            .fetch_add(1, Ordering::Relaxed);
+        self.meter
+            .counter(&format!("error_{name}"))
+            .fetch_add(1, Ordering::Relaxed);
+        tracing_free_log(&format!(
+            "chatter {}: server error {name}: {}",
+            self.i, e.message
+        ));
+    }
+
+    /// A frame that answers no pending request: an event (request id 0),
+    /// or an Error for a request id 0. Anything else is a reply nobody
+    /// waits for.
+    fn unasked(&mut self, rid: u32, f: ServerFrame, now: u64) {
+        match f {
+            ServerFrame::NewMessage(m) => {
+                self.advance(m.epoch, m.message.seq);
+                self.last_msg = Some(m.message.id);
+                self.arrivals.message(self.i, now, &m.message.body);
+            }
+            ServerFrame::Reaction(r) => self.advance(r.epoch, r.seq),
+            ServerFrame::UserTyping(_) => {
+                self.meter
+                    .counter("typing_received")
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            ServerFrame::Error(e) => self.server_error(&e),
+            ServerFrame::HeartbeatAck(_) => {}
+            other => {
+                self.meter
+                    .counter("unexpected_replies")
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing_free_log(&format!(
+                    "chatter {}: unexpected {:?} with request id {rid}",
+                    self.i,
+                    other.opcode()
+                ));
+            }
+        }
+    }
+
+    /// One action of the mix, answered before the next.
+    async fn act(&mut self) -> anyhow::Result<()> {
+        self.rid += 1;
+        let rid = self.rid;
+        let roll = self.next() % 100;
         let started = Instant::now();
+        let room = self.room.clone();
         let (name, frame) = match roll {
-            0..=39 => (
-                "send",
-                ClientFrame::Send(Send {
-                    room: room.clone(),
-                    client_msg_id: format!("chat-{run}-{i}-{rid}"),
-                    body: stamp(i + 1, u64::from(rid), 60),
-                    attachments: vec![],
-                }),
-            ),
-            40..=74 => ("typing", ClientFrame::Typing(Typing { room: room.clone() })),
-            75..=86 => match last_msg {
-                Some(id) => (
-                    "react",
-                    ClientFrame::React(React {
-                        room: room.clone(),
-                        message_id: id,
-                        emoji: "👍".into(),
-                        remove: next() % 2 == 0,
+            0..=39 => {
+                self.sends += 1;
+                (
+                    "send",
+                    ClientFrame::Send(Send {
+                        room,
+                        client_msg_id: format!("chat-{}-{}-{}", self.i, rid, now_ns()),
+                        body: stamp(self.i + 1, self.sends, 60),
+                        attachments: vec![],
                     }),
-                ),
-                None => ("typing", ClientFrame::Typing(Typing { room: room.clone() })),
+                )
+            }
+            40..=74 => ("typing", ClientFrame::Typing(Typing { room })),
+            75..=86 => match self.last_msg {
+                Some(id) => {
+                    let remove = self.next().is_multiple_of(2);
+                    (
+                        "react",
+                        ClientFrame::React(React {
+                            room,
+                            message_id: id,
+                            emoji: "👍".into(),
+                            remove,
+                        }),
+                    )
+                }
+                None => ("typing", ClientFrame::Typing(Typing { room })),
             },
             87..=97 => (
                 "history",
                 ClientFrame::History(History {
-                    room: room.clone(),
+                    room,
                     before: None,
                     limit: 50,
                 }),
             ),
-            _ => {
-                // Drop the connection and resume from the last position.
-                let _ = c.close().await;
-                let t0 = Instant::now();
-                let mut nc = crate::conn::connect_from(target, source).await?;
-                let resume = Resume {
-                    session_id: ready.session_id,
-                    positions: vec![RoomPosition {
-                        room: room.clone(),
-                        epoch: position.0,
-                        seq: position.1,
-                    }],
-                };
-                nc.send(
-                    1,
-                    &ClientFrame::Identify(Identify {
-                        token: token.clone(),
-                        resume: Some(resume),
-                    }),
-                )
-                .await?;
-                loop {
-                    let (f, _) = reply(&mut nc, 0, Duration::from_secs(20)).await?;
-                    if let ServerFrame::Resumed(r) = f {
+            _ => return self.resume().await,
+        };
+        self.c.send(rid, &frame).await?;
+        let (answer, others) =
+            crate::conn::reply(&mut self.c, rid, Duration::from_secs(20)).await?;
+        let now = now_ns();
+        for (r, f) in others {
+            self.unasked(r, f, now);
+        }
+        let ok = match (name, answer) {
+            (_, ServerFrame::Error(e)) => {
+                self.server_error(&e);
+                false
+            }
+            // A fresh client_msg_id acknowledged as a duplicate: the
+            // gateway took a new message for a retry and did not deliver it.
+            ("send", ServerFrame::MessageSent(m)) if !m.duplicate => {
+                self.advance(m.epoch, m.seq);
+                self.meter.counter("acked").fetch_add(1, Ordering::Relaxed);
+                self.meter
+                    .counter("expected")
+                    .fetch_add(self.members - 1, Ordering::Relaxed);
+                true
+            }
+            ("react", ServerFrame::Reacted(r)) => {
+                // seq 0: nothing changed, nothing published (§5.1).
+                if r.seq != 0 {
+                    self.advance(r.epoch, r.seq);
+                }
+                true
+            }
+            ("typing", ServerFrame::Ok) | ("history", ServerFrame::HistoryPage(_)) => true,
+            (_, other) => {
+                self.meter
+                    .counter("unexpected_replies")
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing_free_log(&format!(
+                    "chatter {}: {name} answered with {:?}",
+                    self.i,
+                    other.opcode()
+                ));
+                false
+            }
+        };
+        if ok {
+            self.meter.record(name, started.elapsed());
+        }
+        self.meter.counter(name).fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Drops the connection and resumes from the last position on a new
+    /// one. The replay (between Ready and Resumed) and any live events
+    /// sharing Resumed's message are accounted like any other delivery:
+    /// they are what makes a resume gapless.
+    async fn resume(&mut self) -> anyhow::Result<()> {
+        let _ = self.c.close().await;
+        let t0 = Instant::now();
+        let mut nc = crate::conn::connect_from(&self.target, self.source).await?;
+        let resume = Resume {
+            session_id: self.session_id,
+            positions: vec![RoomPosition {
+                room: self.room.clone(),
+                epoch: self.position.0,
+                seq: self.position.1,
+            }],
+        };
+        nc.send(
+            1,
+            &ClientFrame::Identify(Identify {
+                token: self.token.clone(),
+                resume: Some(resume),
+            }),
+        )
+        .await?;
+        self.c = nc;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut resumed = false;
+        while !resumed {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let frames = match self.c.recv_timeout(left).await? {
+                Some(Incoming::Frames(frames)) => frames,
+                Some(Incoming::Closed(code)) => return Err(Closed(code).into()),
+                None => anyhow::bail!("no Resumed within 20 s"),
+            };
+            let now = now_ns();
+            for (rid, f) in frames {
+                match f {
+                    ServerFrame::Ready(r) if rid == 1 => self.session_id = r.session_id,
+                    ServerFrame::Resumed(r) => {
+                        resumed = true;
                         let key = if r.rooms.iter().all(|r| r.recovered) {
                             "resumed_ok"
                         } else {
                             "resumed_gap"
                         };
-                        meter.counter(key).fetch_add(1, Ordering::Relaxed);
-                        if let Some(rr) = r.rooms.first() {
-                            position = (rr.epoch, rr.seq);
+                        self.meter.counter(key).fetch_add(1, Ordering::Relaxed);
+                        if let Some(rr) = r.rooms.iter().find(|rr| rr.room == self.room) {
+                            self.position = (rr.epoch, rr.seq);
                         }
-                        break;
                     }
+                    other => self.unasked(rid, other, now),
                 }
-                meter.record("resume", t0.elapsed());
-                c = nc;
-                continue;
             }
-        };
-        c.send(rid, &frame).await?;
-        let (answer, _) = reply(&mut c, rid, Duration::from_secs(20)).await?;
-        match answer {
-            ServerFrame::Error(e) => {
-                meter
-                    .counter(&format!("error_{}", e.code))
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            ServerFrame::MessageSent(m) => {
-                position = (m.epoch, position.1.max(m.seq));
-                meter.record(name, started.elapsed());
-            }
-            _ => meter.record(name, started.elapsed()),
         }
-        meter.counter(name).fetch_add(1, Ordering::Relaxed);
+        self.meter.record("resume", t0.elapsed());
+        Ok(())
     }
-    let _ = c.close().await;
-    Ok(())
 }
