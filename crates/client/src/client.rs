@@ -102,6 +102,17 @@ pub enum Event {
         /// Sequence number just before the event that revealed it.
         seq: u64,
     },
+    /// A room event skipped ahead: events between `after` and `next`
+    /// were missed on this connection. Reload the room's history (the
+    /// protocol's answer to a gap, PROTOCOL.md §9.5).
+    Missed {
+        /// Room.
+        room: String,
+        /// The position before the gap.
+        after: u64,
+        /// The sequence number that arrived.
+        next: u64,
+    },
     /// An Error frame not tied to a pending request.
     Error(ErrorBody),
     /// The connection dropped; `reconnecting` says whether the client
@@ -403,16 +414,27 @@ impl Driver {
         {
             return false;
         }
-        if let Some((known, _)) = known
-            && known != 0
-            && known != epoch
-        {
-            let lost = Event::StreamLost {
-                room: room.to_owned(),
-                epoch,
-                seq: seq.saturating_sub(1),
-            };
-            let _ = self.events.send(lost).await;
+        match known {
+            Some((known, _)) if known != 0 && known != epoch => {
+                let lost = Event::StreamLost {
+                    room: room.to_owned(),
+                    epoch,
+                    seq: seq.saturating_sub(1),
+                };
+                let _ = self.events.send(lost).await;
+            }
+            // Skipped ahead in the same epoch: events were missed
+            // (PROTOCOL.md §9.5). The application reloads; the position
+            // moves on so the next resume does not ask for them again.
+            Some((e, s)) if e == epoch && seq > s + 1 => {
+                let missed = Event::Missed {
+                    room: room.to_owned(),
+                    after: s,
+                    next: seq,
+                };
+                let _ = self.events.send(missed).await;
+            }
+            _ => {}
         }
         self.advance(room, epoch, seq).await;
         true
@@ -431,9 +453,14 @@ impl Driver {
         }
         match &frame {
             ServerFrame::Joined(j) => {
+                // Events after the joined position may arrive just before
+                // Joined (§9.5): never move back within an epoch.
                 let mut pos = self.positions.lock().await;
                 for r in &j.rooms {
-                    pos.insert(r.room.clone(), (r.epoch, r.seq));
+                    let e = pos.entry(r.room.clone()).or_insert((r.epoch, r.seq));
+                    if e.0 != r.epoch || e.1 < r.seq {
+                        *e = (r.epoch, r.seq);
+                    }
                 }
             }
             ServerFrame::Left(l) => {
@@ -445,10 +472,13 @@ impl Driver {
             // A duplicate's ack repeats the original position, which this
             // connection may be past (or which is of an older epoch); a
             // Reacted with seq 0 published nothing (PROTOCOL.md §9.5).
+            // Otherwise it is the sender's own event: same checks.
             ServerFrame::MessageSent(m) if !m.duplicate && m.seq != 0 => {
-                self.advance(&m.room, m.epoch, m.seq).await
+                self.event_at(&m.room, m.epoch, m.seq).await;
             }
-            ServerFrame::Reacted(r) if r.seq != 0 => self.advance(&r.room, r.epoch, r.seq).await,
+            ServerFrame::Reacted(r) if r.seq != 0 => {
+                self.event_at(&r.room, r.epoch, r.seq).await;
+            }
             ServerFrame::Resumed(r) => {
                 let mut pos = self.positions.lock().await;
                 for room in &r.rooms {

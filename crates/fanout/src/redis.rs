@@ -80,8 +80,9 @@ pub struct RedisFanoutConfig {
     /// Delivery stream cap per partition. Default 100,000 entries: far
     /// more than any node falls behind by before it counts as lagging.
     pub partition_maxlen: u64,
-    /// How long a publisher waits for its own reader before acking
-    /// anyway (the event is stored in Redis either way). Default 5 s.
+    /// How long a publisher waits for its own reader before it returns
+    /// without it (the event is in Redis either way; the reader still
+    /// queues the ack in its place when it gets there). Default 5 s.
     pub self_delivery_timeout: Duration,
 }
 
@@ -192,15 +193,24 @@ pub struct FanoutStats {
 
 /// A publish waiting for this node's reader to deliver its event.
 struct Waiter {
-    delivered: oneshot::Sender<Bytes>,
+    delivered: oneshot::Sender<(Bytes, Position)>,
     on_sequenced: Option<OnSequenced>,
+    since: std::time::Instant,
 }
+
+/// How long a waiter whose event the reader has not delivered is kept
+/// (the reader is behind or Redis lost the entry; in the second case the
+/// node's members are made to resume and the sender's retry is answered
+/// from the record).
+const WAITER_TTL: Duration = Duration::from_secs(120);
 
 type Waiters = DashMap<u64, Waiter>;
 
 /// The Redis Streams [`Fanout`].
 pub struct RedisStreamsFanout {
     config: RedisFanoutConfig,
+    /// `node_id@start_ms`, written into every entry this process adds.
+    instance: String,
     codec: Codec,
     client: Client,
     publish: Script,
@@ -247,6 +257,11 @@ impl RedisStreamsFanout {
         let _ = reader_client.init().await;
         let waiters: Arc<Waiters> = Arc::new(DashMap::new());
         let stats = Arc::new(FanoutStats::default());
+        // Entries name their publishing process, not only its node: the
+        // publish ids and connection ids they carry restart with the
+        // process, and a restarted node reusing its id must not take a
+        // predecessor's entries for its own.
+        let instance = format!("{}@{}", config.node_id, now_ms());
         let reader = Reader {
             client: reader_client,
             keys: (0..config.partitions)
@@ -258,7 +273,7 @@ impl RedisStreamsFanout {
             incarnation: Script::from_lua(INCARNATION),
             node_token: config.node_id.clone(),
             checks: AtomicU64::new(0),
-            node_id: config.node_id.clone(),
+            instance: instance.clone(),
             codec,
             sink,
             waiters: waiters.clone(),
@@ -268,6 +283,7 @@ impl RedisStreamsFanout {
         let known = reader.incarnations().await.ok();
         let reader = tokio::spawn(reader.run(start_ids, known));
         Ok(RedisStreamsFanout {
+            instance,
             publish: Script::from_lua(PUBLISH),
             position: Script::from_lua(POSITION),
             config,
@@ -435,6 +451,7 @@ impl Fanout for RedisStreamsFanout {
             Waiter {
                 delivered: tx,
                 on_sequenced,
+                since: std::time::Instant::now(),
             },
         );
         let args: Vec<Value> = vec![
@@ -442,7 +459,7 @@ impl Fanout for RedisStreamsFanout {
             Value::Bytes(template.mid.into()),
             Value::Bytes(template.tail.into()),
             room.into(),
-            self.config.node_id.as_str().into(),
+            self.instance.as_str().into(),
             (exclude.unwrap_or(0) as i64).into(),
             (pid as i64).into(),
             (self.config.max_log as i64).into(),
@@ -457,7 +474,14 @@ impl Fanout for RedisStreamsFanout {
         let (epoch, seq, repeated) = match reply.map_err(err).and_then(triple) {
             Ok(v) => v,
             Err(e) => {
-                self.waiters.remove(&pid);
+                if self.waiters.remove(&pid).is_none() {
+                    // The script ran and only its reply was lost: this
+                    // node's reader has delivered the event and queued
+                    // the ack. One reply per request: this is a success.
+                    if let Ok((frame, position)) = rx.await {
+                        return Ok(Published { position, frame });
+                    }
+                }
                 self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
                 return Err(e);
             }
@@ -479,17 +503,16 @@ impl Fanout for RedisStreamsFanout {
         // in stream order (so the sender's ack keeps its place among the
         // room's events); wait for that before returning.
         let frame = match tokio::time::timeout(self.config.self_delivery_timeout, rx).await {
-            Ok(Ok(frame)) => frame,
+            Ok(Ok((frame, _))) => frame,
             _ => {
-                if let Some((_, w)) = self.waiters.remove(&pid)
-                    && let Some(ack) = w.on_sequenced
-                {
-                    ack(position, false);
-                }
+                // The event is published; only this node's reader is
+                // behind. The ack stays with the waiter, for the reader to
+                // queue in its place when it gets there: queued now, it
+                // would overtake the events the reader has not delivered.
                 tracing::warn!(
                     room,
                     seq,
-                    "own event not read back in time; acknowledging anyway"
+                    "own event not read back in time; the reader will acknowledge it"
                 );
                 Bytes::new()
             }
@@ -510,7 +533,7 @@ impl Fanout for RedisStreamsFanout {
         let fields: Vec<(&str, Value)> = vec![
             ("r", room.into()),
             ("f", Value::Bytes(frame)),
-            ("n", self.config.node_id.as_str().into()),
+            ("n", self.instance.as_str().into()),
             ("c", (exclude.unwrap_or(0) as i64).into()),
             ("e", 1.into()),
         ];
@@ -540,6 +563,10 @@ impl Fanout for RedisStreamsFanout {
 
     fn stats(&self) -> Option<Arc<FanoutStats>> {
         Some(self.stats.clone())
+    }
+
+    fn maintain(&self) {
+        self.waiters.retain(|_, w| w.since.elapsed() < WAITER_TTL);
     }
 
     async fn replay(&self, room: &str, since: Position) -> Result<Replay, FanoutError> {
@@ -587,6 +614,12 @@ impl Fanout for RedisStreamsFanout {
             frames.push(self.codec.compress_frame(frame));
             last = seq;
         }
+        // Short of the head (the read's COUNT, or a log trimmed under it):
+        // the rest cannot be replayed, and saying "recovered" would leave
+        // a silent gap.
+        if last < current.seq {
+            return Ok(Replay::NotRecoverable { current });
+        }
         Ok(Replay::Events {
             frames,
             position: Position {
@@ -613,7 +646,8 @@ struct Reader {
     /// Incarnation checks made; with the time, makes every candidate
     /// value new (a partition recreated must never get its old value).
     checks: AtomicU64,
-    node_id: String,
+    /// This process's `node_id@start_ms` (see `RedisStreamsFanout`).
+    instance: String,
     codec: Codec,
     sink: Arc<dyn LocalDelivery>,
     waiters: Arc<Waiters>,
@@ -623,16 +657,16 @@ struct Reader {
 impl Reader {
     /// The last id of every partition now: a new node starts with what is
     /// published after it started.
-    async fn current_ids(&self) -> Vec<String> {
+    /// `None` while Redis cannot be reached: the reader must not guess
+    /// (reading from `0-0` would redeliver every retained entry).
+    async fn current_ids(&self) -> Option<Vec<String>> {
         let mut ids = Vec::with_capacity(self.keys.len());
         for key in &self.keys {
-            let last: Result<Value, _> = self.client.xrevrange(key, "+", "-", Some(1)).await;
-            let id = last
-                .ok()
-                .and_then(|v| entries(&v).into_iter().next().map(|(id, _)| id));
+            let last: Value = self.client.xrevrange(key, "+", "-", Some(1)).await.ok()?;
+            let id = entries(&last).into_iter().next().map(|(id, _)| id);
             ids.push(id.unwrap_or_else(|| "0-0".into()));
         }
-        ids
+        Some(ids)
     }
 
     /// Every partition's incarnation (see [`INCARNATION`]).
@@ -684,11 +718,24 @@ impl Reader {
         Ok(())
     }
 
-    async fn run(self, mut ids: Vec<String>, mut known: Option<Vec<String>>) {
-        let mut failing = false;
+    async fn run(self, start: Option<Vec<String>>, mut known: Option<Vec<String>>) {
+        let mut failing = start.is_none();
+        let mut ids = start.unwrap_or_default();
         let mut backoff = Duration::from_millis(50);
         let mut checked = tokio::time::Instant::now();
         loop {
+            if ids.is_empty() {
+                // Started while Redis was unreachable: begin with what is
+                // published from now on, as a node that started normally.
+                match self.current_ids().await {
+                    Some(now) => ids = now,
+                    None => {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                }
+            }
             if failing || checked.elapsed() >= INCARNATION_CHECK {
                 // Back from an outage (or due): see what survived before
                 // reading on, so nothing of a new stream is delivered to
@@ -766,7 +813,7 @@ impl Reader {
                 let node = fields.get("n").and_then(as_str).unwrap_or_default();
                 let conn = fields.get("c").and_then(as_u64).unwrap_or(0);
                 let ephemeral = fields.contains_key("e");
-                let mine = node == self.node_id;
+                let mine = node == self.instance;
                 let exclude = if mine && conn != 0 { Some(conn) } else { None };
                 let frame = if ephemeral {
                     frame
@@ -782,15 +829,16 @@ impl Reader {
                 if mine
                     && let Some(pid) = fields.get("p").and_then(as_u64)
                     && let Some((_, w)) = self.waiters.remove(&pid)
-                {
-                    if let (Some(ack), Some(epoch), Some(seq)) = (
-                        w.on_sequenced,
+                    && let (Some(epoch), Some(seq)) = (
                         fields.get("h").and_then(as_u64),
                         fields.get("q").and_then(as_u64),
-                    ) {
-                        ack(Position { epoch, seq }, false);
+                    )
+                {
+                    let position = Position { epoch, seq };
+                    if let Some(ack) = w.on_sequenced {
+                        ack(position, false);
                     }
-                    let _ = w.delivered.send(frame);
+                    let _ = w.delivered.send((frame, position));
                 }
             }
         }

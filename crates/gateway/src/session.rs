@@ -517,6 +517,14 @@ impl Session {
             let position = match self.node.fanout.position(room).await {
                 Ok(p) => p,
                 Err(e) => {
+                    // All or nothing: a room joined without a position to
+                    // tell the client would look joined to a retry, which
+                    // would then be answered with nothing for it.
+                    for done in joined.iter().map(|r: &RoomPosition| &r.room).chain([room]) {
+                        self.node.hub.leave(done, self.conn);
+                        self.rooms.remove(done.as_str());
+                        self.watermarks.retain(|(r, _)| **r != **done);
+                    }
                     reply.fanout_error(rid, &e);
                     return;
                 }
@@ -711,6 +719,16 @@ impl Session {
                     };
                     let published = node.fanout.publish(&r.room, event, Some(conn), Some(ack));
                     if let Err(e) = published.await {
+                        // Undone, so that the client's retry changes the
+                        // store again and publishes (a reaction has no
+                        // idempotency key telling a retry from a repeat).
+                        let undo = ReactionChange {
+                            remove: !change.remove,
+                            ..change
+                        };
+                        if let Err(undo_error) = node.store.react(&undo).await {
+                            tracing::warn!(error = %undo_error, "could not undo an unpublished reaction");
+                        }
                         reply.fanout_error(rid, &e);
                     }
                 }
@@ -822,6 +840,10 @@ impl Drop for SendClaim {
     }
 }
 
+/// Attempts at recording a published message's position (about 20 s of
+/// backoff in all).
+const RECORD_ATTEMPTS: u32 = 7;
+
 /// What a retry of a Send must repeat to be the same message.
 fn fingerprint(room: &str, body: &str, attachments: &[Attachment]) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -926,12 +948,24 @@ async fn publish_message(
         Ok(p) => p.position,
         Err(e) => return reply.not_delivered(rid, &e),
     };
-    if let Err(e) = node.store.set_seq(id, published.epoch, published.seq).await {
-        // The message is stored and delivered; only history's copy of the
-        // position is missing (a retry then asks the fan-out, which
-        // remembers what it published).
-        node.metrics.store_errors.inc();
-        tracing::warn!(error = %e, message_id = id, "could not record the position");
+    // The record is what tells a retry, after the fan-out has forgotten
+    // (past the recovery window), that the message was delivered: worth a
+    // few attempts through a short outage. This task runs off the
+    // connection, so nobody waits on it.
+    let mut wait = std::time::Duration::from_millis(200);
+    for attempt in 1..=RECORD_ATTEMPTS {
+        match node.store.set_seq(id, published.epoch, published.seq).await {
+            Ok(()) => break,
+            Err(e) => {
+                node.metrics.store_errors.inc();
+                tracing::warn!(error = %e, message_id = id, attempt, "could not record the position");
+                if attempt == RECORD_ATTEMPTS {
+                    break;
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
     }
 }
 

@@ -150,6 +150,9 @@ fn print_event(ev: &Event) {
                 );
             }
         }
+        Event::Missed { room, .. } => {
+            eprintln!("[{room}] messages were missed; run `chat history`")
+        }
         Event::StreamLost { room, .. } => {
             eprintln!("[{room}] the room's stream was lost; run `chat history`")
         }
