@@ -271,7 +271,6 @@ impl RedisStreamsFanout {
                 .map(|p| format!("{}:{{p{p}}}:incarnation", config.namespace))
                 .collect(),
             incarnation: Script::from_lua(INCARNATION),
-            node_token: config.node_id.clone(),
             checks: AtomicU64::new(0),
             instance: instance.clone(),
             codec,
@@ -641,8 +640,6 @@ struct Reader {
     keys: Vec<String>,
     incarnation_keys: Vec<String>,
     incarnation: Script,
-    /// Prefix of this node's candidate incarnation values.
-    node_token: String,
     /// Incarnation checks made; with the time, makes every candidate
     /// value new (a partition recreated must never get its old value).
     checks: AtomicU64,
@@ -672,7 +669,7 @@ impl Reader {
     /// Every partition's incarnation (see [`INCARNATION`]).
     async fn incarnations(&self) -> Result<Vec<String>, FanoutError> {
         let check = self.checks.fetch_add(1, Ordering::Relaxed);
-        let token = format!("{}@{}#{check}", self.node_token, now_ms());
+        let token = format!("{}#{check}@{}", self.instance, now_ms());
         let mut out = Vec::with_capacity(self.incarnation_keys.len());
         for key in &self.incarnation_keys {
             let v: Value = self

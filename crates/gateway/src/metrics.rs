@@ -61,6 +61,9 @@ pub struct Metrics {
     pub fanout_read_errors: IntGauge,
     /// Fan-out reader recoveries (reconnects) since start.
     pub fanout_reconnects: IntGauge,
+    /// Times this node found the Redis streams emptied (and closed its
+    /// sessions with 4005) since start.
+    pub fanout_streams_lost: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -218,6 +221,11 @@ impl Metrics {
                 r,
                 "fanout_reconnects",
                 "Fan-out reader reconnects since start",
+            ),
+            fanout_streams_lost: gauge(
+                r,
+                "fanout_streams_lost",
+                "Times the Redis streams were found emptied (sessions closed with 4005) since start",
             ),
             backend_up: {
                 let g = IntGaugeVec::new(

@@ -218,6 +218,8 @@ impl Node {
                 .set(stats.read_errors.load(Ordering::Relaxed) as i64);
             m.fanout_reconnects
                 .set(stats.reconnects.load(Ordering::Relaxed) as i64);
+            m.fanout_streams_lost
+                .set(stats.streams_lost.load(Ordering::Relaxed) as i64);
         }
     }
 

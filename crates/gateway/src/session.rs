@@ -485,12 +485,8 @@ impl Session {
     /// position their stream starts after.
     async fn join(&mut self, rid: u32, rooms: Vec<String>) {
         let reply = self.replier();
-        let mut new: Vec<String> = Vec::with_capacity(rooms.len());
-        for room in rooms {
-            if !self.rooms.contains(room.as_str()) && !new.contains(&room) {
-                new.push(room);
-            }
-        }
+        let mut new = each_once(rooms);
+        new.retain(|room| !self.rooms.contains(room.as_str()));
         if self.rooms.len() + new.len() > self.node.config.max_rooms_per_session {
             reply.error(
                 rid,
@@ -542,12 +538,7 @@ impl Session {
     }
 
     async fn leave(&mut self, rid: u32, named: Vec<String>) {
-        let mut rooms: Vec<String> = Vec::with_capacity(named.len());
-        for room in named {
-            if !rooms.contains(&room) {
-                rooms.push(room);
-            }
-        }
+        let rooms = each_once(named);
         for room in &rooms {
             self.node.hub.leave(room, self.conn);
             self.rooms.remove(room.as_str());
@@ -838,6 +829,18 @@ impl Drop for SendClaim {
             notify.notify_waiters();
         }
     }
+}
+
+/// The room names of a Join or Leave, each once, in request order (a
+/// request names at most 100, so the quadratic check costs nothing).
+fn each_once(named: Vec<String>) -> Vec<String> {
+    let mut rooms: Vec<String> = Vec::with_capacity(named.len());
+    for room in named {
+        if !rooms.contains(&room) {
+            rooms.push(room);
+        }
+    }
+    rooms
 }
 
 /// Attempts at recording a published message's position (about 20 s of

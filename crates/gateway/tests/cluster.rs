@@ -331,6 +331,10 @@ async fn a_send_retried_after_redis_lost_its_data_is_not_delivered_twice() {
         node.wait_health("fan-out back", |h| {
             h["backends"]["fanout"]["status"] == "ok"
         });
+        assert!(
+            node.metric("chat_fanout_streams_lost") >= 1.0,
+            "the loss shows in metrics"
+        );
     }
 
     // The sender retries on a new connection.

@@ -1,15 +1,21 @@
 //! The session rules in process, without sockets: a real node (in-memory
-//! store, local fan-out) whose store can be held at a chosen step, and
-//! sessions driven through `Session::handle` with their outboxes read
-//! directly. Races that need luck over the network are set up here step
-//! by step.
+//! store, local fan-out) whose store can be held at a chosen step or fail
+//! and whose fan-out can fail on demand, and sessions driven through
+//! `Session::handle` with their outboxes read directly. Races that need
+//! luck over the network are set up here step by step.
 #![allow(clippy::unwrap_used)] // a panic here is a failed test
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use tokio::sync::Semaphore;
+
+use chatgate_fanout::{
+    Fanout, FanoutError, LocalFanout, LocalFanoutConfig, OnSequenced, Position, Published, Replay,
+    RoomEvent,
+};
 
 use chatgate_gateway::auth::{Claims, unix_now};
 use chatgate_gateway::outbox::Outbox;
@@ -28,7 +34,7 @@ struct HeldStore {
     inner: MemoryStore,
     set_seq_gate: Semaphore,
     set_seqs: AtomicUsize,
-    fail_inserts: std::sync::atomic::AtomicBool,
+    fail_inserts: AtomicBool,
 }
 
 impl HeldStore {
@@ -37,7 +43,7 @@ impl HeldStore {
             inner: MemoryStore::default(),
             set_seq_gate: Semaphore::new(0),
             set_seqs: AtomicUsize::new(0),
-            fail_inserts: std::sync::atomic::AtomicBool::new(false),
+            fail_inserts: AtomicBool::new(false),
         })
     }
 }
@@ -145,6 +151,13 @@ impl Client {
 
     async fn request(&mut self, rid: u32, frame: ClientFrame) -> Option<Pending> {
         self.session.handle(rid, frame).await.unwrap()
+    }
+
+    /// Handles a request and runs it to its end.
+    async fn run(&mut self, rid: u32, frame: ClientFrame) {
+        if let Some(p) = self.request(rid, frame).await {
+            p.await;
+        }
     }
 
     async fn join(&mut self, room: &str) {
@@ -539,5 +552,140 @@ async fn a_retry_racing_the_first_attempt_waits_and_is_its_duplicate() {
     assert!(
         matches!(&answer[..], [ServerFrame::MessageSent(m)] if m.duplicate && m.seq == 1),
         "{answer:?}"
+    );
+}
+
+/// The local fan-out with injectable faults: the next publish fails
+/// before doing anything (Redis refused the connection), and `position`
+/// fails while `fail_position` is set.
+struct FlakyFanout {
+    inner: LocalFanout,
+    fail_next_publish: AtomicBool,
+    fail_position: AtomicBool,
+}
+
+#[async_trait]
+impl Fanout for FlakyFanout {
+    fn engine(&self) -> &'static str {
+        "flaky"
+    }
+    async fn publish(
+        &self,
+        room: &str,
+        event: RoomEvent,
+        exclude: Option<u64>,
+        on_sequenced: Option<OnSequenced>,
+    ) -> Result<Published, FanoutError> {
+        if self.fail_next_publish.swap(false, Ordering::SeqCst) {
+            return Err(FanoutError::Unavailable("injected".into()));
+        }
+        self.inner.publish(room, event, exclude, on_sequenced).await
+    }
+    async fn publish_ephemeral(
+        &self,
+        room: &str,
+        frame: Bytes,
+        exclude: Option<u64>,
+    ) -> Result<(), FanoutError> {
+        self.inner.publish_ephemeral(room, frame, exclude).await
+    }
+    async fn position(&self, room: &str) -> Result<Position, FanoutError> {
+        if self.fail_position.load(Ordering::SeqCst) {
+            return Err(FanoutError::Unavailable("injected".into()));
+        }
+        self.inner.position(room).await
+    }
+    async fn replay(&self, room: &str, since: Position) -> Result<Replay, FanoutError> {
+        self.inner.replay(room, since).await
+    }
+    fn maintain(&self) {
+        self.inner.maintain()
+    }
+}
+
+/// A node whose fan-out is a [`FlakyFanout`] around the local one.
+async fn flaky_node(store: Arc<dyn Store>) -> (Arc<Node>, Arc<FlakyFanout>) {
+    let mut node = node_with(store, |_| {}).await;
+    let n = Arc::get_mut(&mut node).expect("sole owner");
+    let flaky = Arc::new(FlakyFanout {
+        inner: LocalFanout::new(n.codec, LocalFanoutConfig::default(), n.hub.clone()),
+        fail_next_publish: AtomicBool::new(false),
+        fail_position: AtomicBool::new(false),
+    });
+    n.fanout = flaky.clone();
+    (node, flaky)
+}
+
+/// Promise: an acknowledged change reaches every member.
+///
+/// A reaction is stored, then its publish fails (Redis briefly refused):
+/// the client is told `unavailable`, retry. Were the stored change kept,
+/// the retry would find it `Unchanged`, answer Reacted with seq 0 and
+/// publish nothing: no member would ever receive the reaction live.
+#[tokio::test]
+async fn a_reaction_whose_publish_failed_is_delivered_by_its_retry() {
+    let (node, flaky) = flaky_node(Arc::new(MemoryStore::default())).await;
+    let mut member = Client::open(&node, "member").await;
+    member.join("r").await;
+    let mut sender = Client::open(&node, "sender").await;
+    sender.join("r").await;
+    sender.run(10, send("m-1")).await;
+    let id = match &sender.written()[..] {
+        [_joined, ServerFrame::MessageSent(m)] => m.message_id,
+        other => panic!("{other:?}"),
+    };
+    member.written();
+
+    let react = || {
+        ClientFrame::React(React {
+            room: "r".into(),
+            message_id: id,
+            emoji: "+1".into(),
+            remove: false,
+        })
+    };
+    flaky.fail_next_publish.store(true, Ordering::SeqCst);
+    sender.run(11, react()).await;
+    sender.run(12, react()).await; // the retry the error asked for
+    let answers = sender.written();
+    let got = member.written();
+    assert!(
+        got.iter().any(|f| matches!(f, ServerFrame::Reaction(_))),
+        "the reaction is stored and acknowledged ({answers:?}) but the member got {got:?}"
+    );
+}
+
+/// Promise: Joined gives the starting position of every room the client
+/// joins (a client needs it to apply §9.5).
+///
+/// A Join whose position lookup fails (fan-out unavailable) answers an
+/// Error. Were the room left joined in the hub and the session, the retry
+/// the error asks for would be answered with an empty Joined, and the
+/// client would never learn a starting position for a room whose events
+/// it receives.
+#[tokio::test]
+async fn a_join_that_failed_on_the_fanout_is_undone_and_its_retry_answers() {
+    let (node, flaky) = flaky_node(Arc::new(MemoryStore::default())).await;
+    let mut c = Client::open(&node, "joiner").await;
+    flaky.fail_position.store(true, Ordering::SeqCst);
+    c.join("r").await;
+    flaky.fail_position.store(false, Ordering::SeqCst);
+    c.join("r").await;
+    let mut other = Client::open(&node, "other").await;
+    other.join("r").await;
+    other.run(9, send("o-1")).await;
+    let frames = c.written();
+    let joined_rooms: Vec<String> = frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Joined(j) => Some(j.rooms.iter().map(|r| r.room.clone())),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert!(
+        joined_rooms.contains(&"r".to_string()),
+        "the client got {frames:?}: an Error, then a Joined without the room, \
+         then the room's events"
     );
 }
