@@ -30,12 +30,15 @@ use chatgate_protocol::token::{Claims, Verifier, unix_now};
 /// `--token-secret` when the target runs with its own.
 pub const DEV_SECRET: &str = "chatgate-dev-secret-not-for-production";
 
-/// Mints a token for `user`, valid for a day.
+/// Mints a token for `user`, valid for a day, allowing every room
+/// (`rooms: ["*"]`): the harness measures delivery, not grants, and its
+/// rooms are in the gateway's default `members` namespace.
 pub fn token(secret: &str, user: &str) -> String {
     Verifier::new(secret.as_bytes()).mint(&Claims {
         sub: user.to_owned(),
         name: Some(user.to_owned()),
         picture: None,
         exp: unix_now() + 86_400,
+        rooms: vec!["*".to_owned()],
     })
 }

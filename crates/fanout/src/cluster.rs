@@ -16,7 +16,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fred::prelude::{Client, SortedSetsInterface};
+use fred::prelude::{Client, KeysInterface, ListInterface, SortedSetsInterface};
 use fred::types::Value;
 use fred::types::scripts::Script;
 
@@ -103,6 +103,48 @@ impl Cluster {
             take: Script::from_lua(TAKE),
             live: parking_lot::Mutex::new(Vec::new()),
         }
+    }
+
+    /// Where the nodes answer one presence question (`seq` unique on this
+    /// node).
+    pub fn presence_key(&self, seq: u64) -> String {
+        format!("{}:presence:{}:{seq}", self.namespace, self.node_id)
+    }
+
+    /// One node's answer to a presence question: appended to its list,
+    /// which expires soon (an answer nobody collects must not stay).
+    pub async fn presence_reply(&self, key: &str, answer: String) -> Result<(), FanoutError> {
+        self.client
+            .rpush::<i64, _, _>(key, answer)
+            .await
+            .map_err(err)?;
+        self.client
+            .pexpire::<i64, _>(key, 10_000, None)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// Collects the answers to a presence question: returns once
+    /// `expected` nodes answered or `wait` passed (a node that died since
+    /// its last heartbeat never answers), with what arrived.
+    pub async fn presence_collect(
+        &self,
+        key: &str,
+        expected: usize,
+        wait: Duration,
+    ) -> Result<Vec<String>, FanoutError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let n: i64 = self.client.llen(key).await.map_err(err)?;
+            if n as usize >= expected || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let answers: Vec<String> = self.client.lrange(key, 0, -1).await.map_err(err)?;
+        let _ = self.client.del::<i64, _>(key).await;
+        Ok(answers)
     }
 
     /// This node's id.

@@ -46,6 +46,12 @@ pub trait LocalDelivery: Send + Sync + 'static {
     /// live, so the node makes them resume (and reload what cannot be
     /// replayed). Called before anything of the new streams is delivered.
     fn streams_lost(&self) {}
+
+    /// A control message of the application (membership changes, user
+    /// disconnects...), delivered to every node in the order it was
+    /// published relative to the room events of its key's partition. The
+    /// fan-out does not look inside.
+    fn control(&self, _payload: &[u8]) {}
 }
 
 /// The fan-out engine of a node.
@@ -75,6 +81,13 @@ pub trait Fanout: Send + Sync + 'static {
         frame: Bytes,
         exclude: Option<u64>,
     ) -> Result<(), FanoutError>;
+
+    /// Sends `payload` to every node's [`LocalDelivery::control`], this
+    /// one included. `key` (a room or user name) picks the stream: every
+    /// node handles the control message before any event of that stream
+    /// published after this call returned, and after every event
+    /// published before it.
+    async fn control(&self, key: &str, payload: Bytes) -> Result<(), FanoutError>;
 
     /// The room's current position (the last assigned sequence).
     async fn position(&self, room: &str) -> Result<Position, FanoutError>;

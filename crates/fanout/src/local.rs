@@ -210,6 +210,16 @@ impl Fanout for LocalFanout {
         Ok(())
     }
 
+    async fn control(&self, key: &str, payload: Bytes) -> Result<(), FanoutError> {
+        // Under the room's lock, as a publish delivers: a publish already
+        // delivering finishes first, and none delivers past it.
+        // (A key without a log, such as a user name, gets none made.)
+        let log = self.rooms.get(key).map(|l| l.clone());
+        let _ordered = log.as_ref().map(|l| l.lock());
+        self.sink.control(&payload);
+        Ok(())
+    }
+
     async fn position(&self, room: &str) -> Result<Position, FanoutError> {
         let seq = self.rooms.get(room).map(|log| log.lock().seq).unwrap_or(0);
         Ok(Position {

@@ -549,6 +549,28 @@ impl Fanout for RedisStreamsFanout {
         Ok(())
     }
 
+    async fn control(&self, key: &str, payload: Bytes) -> Result<(), FanoutError> {
+        // Rides the key's delivery stream: every node reads it in order
+        // with that stream's events, and a lost stream is noticed for it
+        // as for them (incarnations).
+        let stream = partition_key(&self.config.namespace, self.partition(key));
+        let fields: Vec<(&str, Value)> = vec![
+            ("x", Value::Bytes(payload)),
+            ("n", self.instance.as_str().into()),
+        ];
+        let cap = fred::types::streams::XCap::try_from((
+            "MAXLEN",
+            "~",
+            self.config.partition_maxlen as i64,
+        ))
+        .map_err(err)?;
+        self.client
+            .xadd::<Value, _, _, _, _>(stream, false, cap, "*", fields)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
     async fn position(&self, room: &str) -> Result<Position, FanoutError> {
         let keys = vec![self.room_key(room, "epoch"), self.room_key(room, "seq")];
         let reply: Value = self
@@ -801,6 +823,10 @@ impl Reader {
             };
             for (id, fields) in entries(&list) {
                 ids[i] = id.clone();
+                if let Some(payload) = fields.get("x").and_then(as_bytes) {
+                    self.sink.control(&payload);
+                    continue;
+                }
                 let (Some(room), Some(frame)) = (
                     fields.get("r").and_then(as_str),
                     fields.get("f").and_then(as_bytes),

@@ -12,6 +12,8 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde::Deserialize;
 
+use crate::policy::Policies;
+
 /// The development-only token secret. Accepted only while the gateway
 /// listens on a loopback address; a public listener needs a real secret.
 pub const DEV_SECRET: &str = "chatgate-dev-secret-not-for-production";
@@ -90,6 +92,18 @@ pub struct Config {
     /// (SO_REUSEPORT): several processes, each under its open-files limit,
     /// serve one port. Default off.
     pub reuse_port: bool,
+    /// Room policies by name prefix (see [`crate::policy`]). Default
+    /// `public:=open` and everything else `members`.
+    pub room_policies: Policies,
+    /// Address of the server API listener (JSON over HTTP for the
+    /// application backend: members, rooms, publish, disconnect,
+    /// presence, history; also `/health` and `/metrics`). Default
+    /// `127.0.0.1:9090`: loopback, never the public port.
+    pub admin_listen: Option<SocketAddr>,
+    /// Key the server API requires (`Authorization: Bearer <key>`),
+    /// compared in constant time. Unset: the API answers 403 to every
+    /// request but `/health` and `/metrics`.
+    pub admin_api_key: Option<String>,
     /// Runtime worker threads. Default: one per core. Several processes
     /// sharing a host's cores (SO_REUSEPORT under a low open-files limit)
     /// do better with fewer each: a single-threaded gateway spent ~10 %
@@ -127,6 +141,9 @@ impl Default for Config {
             redis_namespace: "chat".into(),
             stream_partitions: 16,
             reuse_port: false,
+            room_policies: Policies::default(),
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            admin_api_key: None,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
@@ -238,6 +255,21 @@ pub struct Overrides {
     /// Runtime worker threads (default: one per core).
     #[arg(long, env = "CHAT_THREADS")]
     pub threads: Option<usize>,
+    /// Room policy PREFIX=open|members[,send=ROLE|ROLE][,history=all|since_join]
+    /// (repeatable; in the environment, separated by `;`). Replaces the
+    /// defaults (`public:=open`, everything else members).
+    #[arg(
+        long = "room-policy",
+        env = "CHAT_ROOM_POLICIES",
+        value_delimiter = ';'
+    )]
+    pub room_policies: Vec<String>,
+    /// Server API listen address, or `off`.
+    #[arg(long, env = "CHAT_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Server API key.
+    #[arg(long, env = "CHAT_ADMIN_API_KEY", hide_env_values = true)]
+    pub admin_api_key: Option<String>,
 }
 
 /// The TOML file: the same keys as the flags, with underscores.
@@ -271,6 +303,9 @@ struct FileConfig {
     stream_partitions: Option<u32>,
     reuse_port: Option<bool>,
     threads: Option<usize>,
+    room_policies: Option<Vec<String>>,
+    admin_listen: Option<String>,
+    admin_api_key: Option<String>,
 }
 
 impl Config {
@@ -378,6 +413,27 @@ impl Config {
                 .unwrap_or(d.stream_partitions),
             reuse_port: o.reuse_port.or(file.reuse_port).unwrap_or(d.reuse_port),
             threads: o.threads.or(file.threads).unwrap_or(d.threads),
+            room_policies: {
+                let specs = if o.room_policies.is_empty() {
+                    file.room_policies.unwrap_or_default()
+                } else {
+                    o.room_policies.clone()
+                };
+                if specs.is_empty() {
+                    d.room_policies
+                } else {
+                    Policies::from_specs(&specs)?
+                }
+            },
+            admin_listen: match o.admin_listen.clone().or(file.admin_listen) {
+                None => d.admin_listen,
+                Some(v) if v == "off" => None,
+                Some(v) => Some(
+                    v.parse()
+                        .with_context(|| format!("admin_listen {v:?} is not an address"))?,
+                ),
+            },
+            admin_api_key: o.admin_api_key.clone().or(file.admin_api_key),
         };
         c.validate()?;
         Ok(c)
@@ -415,6 +471,17 @@ impl Config {
         }
         if self.threads == 0 {
             bail!("threads must be positive");
+        }
+        if let Some(key) = &self.admin_api_key
+            && key.len() < 16
+        {
+            bail!("the server API key must be at least 16 bytes");
+        }
+        if let Some(admin) = self.admin_listen
+            && admin == self.listen
+            && admin.port() != 0
+        {
+            bail!("the server API must not share the public listen address");
         }
         Ok(())
     }

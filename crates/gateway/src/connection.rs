@@ -77,9 +77,9 @@ pub async fn serve(node: Arc<Node>, mut ws: Ws, mut shutdown: watch::Receiver<bo
         Ok(mut session) => {
             let end = run(&node, &mut ws, &mut session, &outbox, &mut shutdown).await;
             drop(session);
-            finish(&node, &mut ws, end).await;
+            finish(&node, &mut ws, end, outbox.reason()).await;
         }
-        Err(end) => finish(&node, &mut ws, end).await,
+        Err(end) => finish(&node, &mut ws, end, None).await,
     }
     node.metrics.connections.dec();
 }
@@ -394,9 +394,9 @@ fn ws_error(e: WsError) -> Ended {
 }
 
 /// Ends the WebSocket the way `end` says.
-async fn finish(node: &Node, ws: &mut Ws, end: Ended) {
+async fn finish(node: &Node, ws: &mut Ws, end: Ended, reason: Option<String>) {
     match end {
-        Ended::Close(code) => close(node, ws, code).await,
+        Ended::Close(code) => close(node, ws, code, reason).await,
         // tungstenite queued the echo of the peer's Close; send it.
         Ended::PeerClosed => {
             let _ = tokio::time::timeout(Duration::from_secs(1), ws.flush()).await;
@@ -412,14 +412,14 @@ async fn finish(node: &Node, ws: &mut Ws, end: Ended) {
 }
 
 /// Sends the close frame (bounded in time: the peer may not be reading).
-async fn close(node: &Node, ws: &mut Ws, code: CloseCode) {
+async fn close(node: &Node, ws: &mut Ws, code: CloseCode, reason: Option<String>) {
     node.metrics.close(code);
     if code == CloseCode::SlowConsumer {
         node.metrics.slow_consumers.inc();
     }
     let frame = CloseFrame {
         code: WsCloseCode::from(code.code()),
-        reason: code.reason().into(),
+        reason: reason.unwrap_or_else(|| code.reason().to_owned()).into(),
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(frame))).await;
 }

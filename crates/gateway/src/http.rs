@@ -40,17 +40,20 @@ pub async fn route(
 ) -> Result<Response<Body>, Infallible> {
     Ok(match (req.method(), req.uri().path()) {
         (&Method::GET, "/ws") => upgrade(node, req, shutdown),
-        (&Method::GET, "/health") => health(&node),
-        (&Method::GET, "/metrics") => {
-            let mut r = Response::new(Full::new(Bytes::from(node.metrics.render())));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            r
-        }
+        (&Method::GET, "/health") => health_response(&node),
+        (&Method::GET, "/metrics") => metrics_response(&node),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     })
+}
+
+/// `/metrics`: Prometheus text (served on the public and the API port).
+pub fn metrics_response(node: &Node) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(node.metrics.render())));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
 }
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
@@ -154,7 +157,8 @@ pub fn rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-fn health(node: &Node) -> Response<Body> {
+/// `/health`: status and backends as JSON (public and API port).
+pub fn health_response(node: &Node) -> Response<Body> {
     let store = if node.store_up() { "ok" } else { "degraded" };
     let cache = match node.cache_degraded() {
         None => serde_json::Value::Null,

@@ -5,40 +5,148 @@
 //! a `Bytes` handle into each member's [`Outbox`] — no allocation, no
 //! encoding, no waiting per recipient.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use dashmap::DashMap;
 
 use chatgate_fanout::LocalDelivery;
-use chatgate_protocol::CloseCode;
+use chatgate_fanout::cluster::Cluster;
+use chatgate_protocol::payload::Rooms as RoomList;
+use chatgate_protocol::{CloseCode, Codec, ServerFrame};
 
+use crate::access::Rooms;
+use crate::control::{Control, PresenceAnswer};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pushed};
 
 struct Member {
     conn: u64,
+    user: Arc<str>,
     outbox: Arc<Outbox>,
 }
 
-/// Room name -> local members.
+/// Room name -> local members; user -> local connections.
 pub struct Hub {
     rooms: DashMap<Arc<str>, Vec<Member>>,
+    users: DashMap<Arc<str>, Vec<(u64, Arc<Outbox>)>>,
+    access: Arc<Rooms>,
+    codec: Codec,
+    cluster: OnceLock<Arc<Cluster>>,
     metrics: Arc<Metrics>,
 }
 
 impl Hub {
-    /// An empty registry.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    /// An empty registry; `access` is told of membership changes.
+    pub fn new(metrics: Arc<Metrics>, access: Arc<Rooms>, codec: Codec) -> Self {
         Hub {
             rooms: DashMap::new(),
+            users: DashMap::new(),
+            access,
+            codec,
+            cluster: OnceLock::new(),
             metrics,
         }
     }
 
+    /// Lets the hub answer presence questions of other nodes.
+    pub fn set_cluster(&self, cluster: Arc<Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// Registers an identified connection of `user` (for disconnects).
+    pub fn connect(&self, user: &Arc<str>, conn: u64, outbox: &Arc<Outbox>) {
+        self.users
+            .entry(user.clone())
+            .or_default()
+            .push((conn, outbox.clone()));
+    }
+
+    /// Forgets a connection registered by [`Hub::connect`].
+    pub fn disconnect(&self, user: &str, conn: u64) {
+        if let Some(mut list) = self.users.get_mut(user) {
+            list.retain(|(c, _)| *c != conn);
+        }
+        self.users.remove_if(user, |_, list| list.is_empty());
+    }
+
+    /// Closes every local connection of `user`; returns how many.
+    pub fn close_user(&self, user: &str, code: CloseCode, reason: &str) -> usize {
+        let Some(list) = self.users.get(user) else {
+            return 0;
+        };
+        for (_, outbox) in list.iter() {
+            outbox.close_with(code, Some(reason));
+        }
+        list.len()
+    }
+
+    /// The local members of `room`: (user, connections), by user id.
+    pub fn local_users(&self, room: &str) -> Vec<(String, u32)> {
+        let Some(members) = self.rooms.get(room) else {
+            return Vec::new();
+        };
+        let mut counts: std::collections::BTreeMap<&str, u32> = Default::default();
+        for m in members.iter() {
+            *counts.entry(&m.user).or_default() += 1;
+        }
+        counts.into_iter().map(|(u, n)| (u.to_owned(), n)).collect()
+    }
+
+    /// Takes the connections of `users` (every member when `None`) out of
+    /// `room` and tells each with an unsolicited `Left` (request id 0):
+    /// nothing of the room reaches them any more, and the session drops
+    /// the room when that frame passes it.
+    pub fn remove_from_room(&self, room: &str, users: Option<&[String]>) -> usize {
+        let gone: Vec<Arc<Outbox>> = {
+            let Some(mut members) = self.rooms.get_mut(room) else {
+                return 0;
+            };
+            let mut gone = Vec::new();
+            members.retain(|m| {
+                let hit = users.is_none_or(|list| list.iter().any(|u| **u == *m.user));
+                if hit {
+                    gone.push(m.outbox.clone());
+                }
+                !hit
+            });
+            gone
+        };
+        self.rooms.remove_if(room, |_, members| members.is_empty());
+        self.metrics.rooms.set(self.rooms.len() as i64);
+        if gone.is_empty() {
+            return 0;
+        }
+        let notice = ServerFrame::Left(RoomList {
+            rooms: vec![room.to_owned()],
+        });
+        match self.codec.encode_server(0, &notice) {
+            Ok(frame) => {
+                for outbox in &gone {
+                    // A full queue closes the connection (4001): its resume
+                    // is then refused for the room. Either way it is out.
+                    outbox.push(frame.clone(), false);
+                }
+            }
+            Err(_) => {
+                for outbox in &gone {
+                    outbox.close(CloseCode::ServerError);
+                }
+            }
+        }
+        self.metrics.memberships_revoked.inc_by(gone.len() as u64);
+        gone.len()
+    }
+
     /// Adds the connection to the room; returns the shared room name
     /// (sessions keep it) or `None` when it was already a member.
-    pub fn join(&self, room: &str, conn: u64, outbox: &Arc<Outbox>) -> Option<Arc<str>> {
+    pub fn join(
+        &self,
+        room: &str,
+        conn: u64,
+        user: &Arc<str>,
+        outbox: &Arc<Outbox>,
+    ) -> Option<Arc<str>> {
         let (name, created) = {
             let (mut entry, created) = match self.rooms.get_mut(room) {
                 Some(e) => (e, false),
@@ -53,6 +161,7 @@ impl Hub {
             }
             entry.push(Member {
                 conn,
+                user: user.clone(),
                 outbox: outbox.clone(),
             });
             (entry.key().clone(), created)
@@ -85,7 +194,60 @@ impl Hub {
 }
 
 impl LocalDelivery for Hub {
+    fn control(&self, payload: &[u8]) {
+        let control: Control = match serde_json::from_slice(payload) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable control message ignored");
+                return;
+            }
+        };
+        match control {
+            Control::Members {
+                room,
+                changed,
+                removed,
+            } => {
+                self.access.forget(&room, &changed);
+                self.access.forget(&room, &removed);
+                if !removed.is_empty() {
+                    self.remove_from_room(&room, Some(&removed));
+                }
+            }
+            Control::RoomDeleted { room } => {
+                self.access.forget_room(&room);
+                self.remove_from_room(&room, None);
+            }
+            Control::Disconnect { user, code, reason } => {
+                let code = CloseCode::from_u16(code).unwrap_or(CloseCode::Disconnected);
+                let closed = self.close_user(&user, code, &reason);
+                if closed > 0 {
+                    tracing::info!(%user, closed, code = code.code(), "user disconnected by the application");
+                }
+            }
+            Control::Presence { room, reply } => {
+                let Some(cluster) = self.cluster.get().cloned() else {
+                    return;
+                };
+                let answer = PresenceAnswer {
+                    node: cluster.node_id().to_owned(),
+                    users: self.local_users(&room),
+                };
+                let Ok(answer) = serde_json::to_string(&answer) else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    if let Err(e) = cluster.presence_reply(&reply, answer).await {
+                        tracing::warn!(error = %e, "could not answer a presence question");
+                    }
+                });
+            }
+        }
+    }
+
     fn streams_lost(&self) {
+        // Grant changes published on the lost streams were never seen.
+        self.access.forget_all();
         let mut closed = 0usize;
         for room in self.rooms.iter() {
             for m in room.value() {

@@ -26,13 +26,17 @@
 pub mod auth {
     pub use chatgate_protocol::token::*;
 }
+pub mod access;
+pub mod admin;
 pub mod config;
 pub mod connection;
+pub mod control;
 pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod node;
 pub mod outbox;
+pub mod policy;
 pub mod server;
 pub mod session;
 pub mod users;

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use chatgate_gateway::admin::AdminServer;
 use chatgate_gateway::auth::{Claims, Verifier, unix_now};
 use chatgate_gateway::config::{Config, Overrides};
 use chatgate_gateway::{Node, Server};
@@ -41,6 +42,10 @@ enum Command {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 86_400)]
         ttl: u64,
+        /// Rooms the token allows beyond grants, comma-separated; a
+        /// trailing `*` makes a prefix (`team-1:*`), `*` allows all.
+        #[arg(long, value_delimiter = ',')]
+        rooms: Vec<String>,
     },
 }
 
@@ -53,12 +58,14 @@ fn main() -> anyhow::Result<()> {
             name,
             picture,
             ttl,
+            rooms,
         } => {
             let token = Verifier::new(config.token_secret.as_bytes()).mint(&Claims {
                 sub: user,
                 name,
                 picture,
                 exp: unix_now() + ttl,
+                rooms,
             });
             println!("{token}");
             Ok(())
@@ -93,12 +100,33 @@ fn serve(config: Config) -> anyhow::Result<()> {
             max_connections = node.config.max_connections,
             "chatgate listening"
         );
+        // The server API runs only with a key: without one it could only
+        // refuse, and /health and /metrics are on the public port anyway.
+        let admin = match (node.config.admin_listen, &node.config.admin_api_key) {
+            (Some(at), Some(_)) => {
+                let admin = AdminServer::bind(node.clone(), at)
+                    .await
+                    .with_context(|| format!("binding the server API address {at}"))?;
+                let addr = admin.local_addr()?;
+                tracing::info!(%addr, "server API listening");
+                println!("chatgate server API on http://{addr}");
+                Some(admin)
+            }
+            (Some(_), None) => {
+                tracing::info!("no admin_api_key: the server API is off");
+                None
+            }
+            (None, _) => None,
+        };
         // Signal handlers are installed before the readiness line: a
         // SIGTERM right after it must drain, not kill the process.
         let signals = Signals::install()?;
         // Scripts and tests wait for this line.
         println!("chatgate listening on http://{addr} (WebSocket at ws://{addr}/ws)");
         let handle = server.shutdown_handle();
+        if let Some(admin) = admin {
+            tokio::spawn(admin.run(handle.subscribe()));
+        }
         tokio::spawn(async move {
             signals.wait().await;
             tracing::info!("signal received");

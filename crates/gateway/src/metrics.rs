@@ -64,6 +64,24 @@ pub struct Metrics {
     /// Times this node found the Redis streams emptied (and closed its
     /// sessions with 4005) since start.
     pub fanout_streams_lost: IntGauge,
+    /// Membership lookups by this node's cache, by result (`hit`, `miss`).
+    pub membership_cache: IntCounterVec,
+    /// Requests refused by a room's policy, by opcode.
+    pub forbidden: IntCounterVec,
+    /// Connections taken out of a room because their membership ended
+    /// or the room was deleted.
+    pub memberships_revoked: IntCounter,
+    /// Server API requests, by method and HTTP status.
+    pub api_requests: IntCounterVec,
+}
+
+fn labelled(registry: &Registry, name: &str, help: &str, label: &[&str]) -> IntCounterVec {
+    let vec = IntCounterVec::new(Opts::new(name, help), label)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(vec.clone()))
+        .unwrap_or_else(|e| panic!("register {name}: {e}"));
+    vec
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -226,6 +244,29 @@ impl Metrics {
                 r,
                 "fanout_streams_lost",
                 "Times the Redis streams were found emptied (sessions closed with 4005) since start",
+            ),
+            membership_cache: labelled(
+                r,
+                "membership_cache_total",
+                "Membership lookups by the node's cache, by result",
+                &["result"],
+            ),
+            forbidden: labelled(
+                r,
+                "forbidden_total",
+                "Requests refused by a room policy, by opcode",
+                &["opcode"],
+            ),
+            memberships_revoked: counter(
+                r,
+                "memberships_revoked_total",
+                "Connections taken out of a room whose membership ended or which was deleted",
+            ),
+            api_requests: labelled(
+                r,
+                "api_requests_total",
+                "Server API requests, by method and status",
+                &["method", "status"],
             ),
             backend_up: {
                 let g = IntGaugeVec::new(

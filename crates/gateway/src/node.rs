@@ -17,6 +17,7 @@ use chatgate_fanout::{
 use chatgate_protocol::{Codec, CodecConfig};
 use chatgate_storage::{CacheConfig, CachedStore, MemoryStore, PgConfig, PgStore, Store};
 
+use crate::access::Rooms;
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::hub::Hub;
@@ -42,6 +43,8 @@ pub struct Node {
     pub fanout: Arc<dyn Fanout>,
     /// Local room membership.
     pub hub: Arc<Hub>,
+    /// Room policies and who may enter which room.
+    pub rooms: Arc<Rooms>,
     /// Per-user connection counts and rate limits.
     pub users: Users,
     /// Prometheus metrics.
@@ -111,7 +114,12 @@ impl Node {
     ) -> anyhow::Result<Arc<Node>> {
         let metrics = Arc::new(Metrics::new());
         let codec = codec_for(&config);
-        let hub = Arc::new(Hub::new(metrics.clone()));
+        let rooms = Arc::new(Rooms::new(
+            store.clone(),
+            config.room_policies.clone(),
+            metrics.clone(),
+        ));
+        let hub = Arc::new(Hub::new(metrics.clone(), rooms.clone(), codec));
         let mut users = Users::new(config.max_connections_per_user, config.messages_per_minute);
         let (fanout, cluster): (Arc<dyn Fanout>, _) = match (&config.redis_url, config.cluster) {
             (Some(url), true) => {
@@ -140,6 +148,7 @@ impl Node {
                     tracing::warn!(error = %e, "first cluster heartbeat failed; will retry");
                 }
                 users = users.with_cluster(cluster.clone());
+                hub.set_cluster(cluster.clone());
                 (redis, Some(cluster))
             }
             _ => {
@@ -166,6 +175,7 @@ impl Node {
             fanout,
             cluster,
             hub,
+            rooms,
             users,
             verifier: Verifier::new(config.token_secret.as_bytes()),
             started: Instant::now(),

@@ -38,6 +38,9 @@ struct State {
     /// delivered frame.
     since: Option<Instant>,
     closed: Option<CloseCode>,
+    /// Close frame text other than the code's own (the application's
+    /// reason for a disconnect).
+    reason: Option<Box<str>>,
     /// The connection task, when it waits for frames. Kept under the
     /// queue's own lock: one lock per push or drain, and a wake-up only
     /// when the owner is actually parked on an empty queue.
@@ -66,6 +69,7 @@ impl Outbox {
                 bytes: 0,
                 since: None,
                 closed: None,
+                reason: None,
                 waker: None,
             }),
             max_frames,
@@ -113,9 +117,22 @@ impl Outbox {
 
     /// Marks the queue closed with `code` (shutdown) and wakes the owner.
     pub fn close(&self, code: CloseCode) {
+        self.close_with(code, None);
+    }
+
+    /// Closes with `code` and, as the close frame's text, `reason` (cut
+    /// to the 123 bytes a close frame holds) instead of the code's own.
+    pub fn close_with(&self, code: CloseCode, reason: Option<&str>) {
         let mut s = self.state.lock();
         if s.closed.is_none() {
             s.closed = Some(code);
+            s.reason = reason.map(|r| {
+                let mut end = r.len().min(123);
+                while !r.is_char_boundary(end) {
+                    end -= 1;
+                }
+                r[..end].into()
+            });
             s.queue = VecDeque::new();
             s.bytes = 0;
         }
@@ -124,6 +141,11 @@ impl Outbox {
         if let Some(w) = waker {
             w.wake();
         }
+    }
+
+    /// The close frame text given with [`Outbox::close_with`].
+    pub fn reason(&self) -> Option<String> {
+        self.state.lock().reason.as_deref().map(str::to_owned)
     }
 
     /// The close reason, if the queue was closed.

@@ -41,6 +41,11 @@ impl ShutdownHandle {
     pub fn shutdown(&self) {
         let _ = self.0.send(true);
     }
+
+    /// Watches for shutdown (for listeners that stop with the gateway).
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.0.subscribe()
+    }
 }
 
 impl Server {

@@ -30,6 +30,7 @@ use chatgate_storage::{
 use crate::auth::unix_now;
 use crate::node::Node;
 use crate::outbox::Outbox;
+use crate::policy::HistoryVisibility;
 use crate::users::Slot;
 
 /// A request still running; the connection polls it to completion.
@@ -86,6 +87,19 @@ impl Replier {
         }
     }
 
+    fn send_failure(&self, rid: u32, failure: &SendFailure) {
+        match failure {
+            SendFailure::Store(e) => self.store_error(rid, e),
+            SendFailure::NotDelivered(e) => self.not_delivered(rid, e),
+            SendFailure::ReusedId => self.error(
+                rid,
+                ErrorCode::InvalidRequest,
+                0,
+                "client_msg_id already used for a different message",
+            ),
+        }
+    }
+
     fn store_error(&self, rid: u32, e: &StoreError) {
         match e {
             StoreError::NotFound => self.error(rid, ErrorCode::NotFound, 0, "not found"),
@@ -134,6 +148,9 @@ pub struct Session {
     user_id: Arc<str>,
     user_name: Arc<str>,
     user_image: Arc<str>,
+    /// Rooms (or patterns) the token allows beyond the application's
+    /// grants (`rooms` claim).
+    token_rooms: Arc<[String]>,
     slot: Slot,
     outbox: Arc<Outbox>,
     rooms: HashSet<Arc<str>>,
@@ -183,6 +200,7 @@ impl Session {
             node.metrics.refused_user_limit.inc();
             return Err(CloseCode::ConnectionLimit);
         };
+        node.hub.connect(&user_id, conn, &outbox);
         let mut session_id = [0u8; 16];
         rand::rng().fill_bytes(&mut session_id);
         // From here on, Drop releases the user slot and memberships.
@@ -192,6 +210,7 @@ impl Session {
             user_id,
             user_name,
             user_image,
+            token_rooms: claims.rooms.clone().into(),
             slot,
             outbox,
             rooms: HashSet::new(),
@@ -210,22 +229,70 @@ impl Session {
             Err(e) => Err(e),
         };
         // A store outage must not lock users out: they get a session with
-        // the rooms they ask to resume, and can join more.
-        let mut wanted: Vec<String> = stored.unwrap_or_else(|e| {
+        // the rooms they ask to resume (each still checked), and can join
+        // more.
+        let listed = stored.unwrap_or_else(|e| {
             node.metrics.store_errors.inc();
             tracing::warn!(error = %e, "memberships unavailable at identify");
             Vec::new()
         });
+        // The room list carries each room's grant: no lookup for it. A room
+        // on the list the user may no longer enter (its policy changed, or
+        // the token no longer allows it) is left out.
+        let mut wanted: Vec<String> = Vec::with_capacity(listed.len());
+        for m in listed {
+            let rights = node
+                .rooms
+                .rights_known(&m.room, m.grant, &session.token_rooms);
+            if rights.entry.is_some() {
+                wanted.push(m.room);
+            }
+        }
+        // Rooms named only by the resume are checked like a Join, and cost
+        // like one: a request per 100 rooms.
+        let mut refused = Vec::new();
         if let Some(resume) = &identify.resume {
-            for p in &resume.positions {
-                if !wanted.contains(&p.room) {
-                    wanted.push(p.room.clone());
+            let named: Vec<&String> = resume
+                .positions
+                .iter()
+                .map(|p| &p.room)
+                .filter(|room| !wanted.contains(room))
+                .collect();
+            for _ in 0..named.len().div_ceil(100) {
+                if session.take_request_token().is_err() {
+                    node.metrics.rate_limited.inc();
+                    return Err(CloseCode::Overloaded);
+                }
+            }
+            for room in named {
+                if wanted.len() >= node.config.max_rooms_per_session || wanted.contains(room) {
+                    continue;
+                }
+                let rights = node
+                    .rooms
+                    .rights(room, &session.user_id, &session.token_rooms)
+                    .await;
+                match rights {
+                    Ok(r) if r.entry.is_some() => wanted.push(room.clone()),
+                    Ok(_) => {
+                        node.metrics
+                            .forbidden
+                            .with_label_values(&[Opcode::Identify.name()])
+                            .inc();
+                        refused.push(room.clone());
+                    }
+                    // Unknown is not allowed: the client resumes it later.
+                    Err(e) => {
+                        node.metrics.store_errors.inc();
+                        tracing::warn!(error = %e, "membership unavailable at resume");
+                        refused.push(room.clone());
+                    }
                 }
             }
         }
         wanted.truncate(node.config.max_rooms_per_session);
         for room in &wanted {
-            if let Some(name) = node.hub.join(room, conn, &session.outbox) {
+            if let Some(name) = node.hub.join(room, conn, &session.user_id, &session.outbox) {
                 session.rooms.insert(name);
             }
         }
@@ -336,6 +403,17 @@ impl Session {
                     .encode_server(0, &resumed)
                     .map_err(|_| CloseCode::ServerError)?,
             );
+            // Rooms of the resume the user may not (or no longer) enter:
+            // not in Ready or Resumed, and named here, as when a
+            // membership ends during a session.
+            if !refused.is_empty() {
+                let left = ServerFrame::Left(Rooms { rooms: refused });
+                first.push(
+                    node.codec
+                        .encode_server(0, &left)
+                        .map_err(|_| CloseCode::ServerError)?,
+                );
+            }
         }
         Ok((session, first))
     }
@@ -401,6 +479,40 @@ impl Session {
         member
     }
 
+    /// Refuses a request the room's policy does not allow (`forbidden`);
+    /// true when it may go on. Costs a lookup only in rooms whose policy
+    /// reserves posting to some roles.
+    async fn may_post(&self, rid: u32, opcode: Opcode, room: &str) -> bool {
+        if self.node.rooms.policy(room).send_roles.is_empty() {
+            return true;
+        }
+        match self
+            .node
+            .rooms
+            .rights(room, &self.user_id, &self.token_rooms)
+            .await
+        {
+            Ok(r) if r.post => true,
+            Ok(_) => {
+                self.forbidden(rid, opcode, "this room's policy does not let you post here");
+                false
+            }
+            Err(e) => {
+                self.replier().store_error(rid, &e);
+                false
+            }
+        }
+    }
+
+    fn forbidden(&self, rid: u32, opcode: Opcode, message: &str) {
+        self.node
+            .metrics
+            .forbidden
+            .with_label_values(&[opcode.name()])
+            .inc();
+        self.replier().error(rid, ErrorCode::Forbidden, 0, message);
+    }
+
     /// Handles one request. Fast requests complete here; storage-bound
     /// ones come back as [`Pending`]. `Err` closes the connection.
     pub async fn handle(
@@ -449,7 +561,8 @@ impl Session {
                 Ok(None)
             }
             ClientFrame::Typing(t) => {
-                if !self.in_room(rid, &t.room) {
+                if !self.in_room(rid, &t.room) || !self.may_post(rid, Opcode::Typing, &t.room).await
+                {
                     return Ok(None);
                 }
                 let frame = ServerFrame::UserTyping(UserTyping {
@@ -473,7 +586,7 @@ impl Session {
             }
             ClientFrame::Send(s) => Ok(self.send(rid, s).await),
             ClientFrame::React(r) => Ok(self.react(rid, r).await),
-            ClientFrame::History(h) => Ok(self.history(rid, h)),
+            ClientFrame::History(h) => Ok(self.history(rid, h).await),
         }
     }
 
@@ -496,6 +609,32 @@ impl Session {
             );
             return;
         }
+        // All or nothing: one room the user may not enter refuses the
+        // request, and nothing changes.
+        let mut refused = Vec::new();
+        for room in &new {
+            match self
+                .node
+                .rooms
+                .rights(room, &self.user_id, &self.token_rooms)
+                .await
+            {
+                Ok(r) if r.entry.is_some() => {}
+                Ok(_) => refused.push(room.as_str()),
+                Err(e) => {
+                    reply.store_error(rid, &e);
+                    return;
+                }
+            }
+        }
+        if !refused.is_empty() {
+            self.forbidden(
+                rid,
+                Opcode::Join,
+                &format!("not a member of {}", refused.join(", ")),
+            );
+            return;
+        }
         if !new.is_empty()
             && let Err(e) = self.node.store.join(&self.user_id, &new).await
         {
@@ -504,7 +643,11 @@ impl Session {
         }
         let mut joined = Vec::with_capacity(new.len());
         for room in &new {
-            if let Some(name) = self.node.hub.join(room, self.conn, &self.outbox) {
+            if let Some(name) = self
+                .node
+                .hub
+                .join(room, self.conn, &self.user_id, &self.outbox)
+            {
                 self.rooms.insert(name);
             }
             // Position after joining: an event racing the join is either
@@ -574,7 +717,7 @@ impl Session {
 
     async fn send(&mut self, rid: u32, s: Send) -> Option<Pending> {
         let reply = self.replier();
-        if !self.in_room(rid, &s.room) {
+        if !self.in_room(rid, &s.room) || !self.may_post(rid, Opcode::Send, &s.room).await {
             return None;
         }
         let msg = StoreMessage {
@@ -613,7 +756,13 @@ impl Session {
                 );
                 return;
             };
-            publish_message(&node, &reply, rid, conn, msg).await;
+            let ack: OnAck = {
+                let reply = reply.clone();
+                Box::new(move |m| reply.send(rid, &ServerFrame::MessageSent(m)))
+            };
+            if let Err(failure) = publish_message(&node, Some(conn), msg, ack).await {
+                reply.send_failure(rid, &failure);
+            }
         }))
     }
 
@@ -664,7 +813,7 @@ impl Session {
 
     async fn react(&mut self, rid: u32, r: React) -> Option<Pending> {
         let reply = self.replier();
-        if !self.in_room(rid, &r.room) {
+        if !self.in_room(rid, &r.room) || !self.may_post(rid, Opcode::React, &r.room).await {
             return None;
         }
         if self.rate_limited(rid).await {
@@ -727,11 +876,29 @@ impl Session {
         }))
     }
 
-    fn history(&self, rid: u32, h: History) -> Option<Pending> {
+    async fn history(&self, rid: u32, h: History) -> Option<Pending> {
         let reply = self.replier();
         if !self.in_room(rid, &h.room) {
             return None;
         }
+        // Only a policy that hides history from before a member joined
+        // needs the grant's time.
+        let since_ms = if self.node.rooms.policy(&h.room).history == HistoryVisibility::SinceJoin {
+            match self
+                .node
+                .rooms
+                .rights(&h.room, &self.user_id, &self.token_rooms)
+                .await
+            {
+                Ok(r) => r.history_since_ms,
+                Err(e) => {
+                    reply.store_error(rid, &e);
+                    return None;
+                }
+            }
+        } else {
+            0
+        };
         let node = self.node.clone();
         Some(self.timed(Opcode::History, async move {
             let limit = if h.limit == 0 {
@@ -739,7 +906,7 @@ impl Session {
             } else {
                 h.limit
             };
-            match node.store.history(&h.room, h.before, limit).await {
+            match node.store.history(&h.room, h.before, limit, since_ms).await {
                 Ok(page) => reply.send(
                     rid,
                     &ServerFrame::HistoryPage(HistoryPage {
@@ -756,10 +923,22 @@ impl Session {
     /// Whether a queued frame should be written. Drops room events the
     /// client already has by position (see `watermarks`).
     pub fn should_deliver(&mut self, frame: &[u8]) -> bool {
+        let op = frame.first().copied().unwrap_or(0);
+        if op == Opcode::Left as u8 {
+            // Request id 0: the server took the connection out of rooms
+            // (membership ended, room deleted). (A reply to the client's
+            // own Leave has its request's id, and was applied then.)
+            if let Ok((0, ServerFrame::Left(left))) = self.node.codec.decode_server(frame) {
+                for room in &left.rooms {
+                    self.rooms.remove(room.as_str());
+                    self.watermarks.retain(|(r, _)| **r != **room);
+                }
+            }
+            return true;
+        }
         if self.watermarks.is_empty() {
             return true;
         }
-        let op = frame.first().copied().unwrap_or(0);
         if op != Opcode::NewMessage as u8 && op != Opcode::Reaction as u8 {
             return true;
         }
@@ -786,7 +965,7 @@ impl Session {
 /// This node is storing and publishing (user, client message id): a
 /// concurrent retry of the same message waits for it, then finds it
 /// stored. Released on drop.
-struct SendClaim {
+pub(crate) struct SendClaim {
     node: Arc<Node>,
     key: (Arc<str>, String),
 }
@@ -796,7 +975,7 @@ impl SendClaim {
     /// come back (store and fan-out calls time out well before this).
     const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-    async fn take(node: &Arc<Node>, key: (Arc<str>, String)) -> Option<SendClaim> {
+    pub(crate) async fn take(node: &Arc<Node>, key: (Arc<str>, String)) -> Option<SendClaim> {
         let deadline = tokio::time::Instant::now() + Self::WAIT;
         loop {
             let released = match node.sends_in_flight.entry(key.clone()) {
@@ -865,52 +1044,59 @@ fn fingerprint(room: &str, body: &str, attachments: &[Attachment]) -> u64 {
 /// inside this.
 const EPOCH_CLOCK_MARGIN_MS: u64 = 20;
 
+/// Why a message was not acknowledged.
+pub(crate) enum SendFailure {
+    /// Not stored (or not known to be): retry.
+    Store(StoreError),
+    /// Stored, not delivered: retry with the same client message id.
+    NotDelivered(FanoutError),
+    /// The client message id names a different message.
+    ReusedId,
+}
+
+/// Receives a message's acknowledgement, in the room's delivery order.
+pub(crate) type OnAck = Box<dyn FnOnce(MessageSent) + std::marker::Send + Sync>;
+
 /// Stores, publishes and acknowledges one message. A retry of a message
 /// already published is answered with its original position; one stored
 /// but never published (the node died in between, or fan-out failed) is
 /// published now, once (the Redis engine remembers what it published).
-async fn publish_message(
+pub(crate) async fn publish_message(
     node: &Arc<Node>,
-    reply: &Replier,
-    rid: u32,
-    conn: u64,
+    conn: Option<u64>,
     msg: StoreMessage,
-) {
+    on_ack: OnAck,
+) -> Result<(), SendFailure> {
     let asked = fingerprint(&msg.room, &msg.body, &msg.attachments);
-    let inserted = match node.store.insert_message(msg).await {
-        Ok(i) => i,
-        Err(e) => return reply.store_error(rid, &e),
-    };
+    let inserted = node
+        .store
+        .insert_message(msg)
+        .await
+        .map_err(SendFailure::Store)?;
     let message = inserted.message;
     // An idempotency key names one message: reused for a different one,
     // acknowledging the original would silently drop the new text.
     if inserted.duplicate
         && fingerprint(&message.room, &message.body, &message.attachments) != asked
     {
-        return reply.error(
-            rid,
-            ErrorCode::InvalidRequest,
-            0,
-            "client_msg_id already used for a different message",
-        );
+        return Err(SendFailure::ReusedId);
     }
     let (room, id, created_at_ms) = (message.room.clone(), message.id, message.created_at_ms);
-    let sent = move |p: Position, duplicate: bool| {
-        ServerFrame::MessageSent(MessageSent {
-            room,
-            message_id: id,
-            epoch: p.epoch,
-            seq: p.seq,
-            created_at_ms,
-            duplicate,
-        })
+    let sent = move |p: Position, duplicate: bool| MessageSent {
+        room,
+        message_id: id,
+        epoch: p.epoch,
+        seq: p.seq,
+        created_at_ms,
+        duplicate,
     };
     if inserted.duplicate && message.seq != 0 {
         let original = Position {
             epoch: inserted.epoch,
             seq: message.seq,
         };
-        return reply.send(rid, &sent(original, true));
+        on_ack(sent(original, true));
+        return Ok(());
     }
     if inserted.duplicate {
         // Stored before and never recorded as published: the first attempt
@@ -923,7 +1109,7 @@ async fn publish_message(
         // published, and it is published at most once.
         let current = match node.fanout.position(&message.room).await {
             Ok(p) => p,
-            Err(e) => return reply.not_delivered(rid, &e),
+            Err(e) => return Err(SendFailure::NotDelivered(e)),
         };
         if current.epoch > created_at_ms.saturating_add(EPOCH_CLOCK_MARGIN_MS) {
             node.metrics.history_only_sends.inc();
@@ -931,25 +1117,23 @@ async fn publish_message(
                 epoch: current.epoch,
                 seq: 0,
             };
-            return reply.send(rid, &sent(history_only, true));
+            on_ack(sent(history_only, true));
+            return Ok(());
         }
     }
     // Queued by the fan-out in the room's order (see `OnSequenced`).
     // `duplicate` says whether the message reached the room before this
     // request, not whether the store had it: a retry that publishes it
     // for the first time takes its place in this connection's stream.
-    let ack: OnSequenced = {
-        let reply = reply.clone();
-        Box::new(move |p, published_before| reply.send(rid, &sent(p, published_before)))
-    };
+    let ack: OnSequenced = Box::new(move |p, published_before| on_ack(sent(p, published_before)));
     let room = message.room.clone();
     let published = match node
         .fanout
-        .publish(&room, RoomEvent::Message(message), Some(conn), Some(ack))
+        .publish(&room, RoomEvent::Message(message), conn, Some(ack))
         .await
     {
         Ok(p) => p.position,
-        Err(e) => return reply.not_delivered(rid, &e),
+        Err(e) => return Err(SendFailure::NotDelivered(e)),
     };
     // The record is what tells a retry, after the fan-out has forgotten
     // (past the recovery window), that the message was delivered: worth a
@@ -970,6 +1154,7 @@ async fn publish_message(
             }
         }
     }
+    Ok(())
 }
 
 impl Drop for Session {
@@ -977,6 +1162,7 @@ impl Drop for Session {
         for room in &self.rooms {
             self.node.hub.leave(room, self.conn);
         }
+        self.node.hub.disconnect(&self.user_id, self.conn);
         self.node.users.disconnect(&self.user_id, self.slot);
     }
 }

@@ -320,6 +320,7 @@ async fn bad_input_gets_its_close_code_and_others_are_unaffected() {
             name: None,
             picture: None,
             exp: u64::MAX / 2,
+            rooms: Vec::new(),
         },
     );
     let mut c = RawConnection::connect(&gw.url()).await.unwrap();

@@ -24,8 +24,8 @@ use chatgate_gateway::{Config, Node};
 use chatgate_protocol::payload::*;
 use chatgate_protocol::{ClientFrame, ServerFrame};
 use chatgate_storage::{
-    Inserted, MemoryStore, NewMessage as StoreMessage, Page, ReactionChange, ReactionOutcome,
-    Store, StoreError, User,
+    Grant, Inserted, Member, Membership, MemoryStore, NewMessage as StoreMessage, Page,
+    ReactionChange, ReactionOutcome, Store, StoreError, User,
 };
 
 /// The in-memory store, with `set_seq` held until the test lets it go,
@@ -59,8 +59,35 @@ impl Store for HeldStore {
     async fn upsert_user(&self, user: &User) -> Result<(), StoreError> {
         self.inner.upsert_user(user).await
     }
-    async fn memberships(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
+    async fn memberships(&self, user_id: &str) -> Result<Vec<Membership>, StoreError> {
         self.inner.memberships(user_id).await
+    }
+    async fn grant(&self, room: &str, user_id: &str) -> Result<Option<Grant>, StoreError> {
+        self.inner.grant(room, user_id).await
+    }
+    async fn add_members(&self, room: &str, members: &[Member]) -> Result<(), StoreError> {
+        self.inner.add_members(room, members).await
+    }
+    async fn remove_members(
+        &self,
+        room: &str,
+        user_ids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        self.inner.remove_members(room, user_ids).await
+    }
+    async fn members(
+        &self,
+        room: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Member>, StoreError> {
+        self.inner.members(room, after, limit).await
+    }
+    async fn create_room(&self, room: &str) -> Result<bool, StoreError> {
+        self.inner.create_room(room).await
+    }
+    async fn delete_room(&self, room: &str) -> Result<bool, StoreError> {
+        self.inner.delete_room(room).await
     }
     async fn join(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
         self.inner.join(user_id, rooms).await
@@ -89,8 +116,9 @@ impl Store for HeldStore {
         room: &str,
         before: Option<Cursor>,
         limit: u32,
+        since_ms: u64,
     ) -> Result<Page, StoreError> {
-        self.inner.history(room, before, limit).await
+        self.inner.history(room, before, limit, since_ms).await
     }
 }
 
@@ -118,6 +146,7 @@ impl Client {
             name: None,
             picture: None,
             exp: unix_now() + 3600,
+            rooms: vec!["*".into()],
         });
         let identify = Identify { token, resume };
         let (session, first) = Session::open(
@@ -588,6 +617,9 @@ impl Fanout for FlakyFanout {
         exclude: Option<u64>,
     ) -> Result<(), FanoutError> {
         self.inner.publish_ephemeral(room, frame, exclude).await
+    }
+    async fn control(&self, key: &str, payload: Bytes) -> Result<(), FanoutError> {
+        self.inner.control(key, payload).await
     }
     async fn position(&self, room: &str) -> Result<Position, FanoutError> {
         if self.fail_position.load(Ordering::SeqCst) {

@@ -35,6 +35,10 @@ pub enum CloseCode {
     /// data). Reconnect and resume at once: rooms whose events cannot be
     /// replayed answer `recovered = false`, and the client reloads them.
     StreamsLost = 4005,
+    /// The application asked this user's connections to reconnect (its
+    /// rooms or permissions changed). Reconnect and resume; rooms the user
+    /// may no longer enter are refused then.
+    Reconnect = 4006,
 
     /// The token was missing, malformed, expired or wrongly signed.
     /// Obtain a new token before reconnecting.
@@ -52,16 +56,20 @@ pub enum CloseCode {
     ConnectionLimit = 4105,
     /// A second `Identify` on an identified connection.
     AlreadyIdentified = 4106,
+    /// The application ended this user's sessions (a ban, a password
+    /// change). Do not reconnect with the same token.
+    Disconnected = 4107,
 }
 
 /// Every close code, in table order.
-pub const ALL_CLOSE_CODES: [CloseCode; 13] = [
+pub const ALL_CLOSE_CODES: [CloseCode; 15] = [
     CloseCode::ShuttingDown,
     CloseCode::SlowConsumer,
     CloseCode::HeartbeatTimeout,
     CloseCode::ServerError,
     CloseCode::Overloaded,
     CloseCode::StreamsLost,
+    CloseCode::Reconnect,
     CloseCode::InvalidToken,
     CloseCode::ProtocolViolation,
     CloseCode::TextFrame,
@@ -69,6 +77,7 @@ pub const ALL_CLOSE_CODES: [CloseCode; 13] = [
     CloseCode::IdentifyTimeout,
     CloseCode::ConnectionLimit,
     CloseCode::AlreadyIdentified,
+    CloseCode::Disconnected,
 ];
 
 impl CloseCode {
@@ -97,6 +106,7 @@ impl CloseCode {
             CloseCode::ServerError => "server error",
             CloseCode::Overloaded => "server overloaded",
             CloseCode::StreamsLost => "room streams lost; resume",
+            CloseCode::Reconnect => "reconnect requested",
             CloseCode::InvalidToken => "invalid token",
             CloseCode::ProtocolViolation => "protocol violation",
             CloseCode::TextFrame => "text frames are not supported",
@@ -104,6 +114,7 @@ impl CloseCode {
             CloseCode::IdentifyTimeout => "identify timeout",
             CloseCode::ConnectionLimit => "connection limit reached",
             CloseCode::AlreadyIdentified => "already identified",
+            CloseCode::Disconnected => "disconnected by the application",
         }
     }
 
@@ -116,6 +127,7 @@ impl CloseCode {
             CloseCode::ServerError => "server_error",
             CloseCode::Overloaded => "overloaded",
             CloseCode::StreamsLost => "streams_lost",
+            CloseCode::Reconnect => "reconnect",
             CloseCode::InvalidToken => "invalid_token",
             CloseCode::ProtocolViolation => "protocol_violation",
             CloseCode::TextFrame => "text_frame",
@@ -123,6 +135,7 @@ impl CloseCode {
             CloseCode::IdentifyTimeout => "identify_timeout",
             CloseCode::ConnectionLimit => "connection_limit",
             CloseCode::AlreadyIdentified => "already_identified",
+            CloseCode::Disconnected => "disconnected",
         }
     }
 }

@@ -34,10 +34,15 @@ pub enum ErrorCode {
     /// retry is acknowledged with `duplicate = true`, and nobody receives
     /// the message twice.
     NotDelivered = 8,
+    /// The room's policy does not let this user do this: join, read,
+    /// post or resume into a room it is not a member of (or post where
+    /// only some roles may). Nothing was changed. Retrying is pointless
+    /// until the application grants the membership or role.
+    Forbidden = 9,
 }
 
 /// Every error code, in table order.
-pub const ALL_ERROR_CODES: [ErrorCode; 8] = [
+pub const ALL_ERROR_CODES: [ErrorCode; 9] = [
     ErrorCode::InvalidRequest,
     ErrorCode::RateLimited,
     ErrorCode::NotInRoom,
@@ -46,6 +51,7 @@ pub const ALL_ERROR_CODES: [ErrorCode; 8] = [
     ErrorCode::Unavailable,
     ErrorCode::Internal,
     ErrorCode::NotDelivered,
+    ErrorCode::Forbidden,
 ];
 
 impl ErrorCode {
@@ -81,6 +87,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::NotDelivered => "not_delivered",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }

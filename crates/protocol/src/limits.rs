@@ -72,7 +72,7 @@ pub fn check_room(field: &'static str, room: &str) -> Result<(), Invalid> {
 /// differently than it is spelled), zero-width space, word joiner and
 /// byte-order mark. The joiners U+200C/U+200D stay allowed: some scripts
 /// and emoji sequences need them.
-fn is_invisible_control(c: char) -> bool {
+pub fn is_invisible_control(c: char) -> bool {
     matches!(
         c,
         '\u{061C}'
@@ -84,6 +84,15 @@ fn is_invisible_control(c: char) -> bool {
             | '\u{2066}'..='\u{2069}'
             | '\u{FEFF}'
     )
+}
+
+/// Whether `url` is an `http://` or `https://` URL (scheme matched
+/// without regard to case, as RFC 3986 says). Links a client renders must
+/// not be `javascript:`, `data:` or `file:` ones.
+pub fn is_web_url(url: &str) -> bool {
+    let lower = |n: usize| url.get(..n).map(str::to_ascii_lowercase);
+    (lower(7).as_deref() == Some("http://") || lower(8).as_deref() == Some("https://"))
+        && !url.chars().any(|c| c.is_control() || c.is_whitespace())
 }
 
 fn check_len(
@@ -106,6 +115,9 @@ fn check_attachments(list: &[Attachment]) -> Result<(), Invalid> {
     for a in list {
         if a.url.is_empty() {
             return invalid("attachments.url", "empty url");
+        }
+        if !is_web_url(&a.url) {
+            return invalid("attachments.url", "url is not http:// or https://");
         }
         check_len(
             "attachments.url",
@@ -225,9 +237,16 @@ mod tests {
         })
     }
 
+    /// An attachment whose url is `url` bytes long (an https URL from
+    /// 9 bytes on; shorter ones are too short to be one).
     fn file(url: usize, name: usize, mime: usize) -> Attachment {
+        let prefix = "https://";
         Attachment {
-            url: "u".repeat(url),
+            url: if url > prefix.len() {
+                format!("{prefix}{}", "u".repeat(url - prefix.len()))
+            } else {
+                "u".repeat(url)
+            },
             name: "n".repeat(name),
             mime: "m".repeat(mime),
             size: 1,
@@ -251,7 +270,24 @@ mod tests {
         bad(send("r", "", "x", vec![]), "client_msg_id");
         ok(send("r", "c", &"b".repeat(16_384), vec![]));
         bad(send("r", "c", &"b".repeat(16_385), vec![]), "body");
-        ok(send("r", "c", "", vec![file(1, 0, 0)]));
+        ok(send("r", "c", "", vec![file(9, 0, 0)]));
+        // Only web links: a client renders these as links.
+        bad(send("r", "c", "x", vec![file(1, 0, 0)]), "attachments.url");
+        for url in [
+            "javascript:alert(1)",
+            "data:text/html,x",
+            "file:///etc/passwd",
+            "https://a b",
+        ] {
+            let mut a = file(9, 0, 0);
+            a.url = url.into();
+            bad(send("r", "c", "x", vec![a]), "attachments.url");
+        }
+        for url in ["http://x.test/a", "HTTPS://x.test/a"] {
+            let mut a = file(9, 0, 0);
+            a.url = url.into();
+            ok(send("r", "c", "x", vec![a]));
+        }
         bad(send("r", "c", " \u{3000}\u{a0}", vec![]), "body");
         ok(send("r", "c", "\u{200b}", vec![]));
         ok(send("r", "c", "x", vec![file(2048, 255, 127); 10]));
@@ -262,11 +298,11 @@ mod tests {
         );
         bad(send("r", "c", "x", vec![file(0, 0, 0)]), "attachments.url");
         bad(
-            send("r", "c", "x", vec![file(1, 256, 0)]),
+            send("r", "c", "x", vec![file(9, 256, 0)]),
             "attachments.name",
         );
         bad(
-            send("r", "c", "x", vec![file(1, 0, 128)]),
+            send("r", "c", "x", vec![file(9, 0, 128)]),
             "attachments.mime",
         );
         let rooms = |n: usize| Rooms {

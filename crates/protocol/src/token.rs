@@ -28,6 +28,10 @@ pub struct Claims {
     pub picture: Option<String>,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+    /// Rooms the user may join beyond the application's grants: exact
+    /// names, or prefixes ending in `*` (`*` alone: every room).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rooms: Vec<String>,
 }
 
 /// Why a token was refused (all map to close code 4100).
@@ -133,6 +137,7 @@ mod tests {
             name: Some("Alice".into()),
             picture: None,
             exp,
+            rooms: Vec::new(),
         }
     }
 

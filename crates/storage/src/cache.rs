@@ -1,8 +1,11 @@
 //! Redis read-through cache in front of another store (fred).
 //!
-//! Cached: a user's room memberships (read at every Identify, so a
-//! reconnect storm does not become a database storm) and user profiles
-//! (Identify refreshes the profile; an unchanged one is not rewritten).
+//! Cached: a user's room list (read at every Identify, so a reconnect
+//! storm does not become a database storm), user profiles (Identify
+//! refreshes the profile; an unchanged one is not rewritten) and each
+//! room's granted members (one hash per room, field per user, asked at
+//! every join and resume of a `members` room: the channel-members cache of
+//! the setup this replaces).
 //! Entries expire after a TTL (default 5 minutes) and are deleted as soon
 //! as the underlying data changes (join, leave, profile update), so a
 //! change is visible at once.
@@ -18,10 +21,15 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use fred::prelude::{
-    Builder, Client, ClientLike, Config, Expiration, KeysInterface, ReconnectPolicy,
+    Builder, Client, ClientLike, Config, Expiration, HashesInterface, KeysInterface,
+    ReconnectPolicy,
 };
+use fred::types::ExpireOptions;
 
-use crate::model::{Cursor, Inserted, NewMessage, Page, ReactionChange, ReactionOutcome, User};
+use crate::model::{
+    Cursor, Grant, Inserted, Member, Membership, NewMessage, Page, ReactionChange, ReactionOutcome,
+    User,
+};
 use crate::{Store, StoreError};
 
 /// Settings for [`CachedStore`].
@@ -114,6 +122,10 @@ impl CachedStore {
         format!("{}:{{u:{user}}}:rooms", self.config.namespace)
     }
 
+    fn members_key(&self, room: &str) -> String {
+        format!("{}:{{r:{room}}}:members", self.config.namespace)
+    }
+
     fn profile_key(&self, user: &str) -> String {
         format!("{}:{{u:{user}}}:profile", self.config.namespace)
     }
@@ -167,12 +179,64 @@ impl CachedStore {
         }
     }
 
+    async fn hget(&self, key: &str, field: &str) -> Option<String> {
+        if !self.usable() {
+            return None;
+        }
+        match self.redis.hget::<Option<String>, _, _>(key, field).await {
+            Ok(v) => v,
+            Err(e) => {
+                self.failed(&e);
+                None
+            }
+        }
+    }
+
+    /// Caches one field; the hash expires a TTL after it was created (a
+    /// later field does not extend it), so every entry is at most a TTL old.
+    async fn hput(&self, key: &str, field: &str, value: String) {
+        if !self.usable() {
+            return;
+        }
+        let ttl = self.config.ttl.as_secs().max(1) as i64;
+        let set = self.redis.hset::<i64, _, _>(key, (field, value)).await;
+        let expire = match set {
+            Ok(_) => {
+                self.redis
+                    .expire::<i64, _>(key, ttl, Some(ExpireOptions::NX))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = expire {
+            self.failed(&e);
+        }
+    }
+
     /// Deletes keys after a change. Attempted even with the circuit open:
     /// a stale entry is worse than a slow delete.
     async fn invalidate(&self, keys: Vec<String>) {
         if let Err(e) = self.redis.del::<i64, _>(keys).await {
             self.failed(&e);
         }
+    }
+}
+
+impl CachedStore {
+    /// Drops the cached grants of `users` in `room` and their room lists.
+    async fn forget_members(&self, room: &str, users: &[String]) {
+        if users.is_empty() {
+            return;
+        }
+        if let Err(e) = self
+            .redis
+            .hdel::<i64, _, _>(self.members_key(room), users.to_vec())
+            .await
+        {
+            self.failed(&e);
+        }
+        self.invalidate(users.iter().map(|u| self.rooms_key(u)).collect())
+            .await;
     }
 }
 
@@ -199,20 +263,90 @@ impl Store for CachedStore {
         Ok(())
     }
 
-    async fn memberships(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
+    async fn memberships(&self, user_id: &str) -> Result<Vec<Membership>, StoreError> {
+        type Row = (String, Option<(String, u64)>);
         let key = self.rooms_key(user_id);
-        if let Some(rooms) = self
+        if let Some(rows) = self
             .get(&key)
             .await
-            .and_then(|v| serde_json::from_str::<Vec<String>>(&v).ok())
+            .and_then(|v| serde_json::from_str::<Vec<Row>>(&v).ok())
         {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(rooms);
+            return Ok(rows
+                .into_iter()
+                .map(|(room, grant)| Membership {
+                    room,
+                    grant: grant.map(|(role, since_ms)| Grant { role, since_ms }),
+                })
+                .collect());
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let rooms = self.inner.memberships(user_id).await?;
-        self.put(&key, serde_json::json!(rooms).to_string()).await;
-        Ok(rooms)
+        let list = self.inner.memberships(user_id).await?;
+        let rows: Vec<Row> = list
+            .iter()
+            .map(|m| {
+                let grant = m.grant.as_ref().map(|g| (g.role.clone(), g.since_ms));
+                (m.room.clone(), grant)
+            })
+            .collect();
+        self.put(&key, serde_json::json!(rows).to_string()).await;
+        Ok(list)
+    }
+
+    async fn grant(&self, room: &str, user_id: &str) -> Result<Option<Grant>, StoreError> {
+        let key = self.members_key(room);
+        if let Some(v) = self.hget(&key, user_id).await
+            && let Ok(cached) = serde_json::from_str::<Option<(String, u64)>>(&v)
+        {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(cached.map(|(role, since_ms)| Grant { role, since_ms }));
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let grant = self.inner.grant(room, user_id).await?;
+        // A refusal is cached too: a hostile client asking for a room it
+        // may not enter must not reach the database each time.
+        let value = grant.as_ref().map(|g| (g.role.clone(), g.since_ms));
+        self.hput(&key, user_id, serde_json::json!(value).to_string())
+            .await;
+        Ok(grant)
+    }
+
+    async fn add_members(&self, room: &str, members: &[Member]) -> Result<(), StoreError> {
+        self.inner.add_members(room, members).await?;
+        let users: Vec<String> = members.iter().map(|m| m.user_id.clone()).collect();
+        self.forget_members(room, &users).await;
+        Ok(())
+    }
+
+    async fn remove_members(
+        &self,
+        room: &str,
+        user_ids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let removed = self.inner.remove_members(room, user_ids).await?;
+        self.forget_members(room, user_ids).await;
+        Ok(removed)
+    }
+
+    async fn members(
+        &self,
+        room: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Member>, StoreError> {
+        self.inner.members(room, after, limit).await
+    }
+
+    async fn create_room(&self, room: &str) -> Result<bool, StoreError> {
+        self.inner.create_room(room).await
+    }
+
+    async fn delete_room(&self, room: &str) -> Result<bool, StoreError> {
+        let deleted = self.inner.delete_room(room).await?;
+        // Room lists that named the room keep it until their TTL; a fresh
+        // session then finds it without a grant (refused) or empty.
+        self.invalidate(vec![self.members_key(room)]).await;
+        Ok(deleted)
     }
 
     async fn join(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
@@ -244,7 +378,8 @@ impl Store for CachedStore {
         room: &str,
         before: Option<Cursor>,
         limit: u32,
+        since_ms: u64,
     ) -> Result<Page, StoreError> {
-        self.inner.history(room, before, limit).await
+        self.inner.history(room, before, limit, since_ms).await
     }
 }

@@ -34,6 +34,8 @@ pub mod suite;
 pub use cache::{CacheConfig, CacheStats, CachedStore};
 pub use error::StoreError;
 pub use memory::{MemoryStore, MemoryStoreConfig};
-pub use model::{Inserted, NewMessage, Page, ReactionChange, ReactionOutcome, User};
+pub use model::{
+    Grant, Inserted, Member, Membership, NewMessage, Page, ReactionChange, ReactionOutcome, User,
+};
 pub use pg::{PgConfig, PgStore};
 pub use store::Store;

@@ -18,7 +18,8 @@ use parking_lot::Mutex;
 use chatgate_protocol::payload::ReactionCount;
 
 use crate::model::{
-    Cursor, Inserted, Message, NewMessage, Page, ReactionChange, ReactionOutcome, User,
+    Cursor, Grant, Inserted, Member, Membership, Message, NewMessage, Page, ReactionChange,
+    ReactionOutcome, User,
 };
 use crate::{Store, StoreError};
 
@@ -67,7 +68,12 @@ pub struct MemoryStore {
     config: MemoryStoreConfig,
     next_id: AtomicU64,
     users: DashMap<String, User>,
-    memberships: DashMap<String, HashSet<String>>,
+    /// user -> rooms on their list.
+    listed: DashMap<String, HashSet<String>>,
+    /// room -> user -> the application's grant.
+    grants: DashMap<String, BTreeMap<String, Grant>>,
+    /// Rooms registered through the server API or by a grant.
+    registered: DashMap<String, ()>,
     rooms: DashMap<String, Arc<Mutex<RoomData>>>,
     /// (sender, client message id) -> (room, message id).
     idempotency: DashMap<(String, String), (String, u64)>,
@@ -109,7 +115,9 @@ impl MemoryStore {
             config,
             next_id: AtomicU64::new(1),
             users: DashMap::new(),
-            memberships: DashMap::new(),
+            listed: DashMap::new(),
+            grants: DashMap::new(),
+            registered: DashMap::new(),
             rooms: DashMap::new(),
             idempotency: DashMap::new(),
             message_rooms: DashMap::new(),
@@ -148,30 +156,139 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn memberships(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
+    async fn memberships(&self, user_id: &str) -> Result<Vec<Membership>, StoreError> {
         let mut rooms: Vec<String> = self
-            .memberships
+            .listed
             .get(user_id)
             .map(|set| set.iter().cloned().collect())
             .unwrap_or_default();
         rooms.sort();
-        Ok(rooms)
+        Ok(rooms
+            .into_iter()
+            .map(|room| {
+                let grant = self.grants.get(&room).and_then(|g| g.get(user_id).cloned());
+                Membership { room, grant }
+            })
+            .collect())
     }
 
     async fn join(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
-        let mut set = self.memberships.entry(user_id.to_owned()).or_default();
+        let mut set = self.listed.entry(user_id.to_owned()).or_default();
         set.extend(rooms.iter().cloned());
         Ok(())
     }
 
     async fn leave(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
-        if let Some(mut set) = self.memberships.get_mut(user_id) {
+        if let Some(mut set) = self.listed.get_mut(user_id) {
             for r in rooms {
                 set.remove(r);
             }
         }
-        self.memberships.remove_if(user_id, |_, set| set.is_empty());
+        self.listed.remove_if(user_id, |_, set| set.is_empty());
         Ok(())
+    }
+
+    async fn grant(&self, room: &str, user_id: &str) -> Result<Option<Grant>, StoreError> {
+        Ok(self.grants.get(room).and_then(|g| g.get(user_id).cloned()))
+    }
+
+    async fn add_members(&self, room: &str, members: &[Member]) -> Result<(), StoreError> {
+        self.registered.insert(room.to_owned(), ());
+        let now = now_ms();
+        {
+            let mut grants = self.grants.entry(room.to_owned()).or_default();
+            for m in members {
+                grants
+                    .entry(m.user_id.clone())
+                    .and_modify(|g| g.role.clone_from(&m.role))
+                    .or_insert_with(|| Grant {
+                        role: m.role.clone(),
+                        since_ms: now,
+                    });
+            }
+        }
+        for m in members {
+            self.users.entry(m.user_id.clone()).or_insert_with(|| User {
+                id: m.user_id.clone(),
+                name: m.user_id.clone(),
+                image: String::new(),
+            });
+            self.listed
+                .entry(m.user_id.clone())
+                .or_default()
+                .insert(room.to_owned());
+        }
+        Ok(())
+    }
+
+    async fn remove_members(
+        &self,
+        room: &str,
+        user_ids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let mut removed = Vec::new();
+        for user in user_ids {
+            let granted = self
+                .grants
+                .get_mut(room)
+                .is_some_and(|mut g| g.remove(user).is_some());
+            let listed = self
+                .listed
+                .get_mut(user)
+                .is_some_and(|mut set| set.remove(room));
+            self.listed.remove_if(user, |_, set| set.is_empty());
+            if (granted || listed) && !removed.contains(user) {
+                removed.push(user.clone());
+            }
+        }
+        self.grants.remove_if(room, |_, g| g.is_empty());
+        Ok(removed)
+    }
+
+    async fn members(
+        &self,
+        room: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Member>, StoreError> {
+        let Some(grants) = self.grants.get(room) else {
+            return Ok(Vec::new());
+        };
+        let from = match after {
+            Some(a) => std::ops::Bound::Excluded(a.to_owned()),
+            None => std::ops::Bound::Unbounded,
+        };
+        Ok(grants
+            .range((from, std::ops::Bound::Unbounded))
+            .take(limit as usize)
+            .map(|(user, g)| Member {
+                user_id: user.clone(),
+                role: g.role.clone(),
+                since_ms: g.since_ms,
+            })
+            .collect())
+    }
+
+    async fn create_room(&self, room: &str) -> Result<bool, StoreError> {
+        Ok(self.registered.insert(room.to_owned(), ()).is_none())
+    }
+
+    async fn delete_room(&self, room: &str) -> Result<bool, StoreError> {
+        let mut existed = self.registered.remove(room).is_some();
+        existed |= self.grants.remove(room).is_some();
+        for mut set in self.listed.iter_mut() {
+            existed |= set.remove(room);
+        }
+        self.listed.retain(|_, set| !set.is_empty());
+        if let Some((_, data)) = self.rooms.remove(room) {
+            existed = true;
+            let gone: Vec<Message> = data.lock().messages.drain(..).map(|s| s.message).collect();
+            for old in gone {
+                self.idempotency.remove(&(old.sender_id, old.client_msg_id));
+                self.message_rooms.remove(&old.id);
+            }
+        }
+        Ok(existed)
     }
 
     async fn insert_message(&self, msg: NewMessage) -> Result<Inserted, StoreError> {
@@ -277,6 +394,7 @@ impl Store for MemoryStore {
         room: &str,
         before: Option<Cursor>,
         limit: u32,
+        since_ms: u64,
     ) -> Result<Page, StoreError> {
         let Some(data) = self.rooms.get(room).map(|r| r.clone()) else {
             return Ok(Page {
@@ -291,14 +409,17 @@ impl Store for MemoryStore {
                 (s.message.created_at_ms, s.message.id) < (c.created_at_ms, c.message_id)
             }),
         };
-        let start = end.saturating_sub(limit as usize);
+        let first = data
+            .messages
+            .partition_point(|s| s.message.created_at_ms < since_ms);
+        let start = end.saturating_sub(limit as usize).max(first.min(end));
         let messages: Vec<Message> = data
             .messages
             .range(start..end)
             .rev()
             .map(with_reactions)
             .collect();
-        let next = if start > 0 {
+        let next = if start > first {
             messages.last().map(|m| Cursor {
                 created_at_ms: m.created_at_ms,
                 message_id: m.id,

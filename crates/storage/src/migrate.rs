@@ -15,6 +15,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "message_epoch",
         include_str!("../../../migrations/0002_message_epoch.sql"),
     ),
+    (
+        3,
+        "room_grants",
+        include_str!("../../../migrations/0003_room_grants.sql"),
+    ),
 ];
 
 /// Applies pending migrations; returns the versions applied now.

@@ -100,3 +100,43 @@ pub struct Page {
     /// beginning of the room.
     pub next: Option<Cursor>,
 }
+
+/// A room in a user's room list (the rooms a fresh session is placed in),
+/// with the membership the application granted, if any.
+///
+/// The list and the grant are separate on purpose: a client's Leave takes
+/// the room off the list (its next sessions stop joining it) but keeps the
+/// grant (it may join again); only the application's server API takes a
+/// grant away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    /// Room name.
+    pub room: String,
+    /// The application's grant; `None` for a room the user joined on its
+    /// own (an `open` room, or one its token allowed).
+    pub grant: Option<Grant>,
+}
+
+/// A membership granted by the application (server API).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// Role in the room (`member` unless the application says otherwise);
+    /// room policies may reserve posting to some roles.
+    pub role: String,
+    /// When the membership was first granted (ms since the Unix epoch):
+    /// policies that hide history from before a member joined count from
+    /// here. Changing the role keeps it.
+    pub since_ms: u64,
+}
+
+/// A member of a room as the server API lists and adds them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// User id.
+    pub user_id: String,
+    /// Role in the room.
+    pub role: String,
+    /// When the membership was granted (ms since the Unix epoch); ignored
+    /// when adding.
+    pub since_ms: u64,
+}

@@ -23,7 +23,8 @@ use chatgate_protocol::payload::ReactionCount;
 use crate::batch::Batcher;
 use crate::migrate::migrate;
 use crate::model::{
-    Attachment, Cursor, Inserted, Message, NewMessage, Page, ReactionChange, ReactionOutcome, User,
+    Attachment, Cursor, Grant, Inserted, Member, Membership, Message, NewMessage, Page,
+    ReactionChange, ReactionOutcome, User,
 };
 use crate::{Store, StoreError};
 
@@ -126,6 +127,7 @@ fn history_newest() -> String {
     format!(
         "SELECT {MESSAGE_COLUMNS} FROM messages m {MESSAGE_JOINS}
          WHERE m.channel = $1
+           AND m.created_at >= 'epoch'::timestamptz + $3::bigint * interval '1 millisecond'
          ORDER BY m.created_at DESC, m.id DESC LIMIT $2"
     )
 }
@@ -135,6 +137,7 @@ fn history_before() -> String {
         "SELECT {MESSAGE_COLUMNS} FROM messages m {MESSAGE_JOINS}
          WHERE m.channel = $1
            AND (m.created_at, m.id) < ('epoch'::timestamptz + $2::bigint * interval '1 millisecond', $3)
+           AND m.created_at >= 'epoch'::timestamptz + $5::bigint * interval '1 millisecond'
          ORDER BY m.created_at DESC, m.id DESC LIMIT $4"
     )
 }
@@ -199,6 +202,14 @@ fn message_from_row(row: &Row) -> Message {
 
 /// Maps driver errors to store errors: connection trouble, timeouts and
 /// server shutdowns are retryable, anything else is a bug.
+/// A grant from its columns (role set means granted).
+fn grant_from(role: Option<String>, since_ms: Option<i64>) -> Option<Grant> {
+    role.map(|role| Grant {
+        role,
+        since_ms: since_ms.unwrap_or(0).max(0) as u64,
+    })
+}
+
 fn pg_error(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
         Some(db) => {
@@ -543,14 +554,21 @@ impl Store for PgStore {
         .map(|_| ())
     }
 
-    async fn memberships(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
+    async fn memberships(&self, user_id: &str) -> Result<Vec<Membership>, StoreError> {
         let rows = self
             .query(
-                "SELECT channel FROM channel_members WHERE user_id = $1 ORDER BY channel",
+                "SELECT channel, role, (extract(epoch FROM granted_at) * 1000)::bigint
+                 FROM channel_members WHERE user_id = $1 AND listed ORDER BY channel",
                 &[&user_id],
             )
             .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        Ok(rows
+            .iter()
+            .map(|r| Membership {
+                room: r.get(0),
+                grant: grant_from(r.get(1), r.get(2)),
+            })
+            .collect())
     }
 
     async fn join(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
@@ -560,7 +578,8 @@ impl Store for PgStore {
             "WITH ch AS (INSERT INTO channels (name) SELECT unnest($2::text[]) ON CONFLICT DO NOTHING)
              INSERT INTO channel_members (user_id, channel)
              SELECT $1, unnest($2::text[])
-             ON CONFLICT DO NOTHING",
+             ON CONFLICT (user_id, channel) DO UPDATE SET listed = true
+             WHERE NOT channel_members.listed",
             &[&user_id, &rooms],
         )
         .await
@@ -568,12 +587,116 @@ impl Store for PgStore {
     }
 
     async fn leave(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
+        // A granted room stays granted (off the list); any other is gone.
         self.query(
-            "DELETE FROM channel_members WHERE user_id = $1 AND channel = ANY($2::text[])",
+            "WITH d AS (DELETE FROM channel_members
+                        WHERE user_id = $1 AND channel = ANY($2::text[]) AND role IS NULL)
+             UPDATE channel_members SET listed = false
+             WHERE user_id = $1 AND channel = ANY($2::text[]) AND role IS NOT NULL AND listed",
             &[&user_id, &rooms],
         )
         .await
         .map(|_| ())
+    }
+
+    async fn grant(&self, room: &str, user_id: &str) -> Result<Option<Grant>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT role, (extract(epoch FROM granted_at) * 1000)::bigint
+                 FROM channel_members WHERE user_id = $1 AND channel = $2 AND role IS NOT NULL",
+                &[&user_id, &room],
+            )
+            .await?;
+        Ok(rows.first().and_then(|r| grant_from(r.get(0), r.get(1))))
+    }
+
+    async fn add_members(&self, room: &str, members: &[Member]) -> Result<(), StoreError> {
+        let users: Vec<&str> = members.iter().map(|m| m.user_id.as_str()).collect();
+        let roles: Vec<&str> = members.iter().map(|m| m.role.as_str()).collect();
+        // One statement: the room, users never seen (named by their id
+        // until they connect), then the grants.
+        self.query(
+            "WITH ch AS (INSERT INTO channels (name) VALUES ($1) ON CONFLICT DO NOTHING),
+                  u AS (INSERT INTO users (id, name) SELECT DISTINCT x, x FROM unnest($2::text[]) x
+                        ON CONFLICT DO NOTHING)
+             INSERT INTO channel_members (user_id, channel, listed, role, granted_at)
+             SELECT DISTINCT ON (x.u) x.u, $1, true, x.r, now()
+             FROM unnest($2::text[], $3::text[]) AS x(u, r)
+             ON CONFLICT (user_id, channel) DO UPDATE
+             SET role = EXCLUDED.role, listed = true,
+                 granted_at = coalesce(channel_members.granted_at, EXCLUDED.granted_at)",
+            &[&room, &users, &roles],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn remove_members(
+        &self,
+        room: &str,
+        user_ids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .query(
+                "DELETE FROM channel_members WHERE channel = $1 AND user_id = ANY($2::text[])
+                 RETURNING user_id",
+                &[&room, &user_ids],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn members(
+        &self,
+        room: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Member>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT user_id, role, (extract(epoch FROM granted_at) * 1000)::bigint
+                 FROM channel_members
+                 WHERE channel = $1 AND role IS NOT NULL AND user_id > $2
+                 ORDER BY user_id LIMIT $3",
+                &[&room, &after.unwrap_or(""), &i64::from(limit)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let since: Option<i64> = r.get(2);
+                Member {
+                    user_id: r.get(0),
+                    role: r.get(1),
+                    since_ms: since.unwrap_or(0).max(0) as u64,
+                }
+            })
+            .collect())
+    }
+
+    async fn create_room(&self, room: &str) -> Result<bool, StoreError> {
+        let rows = self
+            .query(
+                "INSERT INTO channels (name) VALUES ($1) ON CONFLICT DO NOTHING RETURNING 1",
+                &[&room],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn delete_room(&self, room: &str) -> Result<bool, StoreError> {
+        // Members go with the channel (ON DELETE CASCADE), reactions and
+        // attachments with their messages.
+        let rows = self
+            .query(
+                "WITH m AS (DELETE FROM messages WHERE channel = $1 RETURNING 1),
+                      c AS (DELETE FROM channels WHERE name = $1 RETURNING 1)
+                 SELECT (SELECT count(*) FROM m) + (SELECT count(*) FROM c)",
+                &[&room],
+            )
+            .await?;
+        let n: i64 = rows.first().map(|r| r.get(0)).unwrap_or(0);
+        Ok(n > 0)
     }
 
     async fn insert_message(&self, msg: NewMessage) -> Result<Inserted, StoreError> {
@@ -620,16 +743,21 @@ impl Store for PgStore {
         room: &str,
         before: Option<Cursor>,
         limit: u32,
+        since_ms: u64,
     ) -> Result<Page, StoreError> {
         let limit = i64::from(limit);
+        let since = since_ms.min(i64::MAX as u64) as i64;
         // One extra row tells whether an older page exists.
         let fetch = limit + 1;
         let rows = match before {
-            None => self.query(&history_newest(), &[&room, &fetch]).await?,
+            None => {
+                self.query(&history_newest(), &[&room, &fetch, &since])
+                    .await?
+            }
             Some(c) => {
                 let at = c.created_at_ms.min(i64::MAX as u64) as i64;
                 let id = c.message_id.min(i64::MAX as u64) as i64;
-                self.query(&history_before(), &[&room, &at, &id, &fetch])
+                self.query(&history_before(), &[&room, &at, &id, &fetch, &since])
                     .await?
             }
         };

@@ -3,7 +3,10 @@
 use async_trait::async_trait;
 
 use crate::StoreError;
-use crate::model::{Cursor, Inserted, NewMessage, Page, ReactionChange, ReactionOutcome, User};
+use crate::model::{
+    Cursor, Grant, Inserted, Member, Membership, NewMessage, Page, ReactionChange, ReactionOutcome,
+    User,
+};
 
 /// Everything the gateway persists. Engines: [`crate::MemoryStore`]
 /// (embedded default) and the Postgres engine. Every method is safe to
@@ -20,14 +23,50 @@ pub trait Store: Send + Sync + 'static {
     /// name, so every Identify refreshes it).
     async fn upsert_user(&self, user: &User) -> Result<(), StoreError>;
 
-    /// Rooms the user belongs to, for the batch join at Identify.
-    async fn memberships(&self, user_id: &str) -> Result<Vec<String>, StoreError>;
+    /// The user's room list (what a fresh session joins), each with the
+    /// application's grant when there is one, ordered by room name.
+    async fn memberships(&self, user_id: &str) -> Result<Vec<Membership>, StoreError>;
 
-    /// Records the user as a member of each room (idempotent).
+    /// Puts each room on the user's room list (idempotent). Grants
+    /// nothing: the caller has checked the room's policy.
     async fn join(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError>;
 
-    /// Removes the user's membership of each room (idempotent).
+    /// Takes each room off the user's room list (idempotent). A grant
+    /// stays: the user may join again.
     async fn leave(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError>;
+
+    /// The application's grant of `room` to the user, if any.
+    async fn grant(&self, room: &str, user_id: &str) -> Result<Option<Grant>, StoreError>;
+
+    /// Grants each user membership of `room` with their role, and puts
+    /// the room on their room lists; creates the room and unknown users
+    /// (named by their id until they connect). Granting again updates
+    /// the role and keeps `since_ms`.
+    async fn add_members(&self, room: &str, members: &[Member]) -> Result<(), StoreError>;
+
+    /// Takes each user's grant of `room` away and the room off their
+    /// lists. Returns the users who had a grant or listed the room.
+    async fn remove_members(
+        &self,
+        room: &str,
+        user_ids: &[String],
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// Granted members of `room` ordered by user id, after `after`, at
+    /// most `limit`.
+    async fn members(
+        &self,
+        room: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Member>, StoreError>;
+
+    /// Registers a room; `false` when it existed.
+    async fn create_room(&self, room: &str) -> Result<bool, StoreError>;
+
+    /// Deletes a room with its messages, grants and list entries; `false`
+    /// when there was nothing to delete.
+    async fn delete_room(&self, room: &str) -> Result<bool, StoreError>;
 
     /// Stores a message, or returns the already stored one when
     /// (sender, client message id) exists. Returns only when durable.
@@ -42,12 +81,14 @@ pub trait Store: Send + Sync + 'static {
     async fn react(&self, change: &ReactionChange) -> Result<ReactionOutcome, StoreError>;
 
     /// Messages of `room` strictly older than `before` (newest first when
-    /// `None`), at most `limit`, with reactions and attachments, newest
-    /// first.
+    /// `None`) and not older than `since_ms` (0: no bound; a policy that
+    /// hides history from before a member joined sets it), at most
+    /// `limit`, with reactions and attachments, newest first.
     async fn history(
         &self,
         room: &str,
         before: Option<Cursor>,
         limit: u32,
+        since_ms: u64,
     ) -> Result<Page, StoreError>;
 }

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::model::{Attachment, Cursor, NewMessage, ReactionChange, ReactionOutcome, User};
+use crate::model::{Attachment, Cursor, Member, NewMessage, ReactionChange, ReactionOutcome, User};
 use crate::{Store, StoreError};
 
 fn new_msg(room: &str, sender: &str, cid: &str, body: &str) -> NewMessage {
@@ -146,6 +146,9 @@ mod at_exit {
 pub async fn run_all(store: Arc<dyn Store>, tag: &str) {
     store.ping().await.unwrap();
     memberships(&*store, tag).await;
+    grants_and_room_lists(&*store, tag).await;
+    deleted_rooms_are_gone(&*store, tag).await;
+    history_since(&*store, tag).await;
     idempotent_insert(&*store, tag).await;
     concurrent_duplicates_store_once(store.clone(), tag).await;
     history_pages_newest_first(&*store, tag).await;
@@ -176,27 +179,232 @@ pub async fn memberships(store: &dyn Store, tag: &str) {
     store.join(&u, &rooms[..1]).await.unwrap();
     let mut want = rooms.clone();
     want.sort();
-    assert_eq!(
-        store.memberships(&u).await.unwrap(),
-        want,
-        "memberships after join"
-    );
+    assert_eq!(listed(store, &u).await, want, "memberships after join");
     // Read again unchanged: where a cache is in front, this read is
     // answered from it (its hit counter shows the cache was really used).
-    assert_eq!(
-        store.memberships(&u).await.unwrap(),
-        want,
-        "memberships read twice"
+    assert_eq!(listed(store, &u).await, want, "memberships read twice");
+    assert!(
+        store
+            .memberships(&u)
+            .await
+            .unwrap()
+            .iter()
+            .all(|m| m.grant.is_none()),
+        "joining grants nothing"
     );
     store.leave(&u, &rooms[1..2]).await.unwrap();
     store.leave(&u, &rooms[1..2]).await.unwrap();
     let mut want: Vec<String> = vec![rooms[0].clone(), rooms[2].clone()];
     want.sort();
-    assert_eq!(
-        store.memberships(&u).await.unwrap(),
-        want,
-        "memberships after leave"
+    assert_eq!(listed(store, &u).await, want, "memberships after leave");
+}
+
+async fn listed(store: &dyn Store, user: &str) -> Vec<String> {
+    store
+        .memberships(user)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.room)
+        .collect()
+}
+
+fn member(user: &str, role: &str) -> Member {
+    Member {
+        user_id: user.into(),
+        role: role.into(),
+        since_ms: 0,
+    }
+}
+
+/// Grants come only from `add_members`; Leave keeps them, removal takes
+/// them and the list entry; a changed role keeps the grant's time.
+pub async fn grants_and_room_lists(store: &dyn Store, tag: &str) {
+    let room = format!("{tag}-granted");
+    let (a, b, c) = (
+        format!("{tag}-ga"),
+        format!("{tag}-gb"),
+        format!("{tag}-gc"),
     );
+    assert_eq!(store.grant(&room, &a).await.unwrap(), None, "no grant yet");
+    // `a` and `b` never connected: the grant creates what it needs.
+    store
+        .add_members(&room, &[member(&a, "member"), member(&b, "admin")])
+        .await
+        .unwrap();
+    let ga = store.grant(&room, &a).await.unwrap().expect("a granted");
+    assert_eq!(ga.role, "member");
+    assert!(ga.since_ms > 0, "grant time recorded");
+    // Asked twice: a cache in front answers the second.
+    assert_eq!(store.grant(&room, &a).await.unwrap(), Some(ga.clone()));
+    assert_eq!(
+        store.grant(&room, &c).await.unwrap(),
+        None,
+        "c was not granted"
+    );
+    assert_eq!(
+        store.grant(&room, &c).await.unwrap(),
+        None,
+        "a refusal read twice"
+    );
+    let list = store.memberships(&a).await.unwrap();
+    assert_eq!(list.len(), 1, "a grant lists the room: {list:?}");
+    assert_eq!(list[0].room, room);
+    assert_eq!(
+        list[0].grant.as_ref().map(|g| g.role.as_str()),
+        Some("member")
+    );
+
+    // Leave takes the room off the list, not the grant.
+    store.leave(&a, std::slice::from_ref(&room)).await.unwrap();
+    assert!(listed(store, &a).await.is_empty(), "left: off the list");
+    assert!(
+        store.grant(&room, &a).await.unwrap().is_some(),
+        "left: still granted"
+    );
+    store.join(&a, std::slice::from_ref(&room)).await.unwrap();
+    assert_eq!(listed(store, &a).await, vec![room.clone()], "joined again");
+
+    // A new role keeps the original grant time.
+    store
+        .add_members(&room, &[member(&a, "admin")])
+        .await
+        .unwrap();
+    let again = store
+        .grant(&room, &a)
+        .await
+        .unwrap()
+        .expect("still granted");
+    assert_eq!(again.role, "admin", "role updated (and the cache with it)");
+    assert_eq!(again.since_ms, ga.since_ms, "grant time kept");
+
+    let members = store.members(&room, None, 10).await.unwrap();
+    let ids: Vec<&str> = members.iter().map(|m| m.user_id.as_str()).collect();
+    assert_eq!(ids, vec![a.as_str(), b.as_str()], "members by user id");
+    let page = store.members(&room, Some(&a), 10).await.unwrap();
+    assert_eq!(page.len(), 1, "members after a");
+    assert_eq!(page[0].user_id, b);
+    assert_eq!(store.members(&room, None, 1).await.unwrap().len(), 1);
+
+    // Removal takes grant and list entry; removing again finds nothing.
+    let removed = store
+        .remove_members(&room, &[a.clone(), c.clone()])
+        .await
+        .unwrap();
+    assert_eq!(removed, vec![a.clone()], "only a was a member");
+    assert_eq!(
+        store.grant(&room, &a).await.unwrap(),
+        None,
+        "removed (and the cache with it)"
+    );
+    assert!(listed(store, &a).await.is_empty(), "removed: off the list");
+    assert!(
+        store
+            .remove_members(&room, std::slice::from_ref(&a))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A user who only listed the room (an open room) is removable too.
+    store
+        .upsert_user(&User {
+            id: c.clone(),
+            name: "C".into(),
+            image: String::new(),
+        })
+        .await
+        .unwrap();
+    store.join(&c, std::slice::from_ref(&room)).await.unwrap();
+    let removed = store
+        .remove_members(&room, std::slice::from_ref(&c))
+        .await
+        .unwrap();
+    assert_eq!(removed, vec![c.clone()]);
+    assert!(listed(store, &c).await.is_empty());
+    assert!(
+        store.grant(&room, &b).await.unwrap().is_some(),
+        "b untouched"
+    );
+}
+
+/// A deleted room has no messages, grants or list entries left.
+pub async fn deleted_rooms_are_gone(store: &dyn Store, tag: &str) {
+    let room = format!("{tag}-deleted");
+    let u = format!("{tag}-du");
+    assert!(store.create_room(&room).await.unwrap(), "created");
+    assert!(!store.create_room(&room).await.unwrap(), "exists already");
+    store
+        .add_members(&room, &[member(&u, "member")])
+        .await
+        .unwrap();
+    let first = store
+        .insert_message(new_msg(&room, &u, "d1", "bye"))
+        .await
+        .unwrap();
+    assert!(store.delete_room(&room).await.unwrap(), "deleted");
+    assert!(
+        store
+            .history(&room, None, 10, 0)
+            .await
+            .unwrap()
+            .messages
+            .is_empty(),
+        "messages gone"
+    );
+    assert_eq!(store.grant(&room, &u).await.unwrap(), None, "grants gone");
+    assert!(listed(store, &u).await.is_empty(), "list entries gone");
+    assert!(!store.delete_room(&room).await.unwrap(), "nothing left");
+    // The idempotency key went with the message: the same id stores anew.
+    let again = store
+        .insert_message(new_msg(&room, &u, "d1", "bye"))
+        .await
+        .unwrap();
+    assert!(!again.duplicate, "a new message after the room was deleted");
+    assert_ne!(again.message.id, first.message.id);
+}
+
+/// `since_ms` hides what is older, and pagination stops there.
+pub async fn history_since(store: &dyn Store, tag: &str) {
+    let room = format!("{tag}-since");
+    let mut stamps = Vec::new();
+    for i in 0..4 {
+        let m = store
+            .insert_message(new_msg(&room, "s", &format!("{tag}-s{i}"), "x"))
+            .await
+            .unwrap();
+        stamps.push(m.message.created_at_ms);
+        // Distinct milliseconds, so the bound falls between messages.
+        while store_clock_ms() <= m.message.created_at_ms {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+    let since = stamps[2];
+    let all = store.history(&room, None, 10, since).await.unwrap();
+    assert_eq!(all.messages.len(), 2, "two messages from `since` on");
+    assert!(all.messages.iter().all(|m| m.created_at_ms >= since));
+    assert_eq!(all.next, None, "no older page past the bound");
+    let first = store.history(&room, None, 1, since).await.unwrap();
+    assert_eq!(first.messages.len(), 1);
+    let rest = store.history(&room, first.next, 10, since).await.unwrap();
+    assert_eq!(rest.messages.len(), 1, "the second page stops at the bound");
+    assert_eq!(rest.next, None);
+    assert_eq!(
+        store
+            .history(&room, None, 10, 0)
+            .await
+            .unwrap()
+            .messages
+            .len(),
+        4,
+        "0 means no bound"
+    );
+}
+
+fn store_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A retried (sender, client id) returns the original and stores nothing.
@@ -224,7 +432,7 @@ pub async fn idempotent_insert(store: &dyn Store, tag: &str) {
         .unwrap();
     assert!(!other.duplicate);
     assert_ne!(other.message.id, first.message.id);
-    let page = store.history(&room, None, 100).await.unwrap();
+    let page = store.history(&room, None, 100, 0).await.unwrap();
     assert_eq!(page.messages.len(), 2, "exactly two messages stored");
 }
 
@@ -253,7 +461,7 @@ pub async fn concurrent_duplicates_store_once(store: Arc<dyn Store>, tag: &str) 
     assert_eq!(fresh, 1, "exactly one insert is not a duplicate");
     assert_eq!(
         store
-            .history(&room, None, 100)
+            .history(&room, None, 100, 0)
             .await
             .unwrap()
             .messages
@@ -265,7 +473,7 @@ pub async fn concurrent_duplicates_store_once(store: Arc<dyn Store>, tag: &str) 
 /// Keyset pagination walks every message once, newest first.
 pub async fn history_pages_newest_first(store: &dyn Store, tag: &str) {
     let room = format!("{tag}-hist");
-    let empty = store.history(&room, None, 50).await.unwrap();
+    let empty = store.history(&room, None, 50, 0).await.unwrap();
     assert!(
         empty.messages.is_empty() && empty.next.is_none(),
         "empty room"
@@ -281,7 +489,7 @@ pub async fn history_pages_newest_first(store: &dyn Store, tag: &str) {
     let mut cursor: Option<Cursor> = None;
     let mut pages = 0;
     loop {
-        let page = store.history(&room, cursor, 50).await.unwrap();
+        let page = store.history(&room, cursor, 50, 0).await.unwrap();
         pages += 1;
         assert!(page.messages.len() <= 50);
         for w in page.messages.windows(2) {
@@ -300,7 +508,7 @@ pub async fn history_pages_newest_first(store: &dyn Store, tag: &str) {
     assert_eq!(pages, 3, "125 messages are 3 pages of 50");
     ids.reverse();
     assert_eq!(seen, ids, "every message exactly once, newest first");
-    let newest = store.history(&room, None, 1).await.unwrap();
+    let newest = store.history(&room, None, 1, 0).await.unwrap();
     assert_eq!(newest.messages[0].body, "m124");
 }
 
@@ -340,7 +548,7 @@ pub async fn history_carries_reactions_attachments_and_seq(store: &dyn Store, ta
             ReactionOutcome::Changed
         );
     }
-    let page = store.history(&room, None, 10).await.unwrap();
+    let page = store.history(&room, None, 10, 0).await.unwrap();
     let got = &page.messages[0];
     assert_eq!(got.seq, 7, "recorded sequence");
     assert_eq!(got.attachments.len(), 1);
@@ -385,7 +593,7 @@ pub async fn reactions(store: &dyn Store, tag: &str) {
         store.react(&change).await.unwrap(),
         ReactionOutcome::Unchanged
     );
-    let page = store.history(&room, None, 1).await.unwrap();
+    let page = store.history(&room, None, 1, 0).await.unwrap();
     assert!(
         page.messages[0].reactions.is_empty(),
         "removed reaction is gone"

@@ -30,7 +30,7 @@ async fn memory_store_keeps_only_the_newest_messages_per_room() {
             .await
             .unwrap();
     }
-    let page = store.history("r", None, 100).await.unwrap();
+    let page = store.history("r", None, 100, 0).await.unwrap();
     assert_eq!(page.messages.len(), 10);
     assert_eq!(page.messages[0].body, "24");
     assert_eq!(page.messages[9].body, "15");

@@ -17,7 +17,15 @@ use chatgate_protocol::{ClientFrame, ServerFrame};
 pub struct Gateway {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The server API address, when it runs (started with a key).
+    pub api: Option<SocketAddr>,
 }
+
+/// The server API key the tests give gateways started with [`API_ARGS`].
+pub const API_KEY: &str = "test-api-key-0123456789";
+
+/// Flags that turn the server API on, on an ephemeral loopback port.
+pub const API_ARGS: [&str; 4] = ["--admin-listen", "127.0.0.1:0", "--admin-api-key", API_KEY];
 
 impl Gateway {
     /// Starts the gateway with extra flags, waiting for its "listening"
@@ -39,7 +47,15 @@ impl Gateway {
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
         let mut reader = BufReader::new(stdout);
-        reader.read_line(&mut line).unwrap();
+        let mut api = None;
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            match line.strip_prefix("chatgate server API on http://") {
+                Some(at) => api = Some(at.trim().parse().unwrap()),
+                None => break,
+            }
+        }
         // Keep draining so a later write to stdout never hits a closed pipe.
         std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
         let addr = line
@@ -49,7 +65,31 @@ impl Gateway {
             .unwrap_or_else(|| panic!("no address in {line:?}"))
             .parse()
             .unwrap();
-        Gateway { child, addr }
+        Gateway { child, addr, api }
+    }
+
+    /// Calls a server API method with `key`; returns (status, JSON body).
+    pub fn api_with_key(
+        &self,
+        method: &str,
+        body: serde_json::Value,
+        key: &str,
+    ) -> (u16, serde_json::Value) {
+        let addr = self.api.expect("started with API_ARGS");
+        http_call(
+            addr,
+            "POST",
+            &format!("/api/{method}"),
+            Some(key),
+            &body.to_string(),
+        )
+    }
+
+    /// Calls a server API method with the right key; panics unless 200.
+    pub fn api(&self, method: &str, body: serde_json::Value) -> serde_json::Value {
+        let (status, reply) = self.api_with_key(method, body, API_KEY);
+        assert_eq!(status, 200, "{method}: {reply}");
+        reply
     }
 
     pub fn url(&self) -> String {
@@ -163,12 +203,52 @@ impl Drop for Gateway {
     }
 }
 
+/// A token that lets `user` join every room (`rooms: ["*"]`): what the
+/// tests of everything but authorization use.
+/// One HTTP/1.1 request; returns (status, body as JSON, or as a JSON
+/// string when it is not JSON).
+pub fn http_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    let json = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
+    (status, json)
+}
+
 pub fn token(user: &str) -> String {
+    token_for(user, &["*"])
+}
+
+/// A token for `user` that allows `rooms` (patterns) beyond grants.
+pub fn token_for(user: &str, rooms: &[&str]) -> String {
     Verifier::new(DEV_SECRET.as_bytes()).mint(&Claims {
         sub: user.into(),
         name: Some(format!("{user} (name)")),
         picture: Some(format!("https://i.example/{user}.png")),
         exp: unix_now() + 3600,
+        rooms: rooms.iter().map(|r| r.to_string()).collect(),
     })
 }
 
