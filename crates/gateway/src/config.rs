@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde::Deserialize;
 
+use crate::auth::{AuthConfig, AuthFile, AuthOverrides};
 use crate::policy::Policies;
 
 /// The development-only token secret. Accepted only while the gateway
@@ -92,6 +93,10 @@ pub struct Config {
     /// (SO_REUSEPORT): several processes, each under its open-files limit,
     /// serve one port. Default off.
     pub reuse_port: bool,
+    /// How access tokens are verified beyond `token_secret`: more HS256
+    /// secrets, RS256/ES256 public keys, a JWKS URL, issuer, audience and
+    /// leeway (see [`crate::auth`]).
+    pub auth: AuthConfig,
     /// Room policies by name prefix (see [`crate::policy`]). Default
     /// `public:=open` and everything else `members`.
     pub room_policies: Policies,
@@ -141,6 +146,7 @@ impl Default for Config {
             redis_namespace: "chat".into(),
             stream_partitions: 16,
             reuse_port: false,
+            auth: AuthConfig::default(),
             room_policies: Policies::default(),
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
             admin_api_key: None,
@@ -270,6 +276,9 @@ pub struct Overrides {
     /// Server API key.
     #[arg(long, env = "CHAT_ADMIN_API_KEY", hide_env_values = true)]
     pub admin_api_key: Option<String>,
+    /// Token verification (identity providers).
+    #[command(flatten)]
+    pub auth: AuthOverrides,
 }
 
 /// The TOML file: the same keys as the flags, with underscores.
@@ -306,6 +315,7 @@ struct FileConfig {
     room_policies: Option<Vec<String>>,
     admin_listen: Option<String>,
     admin_api_key: Option<String>,
+    auth: Option<AuthFile>,
 }
 
 impl Config {
@@ -318,13 +328,16 @@ impl Config {
         };
         let d = Config::default();
         let ms = Duration::from_millis;
+        let token_secret = o
+            .token_secret
+            .clone()
+            .or(file.token_secret.clone())
+            .unwrap_or(d.token_secret.clone());
+        let auth = AuthConfig::resolve(&o.auth, file.auth, &token_secret)?;
         let c = Config {
             listen: o.listen.or(file.listen).unwrap_or(d.listen),
-            token_secret: o
-                .token_secret
-                .clone()
-                .or(file.token_secret)
-                .unwrap_or(d.token_secret),
+            token_secret,
+            auth,
             max_connections: o
                 .max_connections
                 .or(file.max_connections)

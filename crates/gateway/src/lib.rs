@@ -10,7 +10,7 @@
 //! - [`outbox`]: the bounded per-connection queue (shed, then 4001).
 //! - [`hub`]: room membership on this node; delivery to local members.
 //! - [`users`]: per-user connection cap and rate limit.
-//! - [`auth`]: HS256 access tokens (from `chatgate_protocol::token`).
+//! - [`auth`]: access tokens: HS256, RS256/ES256 keys and JWKS, claims.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`node`]: the shared state a connection needs.
 //!
@@ -22,12 +22,9 @@
 //! - A message is acknowledged only after the store returned it durable.
 //! - Per room, a connection sees sequence numbers in increasing order.
 
-/// Access tokens (HS256), shared with the protocol crate's dev tooling.
-pub mod auth {
-    pub use chatgate_protocol::token::*;
-}
 pub mod access;
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod control;

@@ -18,7 +18,7 @@ use chatgate_protocol::{Codec, CodecConfig};
 use chatgate_storage::{CacheConfig, CachedStore, MemoryStore, PgConfig, PgStore, Store};
 
 use crate::access::Rooms;
-use crate::auth::Verifier;
+use crate::auth::{Authenticator, Verifier};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -49,7 +49,9 @@ pub struct Node {
     pub users: Users,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
-    /// Access-token verifier.
+    /// Access-token verification (HS256 secrets, public keys, JWKS).
+    pub auth: Authenticator,
+    /// Mints development tokens with `token_secret` (tests, tooling).
     pub verifier: Verifier,
     /// Process start, for `/health` uptime.
     pub started: Instant,
@@ -112,6 +114,17 @@ impl Node {
         store: Arc<dyn Store>,
         cache: Option<Arc<CachedStore>>,
     ) -> anyhow::Result<Arc<Node>> {
+        // `token_secret` is always a verifying secret, however the
+        // configuration was built (files and flags put it first already).
+        let mut auth_config = config.auth.clone();
+        if !auth_config.hs256_secrets.contains(&config.token_secret) {
+            auth_config
+                .hs256_secrets
+                .insert(0, config.token_secret.clone());
+        }
+        let auth = Authenticator::new(&auth_config)
+            .await
+            .context("setting up token verification")?;
         let metrics = Arc::new(Metrics::new());
         let codec = codec_for(&config);
         let rooms = Arc::new(Rooms::new(
@@ -177,6 +190,7 @@ impl Node {
             hub,
             rooms,
             users,
+            auth,
             verifier: Verifier::new(config.token_secret.as_bytes()),
             started: Instant::now(),
             sessions: Arc::new(Semaphore::new(config.max_connections)),

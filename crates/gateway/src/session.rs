@@ -27,7 +27,6 @@ use chatgate_storage::{
     NewMessage as StoreMessage, ReactionChange, ReactionOutcome, StoreError, User,
 };
 
-use crate::auth::unix_now;
 use crate::node::Node;
 use crate::outbox::Outbox;
 use crate::policy::HistoryVisibility;
@@ -185,14 +184,11 @@ impl Session {
         rid: u32,
         identify: Identify,
     ) -> Result<(Session, Vec<Bytes>), CloseCode> {
-        let claims = node
-            .verifier
-            .verify(&identify.token, unix_now())
-            .map_err(|e| {
-                node.metrics.auth_failures.inc();
-                tracing::debug!(error = %e, "identify refused");
-                CloseCode::InvalidToken
-            })?;
+        let claims = node.auth.verify(&identify.token).await.map_err(|e| {
+            node.metrics.auth_failures.inc();
+            tracing::debug!(error = %e, "identify refused");
+            CloseCode::InvalidToken
+        })?;
         let user_id: Arc<str> = Arc::from(claims.sub.as_str());
         let user_name: Arc<str> = Arc::from(claims.name.as_deref().unwrap_or(&claims.sub));
         let user_image: Arc<str> = Arc::from(claims.picture.as_deref().unwrap_or(""));

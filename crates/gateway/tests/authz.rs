@@ -536,3 +536,64 @@ async fn the_model_holds_across_a_cluster() {
     assert_eq!(bob2.close_code().await, Some(4107));
     assert!(alice.alive().await);
 }
+
+/// Promise: a token cannot make one user look like another in clients:
+/// names with direction or invisible characters, and pictures that are
+/// not http(s), are refused at Identify (4100).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disguised_names_and_pictures_are_refused() {
+    use chatgate_gateway::auth::{Claims, Verifier, unix_now};
+    let gw = Gateway::start(&[]);
+    let secret = chatgate_gateway::config::DEV_SECRET;
+    for (name, picture) in [
+        (Some("Alice\u{202E}gnp.exe"), None),
+        (Some("ad\u{200B}min"), None),
+        (Some("line\nbreak"), None),
+        (None, Some("javascript:alert(1)")),
+    ] {
+        let token = Verifier::new(secret.as_bytes()).mint(&Claims {
+            sub: "mallory".into(),
+            name: name.map(str::to_owned),
+            picture: picture.map(str::to_owned),
+            exp: unix_now() + 60,
+            rooms: Vec::new(),
+        });
+        let mut raw = RawConnection::connect(&gw.url()).await.unwrap();
+        raw.send(
+            1,
+            &ClientFrame::Identify(Identify {
+                token,
+                resume: None,
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            Conn::new(raw).close_code().await,
+            Some(4100),
+            "{name:?} {picture:?}"
+        );
+    }
+    // Joiners stay allowed (scripts and emoji need them).
+    let token = Verifier::new(secret.as_bytes()).mint(&Claims {
+        sub: "zoe".into(),
+        name: Some("Zoë 👩\u{200D}💻".into()),
+        picture: Some("https://i.example/z.png".into()),
+        exp: unix_now() + 60,
+        rooms: Vec::new(),
+    });
+    let mut raw = RawConnection::connect(&gw.url()).await.unwrap();
+    raw.send(
+        1,
+        &ClientFrame::Identify(Identify {
+            token,
+            resume: None,
+        }),
+    )
+    .await
+    .unwrap();
+    match Conn::new(raw).expect().await {
+        (1, ServerFrame::Ready(r)) => assert_eq!(r.user_name, "Zoë 👩\u{200D}💻"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -366,6 +366,14 @@ fn main() {
         }),
     );
     out.server(
+        "left_removed",
+        "Unsolicited Left (request id 0): the server took the connection out of a room (membership ended or room deleted); rejoining is refused with forbidden.",
+        0,
+        ServerFrame::Left(Rooms {
+            rooms: vec!["team:1".into()],
+        }),
+    );
+    out.server(
         "left_empty",
         "Reply to Leave naming no room (edge case: empty sequence).",
         4,
@@ -489,6 +497,16 @@ fn main() {
             code: 2,
             retry_after_ms: 1500,
             message: "rate limit: 60 messages per minute".into(),
+        }),
+    );
+    out.server(
+        "error_forbidden",
+        "Error answering request 7: forbidden (code 9), the room's policy refused the join.",
+        7,
+        ServerFrame::Error(ErrorBody {
+            code: 9,
+            retry_after_ms: 0,
+            message: "not a member of team:1".into(),
         }),
     );
     out.server(

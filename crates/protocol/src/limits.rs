@@ -31,6 +31,9 @@ pub const MAX_EMOJI_BYTES: usize = 64;
 pub const MAX_TOKEN_BYTES: usize = 4096;
 /// Room positions in one resume.
 pub const MAX_RESUME_ROOMS: usize = 1000;
+/// Display name carried in an access token (`name`), in characters
+/// (not bytes: a name in a non-Latin script is as long as it looks).
+pub const MAX_DISPLAY_NAME_CHARS: usize = 64;
 /// History page size when the request says 0.
 pub const HISTORY_DEFAULT_LIMIT: u32 = 50;
 /// Largest history page.
@@ -84,6 +87,18 @@ pub fn is_invisible_control(c: char) -> bool {
             | '\u{2066}'..='\u{2069}'
             | '\u{FEFF}'
     )
+}
+
+/// The first character of `text` that must not appear in text shown as
+/// someone's identity (a display name, an avatar URL): control
+/// characters (C0, DEL and C1) and the invisible direction and width
+/// controls refused in room names, with which a name can reorder the text
+/// shown after it or hide what it is. The joiners U+200C/U+200D stay
+/// allowed, as in room names: Persian and Indic names and emoji sequences
+/// need them.
+pub fn find_hidden_char(text: &str) -> Option<char> {
+    text.chars()
+        .find(|&c| c.is_control() || is_invisible_control(c))
 }
 
 /// Whether `url` is an `http://` or `https://` URL (scheme matched
@@ -351,6 +366,30 @@ mod tests {
         ok(history(100));
         ok(history(0));
         bad(history(101), "limit");
+    }
+
+    /// Identity text refuses what room names refuse.
+    #[test]
+    fn hidden_characters_in_identity_text() {
+        for c in [
+            '\0', '\u{1b}', '\u{7f}', '\u{80}', '\u{9f}', '\u{200b}', '\u{200e}', '\u{200f}',
+            '\u{202a}', '\u{202e}', '\u{2066}', '\u{2069}', '\u{feff}',
+        ] {
+            let text = format!("ab{c}cd");
+            assert_eq!(find_hidden_char(&text), Some(c), "{c:?} not found");
+        }
+        for text in [
+            "Zoë Brontë",
+            "日本語",
+            "a b",
+            "",
+            "👩\u{200d}💻",
+            "\u{645}\u{200c}\u{627}",
+            "\u{3000}x",
+            "\u{2010}",
+        ] {
+            assert_eq!(find_hidden_char(text), None, "{text:?} refused");
+        }
     }
 
     /// What "control character" means for room names (PROTOCOL.md §6).
