@@ -8,6 +8,8 @@
 //!   otherwise idle server.
 //! - [`throughput`]: closed-loop stored-and-acked sends per second, and
 //!   history page latency.
+//! - [`joins`]: join latency in a `members` room, membership answer cold
+//!   and warm, against an open room.
 //! - [`run`]: coordinator side of `idle`, `fanout`, `ramp`, `chat`:
 //!   phases, gateway sampling (RSS, CPU), summary, JSON, picture, compare.
 //! - [`worker`]: worker processes and exact merging of their histograms.
@@ -16,6 +18,7 @@
 //! - [`svg`]: the picture.
 
 pub mod conn;
+pub mod joins;
 pub mod latency;
 pub mod report;
 pub mod run;

@@ -98,6 +98,19 @@ enum Scenario {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
+    /// Join latency in a members room (grant cold / warm) and an open
+    /// room; needs the gateway's server API.
+    Joins {
+        /// Server API address.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        api: std::net::SocketAddr,
+        /// Server API key.
+        #[arg(long, env = "CHAT_ADMIN_API_KEY")]
+        api_key: String,
+        /// Users measured.
+        #[arg(long, default_value_t = 2000)]
+        users: usize,
+    },
     /// History page latency, walking back through a room.
     History {
         /// Room to read.
@@ -230,11 +243,12 @@ async fn coordinate_cli(cli: Cli) -> anyhow::Result<()> {
         out: cli.out.clone(),
     };
     // The multi-process scenarios write `<scenario>.json` into `--out`
-    // themselves (with a picture); these three only have a report.
+    // themselves (with a picture); these four only have a report.
     let single = match &cli.scenario {
         Scenario::Latency { .. } => Some("latency"),
         Scenario::Sends { .. } => Some("sends"),
         Scenario::History { .. } => Some("history"),
+        Scenario::Joins { .. } => Some("joins"),
         _ => None,
     };
     let report = match cli.scenario {
@@ -265,6 +279,20 @@ async fn coordinate_cli(cli: Cli) -> anyhow::Result<()> {
                 duration: std::time::Duration::from_secs(seconds),
             };
             throughput::sends(&o).await?
+        }
+        Scenario::Joins {
+            api,
+            api_key,
+            users,
+        } => {
+            let o = chatgate_loadtest::joins::JoinOptions {
+                url,
+                secret: cli.token_secret,
+                api,
+                api_key,
+                users,
+            };
+            chatgate_loadtest::joins::run(&o).await?
         }
         Scenario::History { room, pages, limit } => {
             let o = HistoryOptions {

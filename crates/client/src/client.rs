@@ -113,6 +113,23 @@ pub enum Event {
         /// The sequence number that arrived.
         next: u64,
     },
+    /// The server took this connection out of rooms: the user's
+    /// membership ended, the room was deleted, or a resume named rooms the
+    /// user may no longer enter (an unsolicited Left, PROTOCOL.md §5.2).
+    /// Their positions are dropped; do not rejoin them on your own.
+    Removed {
+        /// The rooms.
+        rooms: Vec<String>,
+    },
+    /// The connection closed for good: a "do not reconnect" close code
+    /// (4107 `disconnected` carries the application's reason), or
+    /// reconnecting is off. No reconnect follows.
+    Closed {
+        /// Close code, if any.
+        code: Option<u16>,
+        /// The close frame's text.
+        reason: String,
+    },
     /// An Error frame not tied to a pending request.
     Error(ErrorBody),
     /// The connection dropped; `reconnecting` says whether the client
@@ -501,6 +518,7 @@ impl Driver {
             ServerFrame::Reaction(r) => Event::Reaction(r),
             ServerFrame::Resumed(r) => Event::Resumed(r),
             ServerFrame::Error(e) => Event::Error(e),
+            ServerFrame::Left(l) if rid == 0 => Event::Removed { rooms: l.rooms },
             _ => return,
         };
         // A full event queue means the application stopped reading;
@@ -512,7 +530,16 @@ impl Driver {
         loop {
             let stop = self.serve(&mut conn, &mut requests).await;
             let code = match stop {
-                Stop::Final(e) => return self.fail_all(e).await,
+                Stop::Final(e) => {
+                    if let ClientError::Closed { code, reason } = &e {
+                        let closed = Event::Closed {
+                            code: *code,
+                            reason: reason.clone(),
+                        };
+                        let _ = self.events.send(closed).await;
+                    }
+                    return self.fail_all(e).await;
+                }
                 Stop::Reconnect(code) => code,
             };
             let _ = self
@@ -629,7 +656,13 @@ impl Driver {
                                 self.on_frame(rid, f).await;
                             }
                         }
-                        Ok(Incoming::Closed(c)) => return self.stop_for(c.map(|(code, _)| code)),
+                        Ok(Incoming::Closed(c)) => {
+                            let (code, reason) = match c {
+                                Some((code, reason)) => (Some(code), reason),
+                                None => (None, String::new()),
+                            };
+                            return self.stop_with(code, reason);
+                        }
                         Err(_) => return self.stop_for(None),
                     }
                 }
@@ -647,15 +680,23 @@ impl Driver {
     }
 
     fn stop_for(&self, code: Option<u16>) -> Stop {
+        self.stop_with(code, String::new())
+    }
+
+    /// Reconnect or stop for good, by the close code; a final stop keeps
+    /// the server's reason (the application's words for a 4107).
+    fn stop_with(&self, code: Option<u16>, reason: String) -> Stop {
         let reconnect = self.config.reconnect
             && code.is_none_or(|c| action_for(c) == ClientAction::ReconnectAndResume);
         if reconnect {
             Stop::Reconnect(code)
         } else {
-            Stop::Final(ClientError::Closed {
-                code,
-                reason: "server closed the connection".into(),
-            })
+            let reason = if reason.is_empty() {
+                "server closed the connection".into()
+            } else {
+                reason
+            };
+            Stop::Final(ClientError::Closed { code, reason })
         }
     }
 }

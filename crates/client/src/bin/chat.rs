@@ -61,8 +61,18 @@ enum Command {
     },
 }
 
+/// The sender as the server vouches for it: the display name is the
+/// sender's own claim, so the user id always shows beside it (two users
+/// may pick one name); an empty id is the application's system message.
 fn show(m: &Message) {
-    println!("[{}] {}: {}", m.room, m.sender_name, m.body);
+    if m.sender_id.is_empty() {
+        println!("[{}] (system) {}: {}", m.room, m.sender_name, m.body);
+    } else {
+        println!(
+            "[{}] {} <{}>: {}",
+            m.room, m.sender_name, m.sender_id, m.body
+        );
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -157,6 +167,10 @@ fn print_event(ev: &Event) {
             eprintln!("[{room}] the room's stream was lost; run `chat history`")
         }
         Event::Error(e) => eprintln!("error {}: {}", e.code, e.message),
+        Event::Removed { rooms } => {
+            eprintln!("removed from {} (membership ended)", rooms.join(", "))
+        }
+        Event::Closed { code, reason } => eprintln!("closed (code {code:?}): {reason}"),
         Event::Ready(_) => {}
     }
 }
