@@ -14,6 +14,7 @@
 //! control messages ride the room streams) would keep.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -70,6 +71,9 @@ pub struct Rooms {
     store: Arc<dyn Store>,
     policies: Policies,
     grants: DashMap<RoomUser, (Option<Grant>, Instant)>,
+    /// Bumped by every `forget`: an answer read from the store while a
+    /// change was being forgotten is not cached (it may predate it).
+    generation: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -80,6 +84,7 @@ impl Rooms {
             store,
             policies,
             grants: DashMap::new(),
+            generation: AtomicU64::new(0),
             metrics,
         }
     }
@@ -110,11 +115,29 @@ impl Rooms {
             .membership_cache
             .with_label_values(&["miss"])
             .inc();
+        let before = self.generation.load(Ordering::SeqCst);
         let grant = self.store.grant(room, user).await?;
         if self.grants.len() >= MAX_ENTRIES {
             self.grants.clear();
         }
-        self.grants.insert(key, (grant.clone(), Instant::now()));
+        // Cached only if no change was forgotten while the store answered.
+        // `forget` bumps the generation before it removes entries, and the
+        // check runs under the entry's lock: a change either shows in the
+        // generation here or removes this entry after it is written.
+        match self.grants.entry(key) {
+            dashmap::Entry::Occupied(mut e) => {
+                if self.generation.load(Ordering::SeqCst) == before {
+                    e.insert((grant.clone(), Instant::now()));
+                } else {
+                    e.remove();
+                }
+            }
+            dashmap::Entry::Vacant(v) => {
+                if self.generation.load(Ordering::SeqCst) == before {
+                    v.insert((grant.clone(), Instant::now()));
+                }
+            }
+        }
         Ok(grant)
     }
 
@@ -149,21 +172,6 @@ impl Rooms {
         Ok(Self::finish(policy, entry))
     }
 
-    /// What a user may do in `room` when its grant is already known (the
-    /// room list read at Identify carries each room's grant): no lookup.
-    pub fn rights_known(&self, room: &str, grant: Option<Grant>, token_rooms: &[String]) -> Rights {
-        let policy = self.policy(room);
-        let entry = match (grant, policy.access) {
-            (Some(g), _) => Some(Entry::Granted(g)),
-            (None, Access::Open) => Some(Entry::Open),
-            (None, Access::Members) if policy::token_allows(token_rooms, room) => {
-                Some(Entry::Token)
-            }
-            (None, Access::Members) => None,
-        };
-        Self::finish(policy, entry)
-    }
-
     fn finish(policy: &Policy, entry: Option<Entry>) -> Rights {
         let post = entry.as_ref().is_some_and(|e| policy.may_post(e.role()));
         let history_since_ms = match (&entry, policy.history) {
@@ -180,6 +188,7 @@ impl Rooms {
     /// Drops cached grants of `users` in `room` (a change through the
     /// server API, on any node).
     pub fn forget(&self, room: &str, users: &[String]) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         for u in users {
             self.grants
                 .remove(&(Arc::<str>::from(room), Arc::<str>::from(u.as_str())));
@@ -188,11 +197,13 @@ impl Rooms {
 
     /// Drops every cached grant of `room` (deleted).
     pub fn forget_room(&self, room: &str) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.grants.retain(|(r, _), _| &**r != room);
     }
 
     /// Drops everything (the node may have missed changes).
     pub fn forget_all(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.grants.clear();
     }
 }

@@ -48,6 +48,44 @@ const MAX_USERS_PER_REQUEST: usize = 1000;
 const MAX_CONNECTIONS: usize = 256;
 /// Longest role name.
 const MAX_ROLE_BYTES: usize = 32;
+/// Concurrent server API connections from one address.
+const MAX_CONNECTIONS_PER_PEER: usize = 32;
+/// Time for a request head to arrive (the first, and each next one on a
+/// kept-alive connection).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One of a peer address's connection slots, given back on drop.
+struct PeerSlot {
+    map: Arc<dashmap::DashMap<std::net::IpAddr, usize>>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerSlot {
+    fn take(
+        map: &Arc<dashmap::DashMap<std::net::IpAddr, usize>>,
+        ip: std::net::IpAddr,
+    ) -> Option<PeerSlot> {
+        let mut n = map.entry(ip).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        drop(n);
+        Some(PeerSlot {
+            map: map.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        if let Some(mut n) = self.map.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+        }
+        self.map.remove_if(&self.ip, |_, n| *n == 0);
+    }
+}
 
 type Body = Full<Bytes>;
 
@@ -122,20 +160,19 @@ impl AdminServer {
     }
 
     /// Serves until `shutdown` turns true.
+    ///
+    /// Connections are accepted first and refused at once past the caps
+    /// (in all, and per peer address), so idle sockets cannot queue
+    /// everyone else behind them; a connection that sends no request
+    /// head within a few seconds is dropped.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let per_peer: Arc<dashmap::DashMap<std::net::IpAddr, usize>> = Arc::default();
         loop {
-            let permit = tokio::select! {
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-                _ = shutdown.changed() => return,
-            };
-            let stream = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 r = this.listener.accept() => match r {
-                    Ok((s, _)) => s,
+                    Ok(s) => s,
                     Err(e) => {
                         tracing::warn!(error = %e, "server API accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -144,16 +181,22 @@ impl AdminServer {
                 },
                 _ = shutdown.changed() => return,
             };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                continue;
+            };
+            let Some(peer_slot) = PeerSlot::take(&per_peer, peer.ip()) else {
+                continue;
+            };
             let this = this.clone();
             tokio::spawn(async move {
-                let _permit = permit;
+                let _held = (permit, peer_slot);
                 let svc = service_fn(move |req| {
                     let this = this.clone();
                     async move { Ok::<_, Infallible>(this.route(req).await) }
                 });
                 let _ = http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
+                    .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
             });
@@ -249,10 +292,13 @@ impl AdminServer {
                     })
                     .collect::<Result<Vec<_>, Failure>>()?;
                 check_count(members.len())?;
-                node.store.add_members(&r.room, &members).await?;
+                let stored = node.store.add_members(&r.room, &members).await;
                 let changed: Vec<String> = members.into_iter().map(|m| m.user_id).collect();
                 let added = changed.len();
-                control::broadcast(
+                // Told to every node even when the store call failed: it
+                // may have changed the database before failing (a cache
+                // that could not be told), and forgetting costs nothing.
+                let told = control::broadcast(
                     node,
                     &Control::Members {
                         room: r.room.clone(),
@@ -260,7 +306,9 @@ impl AdminServer {
                         removed: Vec::new(),
                     },
                 )
-                .await?;
+                .await;
+                stored?;
+                told?;
                 Ok(json!({ "room": r.room, "granted": added }))
             }
             "members.remove" => {
@@ -270,10 +318,12 @@ impl AdminServer {
                 for u in &r.user_ids {
                     check_user(u)?;
                 }
-                let removed = node.store.remove_members(&r.room, &r.user_ids).await?;
+                let removed = node.store.remove_members(&r.room, &r.user_ids).await;
                 // Every named user is taken out of the room's live delivery,
-                // even one the store had no row for (a token-allowed member).
-                control::broadcast(
+                // even one the store had no row for (a token-allowed
+                // member), and even when the store call failed (it may have
+                // removed the rows before failing; the caller retries).
+                let told = control::broadcast(
                     node,
                     &Control::Members {
                         room: r.room.clone(),
@@ -281,7 +331,9 @@ impl AdminServer {
                         removed: r.user_ids.clone(),
                     },
                 )
-                .await?;
+                .await;
+                let removed = removed?;
+                told?;
                 Ok(json!({ "room": r.room, "removed": removed }))
             }
             "members.list" => {
@@ -310,14 +362,16 @@ impl AdminServer {
             "rooms.delete" => {
                 let r: RoomOnly = parse(&body)?;
                 check_room("room", &r.room).map_err(|e| Failure::bad(e.to_string()))?;
-                let deleted = node.store.delete_room(&r.room).await?;
-                control::broadcast(
+                let deleted = node.store.delete_room(&r.room).await;
+                let told = control::broadcast(
                     node,
                     &Control::RoomDeleted {
                         room: r.room.clone(),
                     },
                 )
-                .await?;
+                .await;
+                let deleted = deleted?;
+                told?;
                 Ok(json!({ "room": r.room, "deleted": deleted }))
             }
             "publish" => self.publish(parse(&body)?).await,
@@ -531,7 +585,10 @@ fn check_count(n: usize) -> Result<(), Failure> {
 }
 
 fn check_user(id: &str) -> Result<(), Failure> {
-    if id.is_empty() || id.len() > 128 || id.chars().any(char::is_control) {
+    // The rules a token's `sub` follows: an id the API accepts must be
+    // one a user can have.
+    let hidden = chatgate_protocol::limits::find_hidden_char(id).is_some();
+    if id.is_empty() || id.len() > 128 || hidden {
         return Err(Failure::bad(format!("bad user id {id:?}")));
     }
     Ok(())

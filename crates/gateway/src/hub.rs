@@ -5,6 +5,8 @@
 //! a `Bytes` handle into each member's [`Outbox`] — no allocation, no
 //! encoding, no waiting per recipient.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -26,9 +28,25 @@ struct Member {
     outbox: Arc<Outbox>,
 }
 
+/// One removal this node carried out: a room, and its users (`None`:
+/// everyone, the room was deleted).
+struct Removal {
+    seq: u64,
+    room: Arc<str>,
+    users: Option<Vec<String>>,
+}
+
+/// Removals remembered for sessions whose join or resume is still in
+/// flight (see [`Hub::removal_mark`]); past that, an older mark counts as
+/// "maybe removed" and the session checks again.
+const REMOVALS_KEPT: usize = 4096;
+
 /// Room name -> local members; user -> local connections.
 pub struct Hub {
     rooms: DashMap<Arc<str>, Vec<Member>>,
+    /// Recent removals, newest last, and the last one's number.
+    removals: parking_lot::Mutex<VecDeque<Removal>>,
+    removal_seq: AtomicU64,
     users: DashMap<Arc<str>, Vec<(u64, Arc<Outbox>)>>,
     access: Arc<Rooms>,
     codec: Codec,
@@ -41,6 +59,8 @@ impl Hub {
     pub fn new(metrics: Arc<Metrics>, access: Arc<Rooms>, codec: Codec) -> Self {
         Hub {
             rooms: DashMap::new(),
+            removals: parking_lot::Mutex::new(VecDeque::new()),
+            removal_seq: AtomicU64::new(0),
             users: DashMap::new(),
             access,
             codec,
@@ -93,11 +113,59 @@ impl Hub {
         counts.into_iter().map(|(u, n)| (u.to_owned(), n)).collect()
     }
 
+    /// Where the removal log stands. A join or resume takes a mark before
+    /// it asks who may enter, and after joining the hub asks
+    /// [`Hub::removed_since`]: a removal carried out in between found the
+    /// connection not yet in the room (so told it nothing), and may have
+    /// come after the answer was read.
+    pub fn removal_mark(&self) -> u64 {
+        self.removal_seq.load(Ordering::SeqCst)
+    }
+
+    /// Whether `user` was removed from `room` (or the room deleted) since
+    /// `mark`; true also when the log no longer reaches back that far.
+    pub fn removed_since(&self, mark: u64, room: &str, user: &str) -> bool {
+        let log = self.removals.lock();
+        if log.front().is_some_and(|r| r.seq > mark + 1) {
+            return true;
+        }
+        log.iter().rev().take_while(|r| r.seq > mark).any(|r| {
+            &*r.room == room
+                && r.users
+                    .as_ref()
+                    .is_none_or(|users| users.iter().any(|u| u == user))
+        })
+    }
+
+    /// Logs a removal, before the hub is searched for its members (so a
+    /// session joining meanwhile either is found or finds the entry).
+    fn log_removal(&self, room: &str, users: Option<&[String]>) {
+        let mut log = self.removals.lock();
+        let seq = self.removal_seq.load(Ordering::SeqCst) + 1;
+        log.push_back(Removal {
+            seq,
+            room: Arc::from(room),
+            users: users.map(<[String]>::to_vec),
+        });
+        if log.len() > REMOVALS_KEPT {
+            log.pop_front();
+        }
+        self.removal_seq.store(seq, Ordering::SeqCst);
+    }
+
+    /// Whether the connection is in the room on this node.
+    pub fn is_member(&self, room: &str, conn: u64) -> bool {
+        self.rooms
+            .get(room)
+            .is_some_and(|members| members.iter().any(|m| m.conn == conn))
+    }
+
     /// Takes the connections of `users` (every member when `None`) out of
     /// `room` and tells each with an unsolicited `Left` (request id 0):
     /// nothing of the room reaches them any more, and the session drops
     /// the room when that frame passes it.
     pub fn remove_from_room(&self, room: &str, users: Option<&[String]>) -> usize {
+        self.log_removal(room, users);
         let gone: Vec<Arc<Outbox>> = {
             let Some(mut members) = self.rooms.get_mut(room) else {
                 return 0;
@@ -112,8 +180,13 @@ impl Hub {
             });
             gone
         };
-        self.rooms.remove_if(room, |_, members| members.is_empty());
-        self.metrics.rooms.set(self.rooms.len() as i64);
+        if self
+            .rooms
+            .remove_if(room, |_, members| members.is_empty())
+            .is_some()
+        {
+            self.metrics.rooms.dec();
+        }
         if gone.is_empty() {
             return 0;
         }
@@ -147,30 +220,27 @@ impl Hub {
         user: &Arc<str>,
         outbox: &Arc<Outbox>,
     ) -> Option<Arc<str>> {
-        let (name, created) = {
-            let (mut entry, created) = match self.rooms.get_mut(room) {
-                Some(e) => (e, false),
-                None => {
-                    let e = self.rooms.entry(Arc::from(room)).or_default();
-                    let created = e.is_empty();
-                    (e, created)
+        let mut entry = match self.rooms.get_mut(room) {
+            Some(e) => e,
+            None => match self.rooms.entry(Arc::from(room)) {
+                dashmap::Entry::Occupied(o) => o.into_ref(),
+                // Counted where the map really gains the room (and below,
+                // where it really loses it): exact under any interleaving.
+                dashmap::Entry::Vacant(v) => {
+                    self.metrics.rooms.inc();
+                    v.insert(Vec::new())
                 }
-            };
-            if entry.iter().any(|m| m.conn == conn) {
-                return None;
-            }
-            entry.push(Member {
-                conn,
-                user: user.clone(),
-                outbox: outbox.clone(),
-            });
-            (entry.key().clone(), created)
+            },
         };
-        // Outside the shard lock: len() visits every shard.
-        if created {
-            self.metrics.rooms.set(self.rooms.len() as i64);
+        if entry.iter().any(|m| m.conn == conn) {
+            return None;
         }
-        Some(name)
+        entry.push(Member {
+            conn,
+            user: user.clone(),
+            outbox: outbox.clone(),
+        });
+        Some(entry.key().clone())
     }
 
     /// Removes the connection from the room; drops the room when empty.
@@ -183,8 +253,13 @@ impl Hub {
                 members.shrink_to_fit();
             }
         }
-        self.rooms.remove_if(room, |_, members| members.is_empty());
-        self.metrics.rooms.set(self.rooms.len() as i64);
+        if self
+            .rooms
+            .remove_if(room, |_, members| members.is_empty())
+            .is_some()
+        {
+            self.metrics.rooms.dec();
+        }
     }
 
     /// Rooms with at least one local member.

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use rand::RngCore;
 
 use chatgate_fanout::{FanoutError, OnSequenced, Position, Replay, RoomEvent};
@@ -220,6 +221,9 @@ impl Session {
             name: session.user_name.to_string(),
             image: session.user_image.to_string(),
         };
+        // Taken before anything is read: a removal carried out while this
+        // session opens is caught once it has joined the hub (below).
+        let removals = node.hub.removal_mark();
         let stored = match node.store.upsert_user(&user).await {
             Ok(()) => node.store.memberships(&claims.sub).await,
             Err(e) => Err(e),
@@ -232,56 +236,62 @@ impl Session {
             tracing::warn!(error = %e, "memberships unavailable at identify");
             Vec::new()
         });
-        // The room list carries each room's grant: no lookup for it. A room
-        // on the list the user may no longer enter (its policy changed, or
-        // the token no longer allows it) is left out.
-        let mut wanted: Vec<String> = Vec::with_capacity(listed.len());
-        for m in listed {
-            let rights = node
-                .rooms
-                .rights_known(&m.room, m.grant, &session.token_rooms);
-            if rights.entry.is_some() {
-                wanted.push(m.room);
-            }
-        }
-        // Rooms named only by the resume are checked like a Join, and cost
-        // like one: a request per 100 rooms.
-        let mut refused = Vec::new();
+        // The room list says which rooms to try, never who may enter: a
+        // list cached before a membership ended must not let anyone back
+        // in. Every room is asked of its policy (open rooms and rooms the
+        // token allows cost no lookup; grants come from the caches).
+        let mut candidates: Vec<String> = listed.into_iter().map(|m| m.room).collect();
+        let from_list = candidates.len();
         if let Some(resume) = &identify.resume {
-            let named: Vec<&String> = resume
-                .positions
-                .iter()
-                .map(|p| &p.room)
-                .filter(|room| !wanted.contains(room))
-                .collect();
-            for _ in 0..named.len().div_ceil(100) {
+            for p in &resume.positions {
+                if !candidates.contains(&p.room) {
+                    candidates.push(p.room.clone());
+                }
+            }
+            // Rooms named only by the resume cost like a Join: a request
+            // per 100 rooms.
+            for _ in 0..(candidates.len() - from_list).div_ceil(100) {
                 if session.take_request_token().is_err() {
                     node.metrics.rate_limited.inc();
                     return Err(CloseCode::Overloaded);
                 }
             }
-            for room in named {
-                if wanted.len() >= node.config.max_rooms_per_session || wanted.contains(room) {
-                    continue;
+        }
+        let user_id = session.user_id.clone();
+        let token_rooms = session.token_rooms.clone();
+        let answers: Vec<_> = futures_util::stream::iter(candidates.into_iter().enumerate())
+            .map(|(i, room)| {
+                let (node, user_id, token_rooms) = (&node, &user_id, &token_rooms);
+                async move {
+                    let rights = node.rooms.rights(&room, user_id, token_rooms).await;
+                    (i, room, rights)
                 }
-                let rights = node
-                    .rooms
-                    .rights(room, &session.user_id, &session.token_rooms)
-                    .await;
-                match rights {
-                    Ok(r) if r.entry.is_some() => wanted.push(room.clone()),
-                    Ok(_) => {
-                        node.metrics
-                            .forbidden
-                            .with_label_values(&[Opcode::Identify.name()])
-                            .inc();
-                        refused.push(room.clone());
-                    }
-                    // Unknown is not allowed: the client resumes it later.
-                    Err(e) => {
-                        node.metrics.store_errors.inc();
-                        tracing::warn!(error = %e, "membership unavailable at resume");
-                        refused.push(room.clone());
+            })
+            .buffered(16)
+            .collect()
+            .await;
+        let mut wanted: Vec<String> = Vec::with_capacity(answers.len());
+        let mut refused = Vec::new();
+        for (i, room, rights) in answers {
+            let named_by_resume = i >= from_list;
+            match rights {
+                Ok(r) if r.entry.is_some() => wanted.push(room),
+                // A listed room the user may no longer enter is left out;
+                // one the resume named is refused aloud.
+                Ok(_) if named_by_resume => {
+                    node.metrics
+                        .forbidden
+                        .with_label_values(&[Opcode::Identify.name()])
+                        .inc();
+                    refused.push(room);
+                }
+                Ok(_) => {}
+                // Unknown is not allowed: the client resumes it later.
+                Err(e) => {
+                    node.metrics.store_errors.inc();
+                    tracing::warn!(error = %e, "membership unavailable at identify");
+                    if named_by_resume {
+                        refused.push(room);
                     }
                 }
             }
@@ -292,6 +302,17 @@ impl Session {
                 session.rooms.insert(name);
             }
         }
+        // A removal carried out while this session opened found it in no
+        // room, and may have come after its answer was read: undone here.
+        wanted.retain(|room| {
+            if !node.hub.removed_since(removals, room, &user_id) {
+                return true;
+            }
+            node.hub.leave(room, conn);
+            session.rooms.remove(room.as_str());
+            refused.push(room.clone());
+            false
+        });
 
         let mut positions = Vec::with_capacity(wanted.len());
         let mut replay_frames = Vec::new();
@@ -328,7 +349,21 @@ impl Session {
                         epoch: p.epoch,
                         seq: p.seq,
                     };
-                    match node.fanout.replay(room, since).await {
+                    // A room that hides history from before a member
+                    // joined is never replayed: the replay knows positions,
+                    // not who may see what (a claimed position could reach
+                    // back before the grant). History, which filters, fills
+                    // the gap.
+                    let replay = if node.rooms.policy(room).history == HistoryVisibility::SinceJoin
+                    {
+                        node.fanout
+                            .position(room)
+                            .await
+                            .map(|current| Replay::NotRecoverable { current })
+                    } else {
+                        node.fanout.replay(room, since).await
+                    };
+                    match replay {
                         Ok(Replay::Events { frames, position }) => {
                             outcomes.push(RoomResume {
                                 room: room.clone(),
@@ -606,8 +641,9 @@ impl Session {
             return;
         }
         // All or nothing: one room the user may not enter refuses the
-        // request, and nothing changes.
-        let mut refused = Vec::new();
+        // request (the first one found; the rest are not looked up), and
+        // nothing changes.
+        let removals = self.node.hub.removal_mark();
         for room in &new {
             match self
                 .node
@@ -616,20 +652,15 @@ impl Session {
                 .await
             {
                 Ok(r) if r.entry.is_some() => {}
-                Ok(_) => refused.push(room.as_str()),
+                Ok(_) => {
+                    self.forbidden(rid, Opcode::Join, &format!("not a member of {room}"));
+                    return;
+                }
                 Err(e) => {
                     reply.store_error(rid, &e);
                     return;
                 }
             }
-        }
-        if !refused.is_empty() {
-            self.forbidden(
-                rid,
-                Opcode::Join,
-                &format!("not a member of {}", refused.join(", ")),
-            );
-            return;
         }
         if !new.is_empty()
             && let Err(e) = self.node.store.join(&self.user_id, &new).await
@@ -672,6 +703,29 @@ impl Session {
                 epoch: position.epoch,
                 seq: position.seq,
             });
+        }
+        // A removal carried out since the answers were read found this
+        // connection not yet in the room (it was told nothing), or took it
+        // out again (it was told with a Left): either way it is out, and
+        // the Joined does not list it.
+        let user = self.user_id.clone();
+        let mut undone = Vec::new();
+        joined.retain(|r| {
+            let removed = self.node.hub.removed_since(removals, &r.room, &user)
+                || !self.node.hub.is_member(&r.room, self.conn);
+            if removed {
+                undone.push(r.room.clone());
+            }
+            !removed
+        });
+        for room in &undone {
+            self.node.hub.leave(room, self.conn);
+            self.rooms.remove(room.as_str());
+            self.watermarks.retain(|(r, _)| **r != **room);
+        }
+        if !undone.is_empty() && joined.is_empty() {
+            self.forbidden(rid, Opcode::Join, "the membership ended while joining");
+            return;
         }
         reply.send(rid, &ServerFrame::Joined(Joined { rooms: joined }));
     }

@@ -24,7 +24,8 @@ use fred::prelude::{
     Builder, Client, ClientLike, Config, Expiration, HashesInterface, KeysInterface,
     ReconnectPolicy,
 };
-use fred::types::ExpireOptions;
+use fred::types::Value;
+use fred::types::scripts::Script;
 
 use crate::model::{
     Cursor, Grant, Inserted, Member, Membership, NewMessage, Page, ReactionChange, ReactionOutcome,
@@ -73,10 +74,39 @@ pub struct CacheStats {
     pub errors: AtomicU64,
 }
 
+/// Caches a room's grant for one user, unless the room's grants changed
+/// since the caller read the generation (`ARGV[3]`, "" for none): a
+/// database read racing a change must not put the old answer back.
+/// KEYS: the room's grant hash, its generation. ARGV: user, value, gen,
+/// TTL in seconds (the hash expires a TTL after it was created).
+const FILL_GRANT: &str = r#"
+local gen = redis.call('GET', KEYS[2]) or ''
+if gen ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+return 1
+"#;
+
+/// Drops cached grants after a change and bumps the room's generation,
+/// in one step. KEYS: the grant hash, its generation. ARGV: TTL, then the
+/// users (none: the whole hash).
+const FORGET_GRANTS: &str = r#"
+redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+if #ARGV == 1 then
+  redis.call('DEL', KEYS[1])
+else
+  for i = 2, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
+end
+return 1
+"#;
+
 /// A [`Store`] with a Redis cache in front of `inner`.
 pub struct CachedStore {
     inner: Arc<dyn Store>,
     redis: Client,
+    fill_grant: Script,
+    forget_grants: Script,
     config: CacheConfig,
     started: Instant,
     /// Milliseconds since `started` until which Redis is bypassed.
@@ -110,6 +140,8 @@ impl CachedStore {
         Ok(CachedStore {
             inner,
             redis,
+            fill_grant: Script::from_lua(FILL_GRANT),
+            forget_grants: Script::from_lua(FORGET_GRANTS),
             config,
             started: Instant::now(),
             open_until_ms: AtomicU64::new(0),
@@ -124,6 +156,12 @@ impl CachedStore {
 
     fn members_key(&self, room: &str) -> String {
         format!("{}:{{r:{room}}}:members", self.config.namespace)
+    }
+
+    /// Bumped on every grant change of the room; outlives the grant hash
+    /// (it is what tells a late fill that it is late).
+    fn generation_key(&self, room: &str) -> String {
+        format!("{}:{{r:{room}}}:gen", self.config.namespace)
     }
 
     fn profile_key(&self, user: &str) -> String {
@@ -192,23 +230,39 @@ impl CachedStore {
         }
     }
 
-    /// Caches one field; the hash expires a TTL after it was created (a
-    /// later field does not extend it), so every entry is at most a TTL old.
-    async fn hput(&self, key: &str, field: &str, value: String) {
+    /// The room's grant generation ("" when none), read before the
+    /// database so that a fill can tell whether it raced a change; `None`
+    /// when Redis cannot say (then nothing is cached).
+    async fn generation(&self, room: &str) -> Option<String> {
+        if !self.usable() {
+            return None;
+        }
+        match self
+            .redis
+            .get::<Option<String>, _>(self.generation_key(room))
+            .await
+        {
+            Ok(v) => Some(v.unwrap_or_default()),
+            Err(e) => {
+                self.failed(&e);
+                None
+            }
+        }
+    }
+
+    /// Caches a grant if the room's generation is still `generation`.
+    async fn fill_grant(&self, room: &str, user: &str, value: String, generation: String) {
         if !self.usable() {
             return;
         }
         let ttl = self.config.ttl.as_secs().max(1) as i64;
-        let set = self.redis.hset::<i64, _, _>(key, (field, value)).await;
-        let expire = match set {
-            Ok(_) => {
-                self.redis
-                    .expire::<i64, _>(key, ttl, Some(ExpireOptions::NX))
-                    .await
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = expire {
+        let keys = vec![self.members_key(room), self.generation_key(room)];
+        let args: Vec<Value> = vec![user.into(), value.into(), generation.into(), ttl.into()];
+        if let Err(e) = self
+            .fill_grant
+            .evalsha_with_reload::<Value, _, _>(&self.redis, keys, args)
+            .await
+        {
             self.failed(&e);
         }
     }
@@ -216,6 +270,9 @@ impl CachedStore {
     /// Deletes keys after a change. Attempted even with the circuit open:
     /// a stale entry is worse than a slow delete.
     async fn invalidate(&self, keys: Vec<String>) {
+        if keys.is_empty() {
+            return;
+        }
         if let Err(e) = self.redis.del::<i64, _>(keys).await {
             self.failed(&e);
         }
@@ -223,20 +280,70 @@ impl CachedStore {
 }
 
 impl CachedStore {
-    /// Drops the cached grants of `users` in `room` and their room lists.
-    async fn forget_members(&self, room: &str, users: &[String]) {
-        if users.is_empty() {
-            return;
+    /// Drops the cached grants of `users` (all when `None`) in `room`,
+    /// bumping its generation, and the users' room lists. A change the
+    /// cache could not be told of is an error (the database has it; the
+    /// caller retries, which is harmless) and is retried in the
+    /// background until Redis takes it, so that a Redis that comes back
+    /// does not serve the old grant for a TTL.
+    async fn forget_members(&self, room: &str, users: Option<&[String]>) -> Result<(), StoreError> {
+        let keys = vec![self.members_key(room), self.generation_key(room)];
+        let ttl = (self.config.ttl.as_secs().max(1) * 2) as i64;
+        let mut args: Vec<Value> = vec![ttl.into()];
+        if let Some(users) = users {
+            if users.is_empty() {
+                return Ok(());
+            }
+            args.extend(users.iter().map(|u| Value::from(u.as_str())));
         }
-        if let Err(e) = self
-            .redis
-            .hdel::<i64, _, _>(self.members_key(room), users.to_vec())
-            .await
-        {
+        let lists: Vec<String> = users
+            .unwrap_or_default()
+            .iter()
+            .map(|u| self.rooms_key(u))
+            .collect();
+        let forgot = self.forget_once(&keys, &args, &lists).await;
+        if let Err(e) = forgot {
             self.failed(&e);
+            let (redis, script) = (self.redis.clone(), self.forget_grants.clone());
+            let give_up = self.config.ttl;
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let mut wait = Duration::from_millis(100);
+                while started.elapsed() < give_up {
+                    tokio::time::sleep(wait).await;
+                    let done = script
+                        .evalsha_with_reload::<Value, _, _>(&redis, keys.clone(), args.clone())
+                        .await
+                        .is_ok()
+                        && (lists.is_empty() || redis.del::<i64, _>(lists.clone()).await.is_ok());
+                    if done {
+                        tracing::info!("cached grants dropped after Redis came back");
+                        return;
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                tracing::warn!("cached grants could not be dropped; they expire with their TTL");
+            });
+            return Err(StoreError::Unavailable(format!(
+                "changed, but the cache could not be told ({e}); retry"
+            )));
         }
-        self.invalidate(users.iter().map(|u| self.rooms_key(u)).collect())
-            .await;
+        Ok(())
+    }
+
+    async fn forget_once(
+        &self,
+        keys: &[String],
+        args: &[Value],
+        lists: &[String],
+    ) -> Result<(), fred::error::Error> {
+        self.forget_grants
+            .evalsha_with_reload::<Value, _, _>(&self.redis, keys.to_vec(), args.to_vec())
+            .await?;
+        if !lists.is_empty() {
+            self.redis.del::<i64, _>(lists.to_vec()).await?;
+        }
+        Ok(())
     }
 }
 
@@ -296,26 +403,28 @@ impl Store for CachedStore {
     async fn grant(&self, room: &str, user_id: &str) -> Result<Option<Grant>, StoreError> {
         let key = self.members_key(room);
         if let Some(v) = self.hget(&key, user_id).await
-            && let Ok(cached) = serde_json::from_str::<Option<(String, u64)>>(&v)
+            && let Ok((role, since_ms)) = serde_json::from_str::<(String, u64)>(&v)
         {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(cached.map(|(role, since_ms)| Grant { role, since_ms }));
+            return Ok(Some(Grant { role, since_ms }));
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let generation = self.generation(room).await;
         let grant = self.inner.grant(room, user_id).await?;
-        // A refusal is cached too: a hostile client asking for a room it
-        // may not enter must not reach the database each time.
-        let value = grant.as_ref().map(|g| (g.role.clone(), g.since_ms));
-        self.hput(&key, user_id, serde_json::json!(value).to_string())
-            .await;
+        // Only grants are cached here: a refusal for a made-up room would
+        // let any client grow Redis by a key per name (the gateway keeps
+        // refusals in its own bounded memory).
+        if let (Some(g), Some(generation)) = (&grant, generation) {
+            let value = serde_json::json!((g.role.clone(), g.since_ms)).to_string();
+            self.fill_grant(room, user_id, value, generation).await;
+        }
         Ok(grant)
     }
 
     async fn add_members(&self, room: &str, members: &[Member]) -> Result<(), StoreError> {
         self.inner.add_members(room, members).await?;
         let users: Vec<String> = members.iter().map(|m| m.user_id.clone()).collect();
-        self.forget_members(room, &users).await;
-        Ok(())
+        self.forget_members(room, Some(&users)).await
     }
 
     async fn remove_members(
@@ -324,7 +433,7 @@ impl Store for CachedStore {
         user_ids: &[String],
     ) -> Result<Vec<String>, StoreError> {
         let removed = self.inner.remove_members(room, user_ids).await?;
-        self.forget_members(room, user_ids).await;
+        self.forget_members(room, Some(user_ids)).await?;
         Ok(removed)
     }
 
@@ -342,10 +451,25 @@ impl Store for CachedStore {
     }
 
     async fn delete_room(&self, room: &str) -> Result<bool, StoreError> {
+        // The granted members' room lists name the room: dropped with it.
+        let mut granted = Vec::new();
+        loop {
+            let after = granted.last().map(|m: &Member| m.user_id.clone());
+            let page = self.inner.members(room, after.as_deref(), 1000).await?;
+            let done = page.len() < 1000;
+            granted.extend(page);
+            if done {
+                break;
+            }
+        }
         let deleted = self.inner.delete_room(room).await?;
-        // Room lists that named the room keep it until their TTL; a fresh
-        // session then finds it without a grant (refused) or empty.
-        self.invalidate(vec![self.members_key(room)]).await;
+        let users: Vec<String> = granted.into_iter().map(|m| m.user_id).collect();
+        self.invalidate(users.iter().map(|u| self.rooms_key(u)).collect())
+            .await;
+        // Other room lists that named it (open rooms) keep it until their
+        // TTL; a fresh session asks the (now empty) grants and is refused
+        // or finds an empty room.
+        self.forget_members(room, None).await?;
         Ok(deleted)
     }
 
