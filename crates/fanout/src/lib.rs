@@ -89,6 +89,11 @@ pub trait Fanout: Send + Sync + 'static {
     /// published before it.
     async fn control(&self, key: &str, payload: Bytes) -> Result<(), FanoutError>;
 
+    /// Drops the room's replayable events (the room was deleted): a
+    /// resume from a position before now is answered "not recovered"
+    /// instead of replaying what was deleted. Sequence numbers go on.
+    async fn forget_room(&self, room: &str) -> Result<(), FanoutError>;
+
     /// The room's current position (the last assigned sequence).
     async fn position(&self, room: &str) -> Result<Position, FanoutError>;
 

@@ -210,6 +210,15 @@ impl Fanout for LocalFanout {
         Ok(())
     }
 
+    async fn forget_room(&self, room: &str) -> Result<(), FanoutError> {
+        if let Some(log) = self.rooms.get(room).map(|l| l.clone()) {
+            let mut log = log.lock();
+            log.events.clear();
+            log.published.clear();
+        }
+        Ok(())
+    }
+
     async fn control(&self, key: &str, payload: Bytes) -> Result<(), FanoutError> {
         // Under the room's lock, as a publish delivers: a publish already
         // delivering finishes first, and none delivers past it.

@@ -48,7 +48,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
-use fred::prelude::{Builder, Client, ClientLike, Config, ReconnectPolicy, StreamsInterface};
+use fred::prelude::{
+    Builder, Client, ClientLike, Config, KeysInterface, ReconnectPolicy, StreamsInterface,
+};
 use fred::types::Value;
 use fred::types::scripts::Script;
 use tokio::sync::oneshot;
@@ -544,6 +546,19 @@ impl Fanout for RedisStreamsFanout {
         .map_err(err)?;
         self.client
             .xadd::<Value, _, _, _, _>(key, false, cap, "*", fields)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    async fn forget_room(&self, room: &str) -> Result<(), FanoutError> {
+        // The epoch and sequence stay: positions go on counting, and a
+        // resume from before finds the log short (not recovered).
+        self.client
+            .del::<i64, _>(vec![
+                self.room_key(room, "log"),
+                self.room_key(room, "published"),
+            ])
             .await
             .map_err(err)?;
         Ok(())

@@ -363,6 +363,8 @@ impl AdminServer {
                 let r: RoomOnly = parse(&body)?;
                 check_room("room", &r.room).map_err(|e| Failure::bad(e.to_string()))?;
                 let deleted = node.store.delete_room(&r.room).await;
+                // What was deleted must not come back through a resume.
+                let forgot = node.fanout.forget_room(&r.room).await;
                 let told = control::broadcast(
                     node,
                     &Control::RoomDeleted {
@@ -371,6 +373,7 @@ impl AdminServer {
                 )
                 .await;
                 let deleted = deleted?;
+                forgot?;
                 told?;
                 Ok(json!({ "room": r.room, "deleted": deleted }))
             }

@@ -340,6 +340,71 @@ async fn since_join_history_is_not_replayed() {
     }
 }
 
+/// Promise: what `rooms.delete` deleted does not come back through a
+/// resume's replay, on one node or through Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_messages_are_not_replayed() {
+    let ns = fresh_ns();
+    let redis = shared_redis_url();
+    let cluster_args = [
+        API_ARGS[0],
+        API_ARGS[1],
+        API_ARGS[2],
+        API_ARGS[3],
+        "--cluster",
+        "--redis-url",
+        &redis,
+        "--redis-namespace",
+        &ns,
+    ];
+    for gw in [Gateway::start(&API_ARGS), Gateway::start(&cluster_args)] {
+        let room = "public:doomed";
+        let (mut a, _) = connect(&gw, "a", &[], None).await;
+        let position = match a
+            .request(
+                2,
+                ClientFrame::Join(Rooms {
+                    rooms: vec![room.into()],
+                }),
+            )
+            .await
+        {
+            ServerFrame::Joined(j) => (j.rooms[0].epoch, j.rooms[0].seq),
+            other => panic!("{other:?}"),
+        };
+        send(&mut a, 3, room, "d1", "doxxing the moderators deleted").await;
+        assert_eq!(
+            gw.api("rooms.delete", json!({"room": room}))["deleted"],
+            json!(true)
+        );
+        let (mut b, _) = connect(
+            &gw,
+            "b",
+            &[],
+            Some(Resume {
+                session_id: [0; 16],
+                positions: vec![RoomPosition {
+                    room: room.into(),
+                    epoch: position.0,
+                    seq: position.1,
+                }],
+            }),
+        )
+        .await;
+        loop {
+            match b.expect().await {
+                (_, ServerFrame::NewMessage(m)) => panic!("replayed {:?}", m.message.body),
+                (0, ServerFrame::Resumed(r)) => {
+                    assert!(!r.rooms[0].recovered, "{r:?}");
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    drop_keys(&ns);
+}
+
 /// Promise: a grant read from the database while a removal is applied is
 /// not put back in the Redis cache afterwards (a room generation guards
 /// the fill).

@@ -495,3 +495,92 @@ async fn oversized_and_stalled_answers_are_cut_off() {
         Err(AuthError::UnknownKey)
     );
 }
+
+/// Promise, end to end: a gateway process started with `--jwks-url`,
+/// `--jwt-issuer` and `--jwt-audience` opens sessions for the provider's
+/// RS256 and ES256 tokens, with the token's `rooms` claim admitting
+/// members rooms, and refuses (4100) a token of a key it does not publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_takes_identity_provider_tokens() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    use chatgate_client::{Incoming, RawConnection};
+    use chatgate_protocol::payload::{Identify, Rooms};
+    use chatgate_protocol::{ClientFrame, ServerFrame};
+
+    let rsa = rsa_signer("rsa-e2e");
+    let ec = ec_signer("ec-e2e");
+    let idp = Idp::start(Answer::Json(jwks(&[&rsa, &ec]))).await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatgate"))
+        .args(["--listen", "127.0.0.1:0", "--jwks-url", &idp.url])
+        .args(["--jwt-issuer", ISSUER, "--jwt-audience", AUDIENCE])
+        .env("CHAT_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    lines.read_line(&mut line).unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    std::thread::spawn(move || std::io::copy(&mut lines, &mut std::io::sink()));
+    let url = format!("ws://{addr}/ws");
+
+    async fn identify(url: &str, token: String) -> (RawConnection, Option<ServerFrame>) {
+        let mut c = RawConnection::connect(url).await.unwrap();
+        c.send(
+            1,
+            &ClientFrame::Identify(Identify {
+                token,
+                resume: None,
+            }),
+        )
+        .await
+        .unwrap();
+        let first = match c.recv_timeout(Duration::from_secs(10)).await.unwrap() {
+            Some(Incoming::Frames(mut f)) => Some(f.remove(0).1),
+            Some(Incoming::Closed(c)) => {
+                assert_eq!(c.map(|(code, _)| code), Some(4100));
+                None
+            }
+            None => panic!("no answer to Identify"),
+        };
+        (c, first)
+    }
+
+    for (signer, user) in [(&rsa, "alice"), (&ec, "bob")] {
+        let (mut c, first) = identify(&url, signer.token(user)).await;
+        match first {
+            Some(ServerFrame::Ready(r)) => assert_eq!(r.user_id, user),
+            other => panic!("{user}: {other:?}"),
+        }
+        // The claim `rooms: ["team-*"]` admits a members room.
+        c.send(
+            2,
+            &ClientFrame::Join(Rooms {
+                rooms: vec!["team-1".into()],
+            }),
+        )
+        .await
+        .unwrap();
+        match c.recv_timeout(Duration::from_secs(10)).await.unwrap() {
+            Some(Incoming::Frames(f)) => {
+                assert!(matches!(f[0], (2, ServerFrame::Joined(_))), "{f:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let outsider = rsa_signer("rsa-e2e");
+    let (_, first) = identify(&url, outsider.token("mallory")).await;
+    assert!(
+        first.is_none(),
+        "a key the provider does not publish: {first:?}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

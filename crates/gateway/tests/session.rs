@@ -621,6 +621,9 @@ impl Fanout for FlakyFanout {
     async fn control(&self, key: &str, payload: Bytes) -> Result<(), FanoutError> {
         self.inner.control(key, payload).await
     }
+    async fn forget_room(&self, room: &str) -> Result<(), FanoutError> {
+        self.inner.forget_room(room).await
+    }
     async fn position(&self, room: &str) -> Result<Position, FanoutError> {
         if self.fail_position.load(Ordering::SeqCst) {
             return Err(FanoutError::Unavailable("injected".into()));
