@@ -166,13 +166,17 @@ impl Hub {
     /// the room when that frame passes it.
     pub fn remove_from_room(&self, room: &str, users: Option<&[String]>) -> usize {
         self.log_removal(room, users);
+        // A set, so a bulk removal in a big room stays linear (the room's
+        // shard is locked meanwhile).
+        let named: Option<std::collections::HashSet<&str>> =
+            users.map(|list| list.iter().map(String::as_str).collect());
         let gone: Vec<Arc<Outbox>> = {
             let Some(mut members) = self.rooms.get_mut(room) else {
                 return 0;
             };
             let mut gone = Vec::new();
             members.retain(|m| {
-                let hit = users.is_none_or(|list| list.iter().any(|u| **u == *m.user));
+                let hit = named.as_ref().is_none_or(|set| set.contains(&*m.user));
                 if hit {
                     gone.push(m.outbox.clone());
                 }
