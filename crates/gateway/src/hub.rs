@@ -30,16 +30,38 @@ struct Member {
 
 /// One removal this node carried out: a room, and its users (`None`:
 /// everyone, the room was deleted).
+/// Users are kept as hashes: the log must stay small however many users
+/// a removal names (a match is confirmed by asking the policy again).
 struct Removal {
     seq: u64,
-    room: Arc<str>,
-    users: Option<Vec<String>>,
+    /// `None`: every room (the node may have missed changes).
+    room: Option<Arc<str>>,
+    users: Option<Box<[u64]>>,
+}
+
+fn user_hash(user: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    user.hash(&mut h);
+    h.finish()
+}
+
+/// What the removal log says of one (room, user) since a mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removed {
+    /// Not removed.
+    No,
+    /// Removed (or the room deleted).
+    Yes,
+    /// More removals happened than the log keeps: ask the room's policy
+    /// again.
+    Unknown,
 }
 
 /// Removals remembered for sessions whose join or resume is still in
 /// flight (see [`Hub::removal_mark`]); past that, an older mark counts as
 /// "maybe removed" and the session checks again.
-const REMOVALS_KEPT: usize = 4096;
+const REMOVALS_KEPT: usize = 1024;
 
 /// Room name -> local members; user -> local connections.
 pub struct Hub {
@@ -123,29 +145,39 @@ impl Hub {
     }
 
     /// Whether `user` was removed from `room` (or the room deleted) since
-    /// `mark`; true also when the log no longer reaches back that far.
-    pub fn removed_since(&self, mark: u64, room: &str, user: &str) -> bool {
+    /// `mark`. [`Removed::Unknown`] when the log no longer reaches back
+    /// that far, when the node may have missed changes since (its streams
+    /// were lost), or when a removal names a user of the same hash: the
+    /// caller asks the room's policy again.
+    pub fn removed_since(&self, mark: u64, room: &str, user: &str) -> Removed {
         let log = self.removals.lock();
         if log.front().is_some_and(|r| r.seq > mark + 1) {
-            return true;
+            return Removed::Unknown;
         }
-        log.iter().rev().take_while(|r| r.seq > mark).any(|r| {
-            &*r.room == room
-                && r.users
-                    .as_ref()
-                    .is_none_or(|users| users.iter().any(|u| u == user))
-        })
+        let hash = user_hash(user);
+        let mut answer = Removed::No;
+        for r in log.iter().rev().take_while(|r| r.seq > mark) {
+            match (&r.room, &r.users) {
+                (None, _) => return Removed::Unknown,
+                (Some(name), None) if **name == *room => return Removed::Yes,
+                (Some(name), Some(users)) if **name == *room && users.contains(&hash) => {
+                    answer = Removed::Unknown;
+                }
+                _ => {}
+            }
+        }
+        answer
     }
 
     /// Logs a removal, before the hub is searched for its members (so a
     /// session joining meanwhile either is found or finds the entry).
-    fn log_removal(&self, room: &str, users: Option<&[String]>) {
+    fn log_removal(&self, room: Option<&str>, users: Option<&[String]>) {
         let mut log = self.removals.lock();
         let seq = self.removal_seq.load(Ordering::SeqCst) + 1;
         log.push_back(Removal {
             seq,
-            room: Arc::from(room),
-            users: users.map(<[String]>::to_vec),
+            room: room.map(Arc::from),
+            users: users.map(|list| list.iter().map(|u| user_hash(u)).collect()),
         });
         if log.len() > REMOVALS_KEPT {
             log.pop_front();
@@ -165,7 +197,7 @@ impl Hub {
     /// nothing of the room reaches them any more, and the session drops
     /// the room when that frame passes it.
     pub fn remove_from_room(&self, room: &str, users: Option<&[String]>) -> usize {
-        self.log_removal(room, users);
+        self.log_removal(Some(room), users);
         // A set, so a bulk removal in a big room stays linear (the room's
         // shard is locked meanwhile).
         let named: Option<std::collections::HashSet<&str>> =
@@ -325,8 +357,10 @@ impl LocalDelivery for Hub {
     }
 
     fn streams_lost(&self) {
-        // Grant changes published on the lost streams were never seen.
+        // Grant changes published on the lost streams were never seen:
+        // cached answers go, and sessions joining meanwhile ask again.
         self.access.forget_all();
+        self.log_removal(None, None);
         let mut closed = 0usize;
         for room in self.rooms.iter() {
             for m in room.value() {

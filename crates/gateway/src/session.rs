@@ -28,6 +28,7 @@ use chatgate_storage::{
     NewMessage as StoreMessage, ReactionChange, ReactionOutcome, StoreError, User,
 };
 
+use crate::hub::Removed;
 use crate::node::Node;
 use crate::outbox::Outbox;
 use crate::policy::HistoryVisibility;
@@ -304,15 +305,16 @@ impl Session {
         }
         // A removal carried out while this session opened found it in no
         // room, and may have come after its answer was read: undone here.
-        wanted.retain(|room| {
-            if !node.hub.removed_since(removals, room, &user_id) {
-                return true;
+        let mut kept = Vec::with_capacity(wanted.len());
+        for room in wanted {
+            if session.settle(&room, removals).await {
+                kept.push(room);
+            } else {
+                session.rooms.remove(room.as_str());
+                refused.push(room);
             }
-            node.hub.leave(room, conn);
-            session.rooms.remove(room.as_str());
-            refused.push(room.clone());
-            false
-        });
+        }
+        let wanted = kept;
 
         let mut positions = Vec::with_capacity(wanted.len());
         let mut replay_frames = Vec::new();
@@ -510,6 +512,40 @@ impl Session {
         member
     }
 
+    /// After joining `room` in the hub: whether the session may stay,
+    /// given the removals carried out since `mark` (taken before its
+    /// answer was read). A removal logged since means no; one the log no
+    /// longer reaches means: leave, ask again, and rejoin only if still
+    /// allowed (out of the hub meanwhile, so nothing of the room reaches a
+    /// session that may no longer see it). Leaves the hub when the answer
+    /// is no.
+    async fn settle(&self, room: &str, mut mark: u64) -> bool {
+        for _ in 0..3 {
+            match self.node.hub.removed_since(mark, room, &self.user_id) {
+                Removed::No => return true,
+                Removed::Yes => break,
+                Removed::Unknown => {
+                    self.node.hub.leave(room, self.conn);
+                    mark = self.node.hub.removal_mark();
+                    let allowed = self
+                        .node
+                        .rooms
+                        .rights(room, &self.user_id, &self.token_rooms)
+                        .await
+                        .is_ok_and(|r| r.entry.is_some());
+                    if !allowed {
+                        return false;
+                    }
+                    self.node
+                        .hub
+                        .join(room, self.conn, &self.user_id, &self.outbox);
+                }
+            }
+        }
+        self.node.hub.leave(room, self.conn);
+        false
+    }
+
     /// Refuses a request the room's policy does not allow (`forbidden`);
     /// true when it may go on. Costs a lookup only in rooms whose policy
     /// reserves posting to some roles.
@@ -669,6 +705,7 @@ impl Session {
             return;
         }
         let mut joined = Vec::with_capacity(new.len());
+        let mut undone = Vec::new();
         for room in &new {
             if let Some(name) = self
                 .node
@@ -676,6 +713,14 @@ impl Session {
                 .join(room, self.conn, &self.user_id, &self.outbox)
             {
                 self.rooms.insert(name);
+            }
+            // A removal carried out since the answer was read found this
+            // connection not yet in the room (so told it nothing): the room
+            // is given up. Settled before the position is read, so that the
+            // position is one the connection was in the room for.
+            if !self.settle(room, removals).await {
+                undone.push(room.clone());
+                continue;
             }
             // Position after joining: an event racing the join is either
             // counted in it (and dropped from the queue by the watermark)
@@ -691,6 +736,9 @@ impl Session {
                         self.rooms.remove(done.as_str());
                         self.watermarks.retain(|(r, _)| **r != **done);
                     }
+                    for gone in &undone {
+                        self.rooms.remove(gone.as_str());
+                    }
                     reply.fanout_error(rid, &e);
                     return;
                 }
@@ -704,20 +752,17 @@ impl Session {
                 seq: position.seq,
             });
         }
-        // A removal carried out since the answers were read found this
-        // connection not yet in the room (it was told nothing), or took it
-        // out again (it was told with a Left): either way it is out, and
-        // the Joined does not list it.
-        let user = self.user_id.clone();
-        let mut undone = Vec::new();
-        joined.retain(|r| {
-            let removed = self.node.hub.removed_since(removals, &r.room, &user)
-                || !self.node.hub.is_member(&r.room, self.conn);
-            if removed {
-                undone.push(r.room.clone());
+        // A removal after that took the connection out again (and told it
+        // with a Left, which precedes this reply): not listed as joined.
+        let mut kept = Vec::with_capacity(joined.len());
+        for r in joined {
+            if self.node.hub.is_member(&r.room, self.conn) {
+                kept.push(r);
+            } else {
+                undone.push(r.room);
             }
-            !removed
-        });
+        }
+        let joined = kept;
         for room in &undone {
             self.node.hub.leave(room, self.conn);
             self.rooms.remove(room.as_str());

@@ -87,12 +87,18 @@ if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) en
 return 1
 "#;
 
-/// Drops cached grants after a change and bumps the room's generation,
-/// in one step. KEYS: the grant hash, its generation. ARGV: TTL, then the
-/// users (none: the whole hash).
+/// Drops cached grants after a change and gives the room a new
+/// generation, in one step. KEYS: the grant hash, its generation. ARGV:
+/// TTL, then the users (none: the whole hash). A generation is never
+/// repeated, even after its key expired (a counter would start again at 1
+/// and let a fill that read the old "1" through): Redis time, made to
+/// grow within one microsecond.
 const FORGET_GRANTS: &str = r#"
-redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
+local t = redis.call('TIME')
+local gen = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+local old = redis.call('GET', KEYS[2]) or ''
+if string.sub(old, 1, #gen) == gen then gen = old .. '+' end
+redis.call('SET', KEYS[2], gen, 'EX', ARGV[1])
 if #ARGV == 1 then
   redis.call('DEL', KEYS[1])
 else
@@ -267,13 +273,25 @@ impl CachedStore {
         }
     }
 
+    /// Deletes `keys` one command each, in one pipeline: the keys of
+    /// different users hash to different Redis Cluster slots, where one
+    /// multi-key DEL is refused.
+    async fn delete_each(&self, keys: &[String]) -> Result<(), fred::error::Error> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let pipeline = self.redis.pipeline();
+        for key in keys {
+            let _: () = pipeline.del(key.as_str()).await?;
+        }
+        let _: Vec<Value> = pipeline.all().await?;
+        Ok(())
+    }
+
     /// Deletes keys after a change. Attempted even with the circuit open:
     /// a stale entry is worse than a slow delete.
     async fn invalidate(&self, keys: Vec<String>) {
-        if keys.is_empty() {
-            return;
-        }
-        if let Err(e) = self.redis.del::<i64, _>(keys).await {
+        if let Err(e) = self.delete_each(&keys).await {
             self.failed(&e);
         }
     }
@@ -315,7 +333,7 @@ impl CachedStore {
                         .evalsha_with_reload::<Value, _, _>(&redis, keys.clone(), args.clone())
                         .await
                         .is_ok()
-                        && (lists.is_empty() || redis.del::<i64, _>(lists.clone()).await.is_ok());
+                        && delete_lists(&redis, &lists).await.is_ok();
                     if done {
                         tracing::info!("cached grants dropped after Redis came back");
                         return;
@@ -340,11 +358,17 @@ impl CachedStore {
         self.forget_grants
             .evalsha_with_reload::<Value, _, _>(&self.redis, keys.to_vec(), args.to_vec())
             .await?;
-        if !lists.is_empty() {
-            self.redis.del::<i64, _>(lists.to_vec()).await?;
-        }
-        Ok(())
+        self.delete_each(lists).await
     }
+}
+
+/// The background retry's deletes (no `CachedStore` there), one command
+/// per key like [`CachedStore::delete_each`].
+async fn delete_lists(redis: &Client, keys: &[String]) -> Result<(), fred::error::Error> {
+    for key in keys {
+        redis.del::<i64, _>(key.as_str()).await?;
+    }
+    Ok(())
 }
 
 #[async_trait]
