@@ -47,6 +47,17 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         rooms: Vec<String>,
     },
+    /// Ask a running gateway's `/health` (exit 0 when it answers 200):
+    /// for container health checks, where the image has no curl.
+    Health {
+        /// Address to ask; default the configured listen address (an
+        /// unspecified one, such as 0.0.0.0, asked on loopback).
+        #[arg(long)]
+        addr: Option<std::net::SocketAddr>,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,7 +82,46 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve => serve(config),
+        Command::Health { addr, timeout_ms } => {
+            let mut addr = addr.unwrap_or(config.listen);
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            match health(addr, Duration::from_millis(timeout_ms)) {
+                Ok(body) => {
+                    println!("{body}");
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("chatgate at {addr} is not healthy: {e:#}");
+                    std::process::exit(1)
+                }
+            }
+        }
     }
+}
+
+/// One `GET /health`; the body when the answer is 200.
+fn health(addr: std::net::SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).context("connecting")?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut reply = Vec::new();
+    s.take(1 << 20)
+        .read_to_end(&mut reply)
+        .context("reading the answer")?;
+    let text = String::from_utf8_lossy(&reply);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.lines().next().unwrap_or("");
+    if !status.starts_with("HTTP/1.1 200") {
+        anyhow::bail!("answered {status:?}");
+    }
+    Ok(body.trim().to_owned())
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {

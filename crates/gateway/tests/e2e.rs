@@ -959,3 +959,34 @@ async fn a_typing_flood_is_refused_with_rate_limited_and_the_connection_stays() 
         ServerFrame::MessageSent(_)
     ));
 }
+
+/// Promise: `chatgate health` (what the image's health check runs) exits
+/// 0 with the health JSON while a gateway serves, and 1 when nothing
+/// answers.
+#[test]
+fn the_health_subcommand_tells_serving_from_not() {
+    let gw = Gateway::start(&[]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatgate"))
+        .args(["health", "--addr", &gw.addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["status"], "ok", "{body}");
+    // A port nobody listens on any more.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatgate"))
+        .args([
+            "health",
+            "--addr",
+            &closed.to_string(),
+            "--timeout-ms",
+            "500",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
