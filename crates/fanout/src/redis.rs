@@ -472,9 +472,21 @@ impl Fanout for RedisStreamsFanout {
             .publish
             .evalsha_with_reload(&self.client, keys, args)
             .await;
+        let mut rx = rx;
         let (epoch, seq, repeated) = match reply.map_err(err).and_then(triple) {
             Ok(v) => v,
             Err(e) => {
+                // The script may have run with only its reply lost (Redis
+                // went away right after it). Then the entry is in the
+                // stream, and this node's reader acknowledges it in its
+                // place once it reads it: give the reader a moment (Redis
+                // back from a restart) before calling this a failure, or
+                // the sender would be told "not delivered" of a message
+                // the room has, and its retry answered only as a duplicate.
+                let wait = self.config.self_delivery_timeout.min(LOST_REPLY_WAIT);
+                if let Ok(Ok((frame, position))) = tokio::time::timeout(wait, &mut rx).await {
+                    return Ok(Published { position, frame });
+                }
                 if self.waiters.remove(&pid).is_none() {
                     // The script ran and only its reply was lost: this
                     // node's reader has delivered the event and queued
@@ -503,7 +515,7 @@ impl Fanout for RedisStreamsFanout {
         // This node's reader delivers the event and runs `on_sequenced`
         // in stream order (so the sender's ack keeps its place among the
         // room's events); wait for that before returning.
-        let frame = match tokio::time::timeout(self.config.self_delivery_timeout, rx).await {
+        let frame = match tokio::time::timeout(self.config.self_delivery_timeout, &mut rx).await {
             Ok(Ok((frame, _))) => frame,
             _ => {
                 // The event is published; only this node's reader is
@@ -665,6 +677,10 @@ impl Fanout for RedisStreamsFanout {
         })
     }
 }
+
+/// How long a publish whose reply was lost waits for this node's reader
+/// to find the event anyway (see `publish`).
+const LOST_REPLY_WAIT: Duration = Duration::from_secs(2);
 
 /// How often a reader that never lost its connection checks that the
 /// partitions were not emptied under it (FLUSHALL, a failover to an

@@ -29,7 +29,8 @@ pub struct Config {
     /// is refused on non-loopback addresses.
     pub token_secret: String,
     /// WebSocket sessions this process accepts. Default: the open-files
-    /// limit minus 512 (room for HTTP requests, the store and logs).
+    /// limit minus 512 (room for HTTP requests, the store and logs); the
+    /// gateway raises its soft limit to the hard one before reading it.
     pub max_connections: usize,
     /// Concurrent connections per user. Default 5, as in the setup this
     /// replaces; the 6th is closed with 4105.
@@ -158,6 +159,17 @@ impl Default for Config {
 fn random_node_id() -> String {
     use rand::Rng;
     format!("node-{:08x}", rand::rng().random::<u32>())
+}
+
+/// Raises this process's soft open-files limit to its hard limit, as
+/// servers holding many sockets do (a container's soft limit is often
+/// 1,024 while the hard one allows far more); call before the
+/// configuration is loaded, since `max_connections` defaults from it.
+/// Returns the soft limit before and after; an error leaves it as it was.
+pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
+    let (before, _) = rlimit::Resource::NOFILE.get()?;
+    let after = rlimit::increase_nofile_limit(u64::MAX)?;
+    Ok((before, after))
 }
 
 /// The soft open-files limit of this process (Linux), or 1024.

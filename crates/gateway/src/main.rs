@@ -62,8 +62,14 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve);
+    // Before the configuration: max_connections defaults from the limit.
+    let limits = match command {
+        Command::Serve => Some(chatgate_gateway::config::raise_open_files_limit()),
+        _ => None,
+    };
     let config = Config::load(&cli.overrides)?;
-    match cli.command.unwrap_or(Command::Serve) {
+    match command {
         Command::Token {
             user,
             name,
@@ -81,7 +87,7 @@ fn main() -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
-        Command::Serve => serve(config),
+        Command::Serve => serve(config, limits),
         Command::Health { addr, timeout_ms } => {
             let mut addr = addr.unwrap_or(config.listen);
             if addr.ip().is_unspecified() {
@@ -124,7 +130,7 @@ fn health(addr: std::net::SocketAddr, timeout: Duration) -> anyhow::Result<Strin
     Ok(body.trim().to_owned())
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(config: Config, limits: Option<std::io::Result<(u64, u64)>>) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("CHAT_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
@@ -132,6 +138,18 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    match limits {
+        Some(Ok((before, after))) if after > before => {
+            tracing::info!(
+                before,
+                after,
+                "raised the open-files limit to its hard limit"
+            )
+        }
+        Some(Ok((_, now))) => tracing::info!(open_files = now, "open-files limit"),
+        Some(Err(e)) => tracing::warn!(error = %e, "could not raise the open-files limit"),
+        None => {}
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.threads)
         .enable_all()

@@ -990,3 +990,49 @@ fn the_health_subcommand_tells_serving_from_not() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
 }
+
+/// Promise: a gateway started with a low soft open-files limit (the
+/// common 1,024 of containers) raises it to the hard limit before it
+/// sizes `max_connections` (limit − 512), instead of serving 512.
+#[test]
+fn a_low_soft_open_files_limit_is_raised_to_the_hard_one() {
+    use std::io::{BufRead, BufReader};
+    let hard: u64 = std::fs::read_to_string("/proc/self/limits")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|v| v.parse().ok())
+        .expect("a numeric hard limit");
+    assert!(
+        hard > 1024,
+        "the hard limit here ({hard}) leaves nothing to raise"
+    );
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -Sn 1024 && exec "$0" --listen 127.0.0.1:0"#)
+        .arg(env!("CARGO_BIN_EXE_chatgate"))
+        .env("CHAT_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: std::net::SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let health = std::process::Command::new(env!("CARGO_BIN_EXE_chatgate"))
+        .args(["health", "--addr", &addr.to_string()])
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let body: serde_json::Value = serde_json::from_slice(&health.stdout).unwrap();
+    assert_eq!(body["max_connections"].as_u64(), Some(hard - 512), "{body}");
+}
