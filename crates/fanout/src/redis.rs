@@ -306,6 +306,13 @@ impl RedisStreamsFanout {
         (fnv1a(room) % u64::from(self.config.partitions.max(1))) as u32
     }
 
+    /// The trim of a partition stream for entries added outside the
+    /// publish script (typing, control messages).
+    fn partition_cap(&self) -> Result<fred::types::streams::XCap, FanoutError> {
+        fred::types::streams::XCap::try_from(("MAXLEN", "~", self.config.partition_maxlen as i64))
+            .map_err(err)
+    }
+
     fn room_key(&self, room: &str, what: &str) -> String {
         format!(
             "{}:{{p{}}}:room:{room}:{what}",
@@ -550,12 +557,7 @@ impl Fanout for RedisStreamsFanout {
             ("c", (exclude.unwrap_or(0) as i64).into()),
             ("e", 1.into()),
         ];
-        let cap = fred::types::streams::XCap::try_from((
-            "MAXLEN",
-            "~",
-            self.config.partition_maxlen as i64,
-        ))
-        .map_err(err)?;
+        let cap = self.partition_cap()?;
         self.client
             .xadd::<Value, _, _, _, _>(key, false, cap, "*", fields)
             .await
@@ -585,12 +587,7 @@ impl Fanout for RedisStreamsFanout {
             ("x", Value::Bytes(payload)),
             ("n", self.instance.as_str().into()),
         ];
-        let cap = fred::types::streams::XCap::try_from((
-            "MAXLEN",
-            "~",
-            self.config.partition_maxlen as i64,
-        ))
-        .map_err(err)?;
+        let cap = self.partition_cap()?;
         self.client
             .xadd::<Value, _, _, _, _>(stream, false, cap, "*", fields)
             .await

@@ -128,19 +128,7 @@ impl AdminServer {
     /// the gateway shares its public port (`reuse_port`): any of them
     /// answers any call, since every call works cluster-wide.
     pub async fn bind(node: Arc<Node>, addr: SocketAddr) -> anyhow::Result<AdminServer> {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        socket.set_reuse_address(true)?;
-        if node.config.reuse_port {
-            socket.set_reuse_port(true)?;
-        }
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(128)?;
-        let listener = TcpListener::from_std(socket.into())?;
+        let listener = crate::server::listen(addr, node.config.reuse_port, 128)?;
         let key = node
             .config
             .admin_api_key

@@ -168,6 +168,13 @@ fn serve(config: Config, limits: Option<std::io::Result<(u64, u64)>>) -> anyhow:
             max_connections = node.config.max_connections,
             "chatgate listening"
         );
+        let policies: Vec<String> = node
+            .rooms
+            .policies()
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        tracing::info!(policies = ?policies, "room policies (longest prefix first)");
         // The server API runs only with a key: without one it could only
         // refuse, and /health and /metrics are on the public port anyway.
         let admin = match (node.config.admin_listen, &node.config.admin_api_key) {

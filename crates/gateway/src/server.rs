@@ -25,6 +25,28 @@ use crate::node::Node;
 /// scrapes, refused upgrades).
 const HTTP_HEADROOM: usize = 256;
 
+/// A listening socket on `addr`, shared with other processes on this host
+/// when `reuse_port` (SO_REUSEPORT: the kernel spreads connections).
+pub(crate) fn listen(
+    addr: SocketAddr,
+    reuse_port: bool,
+    backlog: i32,
+) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// A bound, not yet serving, gateway.
 pub struct Server {
     node: Arc<Node>,
@@ -51,22 +73,9 @@ impl ShutdownHandle {
 impl Server {
     /// Binds the configured address.
     pub async fn bind(node: Arc<Node>) -> anyhow::Result<Server> {
-        let addr = node.config.listen;
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        socket.set_reuse_address(true)?;
-        if node.config.reuse_port {
-            socket.set_reuse_port(true)?;
-        }
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
         // A deep backlog absorbs connection bursts (thousands per second
         // when a fleet of clients reconnects at once).
-        socket.listen(4096)?;
-        let listener = TcpListener::from_std(socket.into())?;
+        let listener = listen(node.config.listen, node.config.reuse_port, 4096)?;
         let (shutdown_tx, _) = watch::channel(false);
         Ok(Server {
             node,

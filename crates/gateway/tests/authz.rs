@@ -17,35 +17,6 @@ use common::*;
 
 const QUIET: Duration = Duration::from_millis(300);
 
-/// Identifies as `user` with a token allowing `rooms` (patterns) and an
-/// optional resume; returns the connection and Ready.
-async fn connect(
-    gw: &Gateway,
-    user: &str,
-    rooms: &[&str],
-    resume: Option<Resume>,
-) -> (Conn, Ready) {
-    let mut raw = RawConnection::connect(&gw.url()).await.unwrap();
-    raw.send(
-        1,
-        &ClientFrame::Identify(Identify {
-            token: token_for(user, rooms),
-            resume,
-        }),
-    )
-    .await
-    .unwrap();
-    let mut c = Conn::new(raw);
-    match c.expect().await {
-        (1, ServerFrame::Ready(r)) => (c, r),
-        other => panic!("expected Ready, got {other:?}"),
-    }
-}
-
-fn rooms_of(list: &[RoomPosition]) -> Vec<&str> {
-    list.iter().map(|r| r.room.as_str()).collect()
-}
-
 fn error_code(frame: &ServerFrame) -> Option<u16> {
     match frame {
         ServerFrame::Error(e) => Some(e.code),
@@ -94,10 +65,10 @@ async fn members_rooms_admit_only_members() {
         json!({"room": room, "members": [{"user_id": "alice"}]}),
     );
     // A granted room is on the user's list: a fresh session is in it.
-    let (mut alice, ready) = connect(&gw, "alice", &[], None).await;
+    let (mut alice, ready) = identify_as(&gw, "alice", &[], None).await;
     assert_eq!(rooms_of(&ready.rooms), vec![room]);
 
-    let (mut bob, ready) = connect(&gw, "bob", &[], None).await;
+    let (mut bob, ready) = identify_as(&gw, "bob", &[], None).await;
     assert!(ready.rooms.is_empty());
     let refused = join_reply(&mut bob, 2, &[room, "public:lobby"]).await;
     assert_eq!(
@@ -147,7 +118,7 @@ async fn members_rooms_admit_only_members() {
     // Resume into the room with its position: refused, named in an
     // unsolicited Left, nothing replayed, and still unable to send.
     let position = ready_position(&gw, room).await;
-    let (mut bob2, ready) = connect(
+    let (mut bob2, ready) = identify_as(
         &gw,
         "bob",
         &[],
@@ -239,7 +210,7 @@ async fn members_rooms_admit_only_members() {
 
 /// The room's current (epoch, seq) as a fresh member sees it.
 async fn ready_position(gw: &Gateway, room: &str) -> (u64, u64) {
-    let (mut c, _) = connect(gw, "position-probe", &[room], None).await;
+    let (mut c, _) = identify_as(gw, "position-probe", &[room], None).await;
     match join_reply(&mut c, 2, &[room]).await {
         ServerFrame::Joined(j) => (j.rooms[0].epoch, j.rooms[0].seq),
         other => panic!("{other:?}"),
@@ -261,7 +232,7 @@ async fn token_rooms_roles_and_history_since_join() {
         "--room-policy",
         "public:=open",
     ]);
-    let (mut carol, _) = connect(&gw, "carol", &["team:*", "dm:carol:dave"], None).await;
+    let (mut carol, _) = identify_as(&gw, "carol", &["team:*", "dm:carol:dave"], None).await;
     assert!(matches!(
         join_reply(&mut carol, 2, &["team:9", "dm:carol:dave"]).await,
         ServerFrame::Joined(_)
@@ -275,8 +246,8 @@ async fn token_rooms_roles_and_history_since_join() {
         json!({"room": "news:1", "members": [
             {"user_id": "ed", "role": "editor"}, {"user_id": "reader"}]}),
     );
-    let (mut ed, _) = connect(&gw, "ed", &[], None).await;
-    let (mut reader, ready) = connect(&gw, "reader", &[], None).await;
+    let (mut ed, _) = identify_as(&gw, "ed", &[], None).await;
+    let (mut reader, ready) = identify_as(&gw, "reader", &[], None).await;
     assert_eq!(rooms_of(&ready.rooms), vec!["news:1"]);
     assert!(matches!(
         send(&mut ed, 2, "news:1", "e1").await,
@@ -311,7 +282,7 @@ async fn token_rooms_roles_and_history_since_join() {
         json!({"room": "news:1", "members": [{"user_id": "late"}]}),
     );
     send(&mut ed, 3, "news:1", "e2").await;
-    let (mut late, _) = connect(&gw, "late", &[], None).await;
+    let (mut late, _) = identify_as(&gw, "late", &[], None).await;
     match late
         .request(
             2,
@@ -346,7 +317,7 @@ async fn the_server_api_needs_its_key_and_its_own_port() {
     let (status, _) = http_call(gw.addr, "POST", "/api/members.add", Some(API_KEY), &body);
     assert_eq!(status, 404, "the public port has no server API");
     // Nothing was granted.
-    let (mut m, ready) = connect(&gw, "mallory", &[], None).await;
+    let (mut m, ready) = identify_as(&gw, "mallory", &[], None).await;
     assert!(ready.rooms.is_empty());
     let r = join_reply(&mut m, 2, &["team:x"]).await;
     assert_eq!(error_code(&r), Some(ErrorCode::Forbidden.code()));
@@ -376,9 +347,9 @@ async fn disconnect_presence_and_room_deletion() {
         json!({"room": room, "members": [
             {"user_id": "u1"}, {"user_id": "u2"}, {"user_id": "u3"}]}),
     );
-    let (mut a1, _) = connect(&gw, "u1", &[], None).await;
-    let (mut a2, _) = connect(&gw, "u1", &[], None).await;
-    let (mut b, _) = connect(&gw, "u2", &[], None).await;
+    let (mut a1, _) = identify_as(&gw, "u1", &[], None).await;
+    let (mut a2, _) = identify_as(&gw, "u1", &[], None).await;
+    let (mut b, _) = identify_as(&gw, "u2", &[], None).await;
     let presence = gw.api("presence", json!({"room": room}));
     assert_eq!(
         presence["users"],
@@ -406,7 +377,7 @@ async fn disconnect_presence_and_room_deletion() {
     gw.api("disconnect", json!({"user_id": "u2", "reconnect": true}));
     assert_eq!(b.close_code().await, Some(4006));
 
-    let (mut c, _) = connect(&gw, "u3", &[], None).await;
+    let (mut c, _) = identify_as(&gw, "u3", &[], None).await;
     send(&mut c, 2, room, "c1").await;
     let deleted = gw.api("rooms.delete", json!({"room": room}));
     assert_eq!(deleted["deleted"], json!(true));
@@ -437,14 +408,14 @@ async fn the_model_holds_across_a_cluster() {
         json!({"room": room, "members": [
             {"user_id": "alice"}, {"user_id": "bob"}, {"user_id": "carol"}]}),
     );
-    let (mut alice, r) = connect(n0, "alice", &[], None).await;
+    let (mut alice, r) = identify_as(n0, "alice", &[], None).await;
     assert_eq!(rooms_of(&r.rooms), vec![room]);
-    let (mut bob, r) = connect(n1, "bob", &[], None).await;
+    let (mut bob, r) = identify_as(n1, "bob", &[], None).await;
     assert_eq!(rooms_of(&r.rooms), vec![room]);
-    let (mut carol, r) = connect(n2, "carol", &[], None).await;
+    let (mut carol, r) = identify_as(n2, "carol", &[], None).await;
     assert_eq!(rooms_of(&r.rooms), vec![room]);
     let bob_was = (r.rooms[0].epoch, r.rooms[0].seq);
-    let (mut dave, _) = connect(n1, "dave", &[], None).await;
+    let (mut dave, _) = identify_as(n1, "dave", &[], None).await;
     let r = join_reply(&mut dave, 2, &[room]).await;
     assert_eq!(error_code(&r), Some(ErrorCode::Forbidden.code()), "{r:?}");
 
@@ -464,7 +435,7 @@ async fn the_model_holds_across_a_cluster() {
     assert_eq!(history["messages"][0]["body"], json!("maintenance at noon"));
     assert_eq!(history["messages"][0]["sender_id"], json!(""));
     // Resumable: bob comes back on node 0 from before the publish.
-    let (mut bob2, r) = connect(
+    let (mut bob2, r) = identify_as(
         n0,
         "bob",
         &[],
@@ -501,7 +472,7 @@ async fn the_model_holds_across_a_cluster() {
     carol.assert_quiet(QUIET, "nothing after the removal").await;
     assert_eq!(next_body(&mut alice).await, "after carol");
     // Her resume is refused on any node.
-    let (mut carol2, r) = connect(
+    let (mut carol2, r) = identify_as(
         n0,
         "carol",
         &[],

@@ -15,33 +15,6 @@ use chatgate_protocol::payload::*;
 use chatgate_protocol::{ClientFrame, ServerFrame};
 use common::*;
 
-async fn connect(
-    gw: &Gateway,
-    user: &str,
-    rooms: &[&str],
-    resume: Option<Resume>,
-) -> (Conn, Ready) {
-    let mut raw = RawConnection::connect(&gw.url()).await.unwrap();
-    raw.send(
-        1,
-        &ClientFrame::Identify(Identify {
-            token: token_for(user, rooms),
-            resume,
-        }),
-    )
-    .await
-    .unwrap();
-    let mut c = Conn::new(raw);
-    match c.expect().await {
-        (1, ServerFrame::Ready(r)) => (c, r),
-        other => panic!("expected Ready, got {other:?}"),
-    }
-}
-
-fn rooms_of(list: &[RoomPosition]) -> Vec<&str> {
-    list.iter().map(|r| r.room.as_str()).collect()
-}
-
 async fn send(c: &mut Conn, rid: u32, room: &str, cid: &str, body: &str) -> ServerFrame {
     c.request(rid, send_frame(room, cid, body)).await
 }
@@ -219,7 +192,7 @@ async fn a_deleted_room_is_not_reentered_from_a_cached_room_list() {
         "members.add",
         json!({"room": room, "members": [{"user_id": "mallory"}]}),
     );
-    let (m, ready) = connect(&gw, "mallory", &[], None).await;
+    let (m, ready) = identify_as(&gw, "mallory", &[], None).await;
     assert_eq!(rooms_of(&ready.rooms), vec![room]);
     drop(m);
     gw.api("rooms.delete", json!({"room": room}));
@@ -227,7 +200,7 @@ async fn a_deleted_room_is_not_reentered_from_a_cached_room_list() {
         "members.add",
         json!({"room": room, "members": [{"user_id": "alice"}]}),
     );
-    let (mut m2, ready) = connect(&gw, "mallory", &[], None).await;
+    let (mut m2, ready) = identify_as(&gw, "mallory", &[], None).await;
     assert!(
         ready.rooms.is_empty(),
         "back in a deleted room: {:?}",
@@ -265,7 +238,7 @@ async fn refusals_grow_no_redis_keys() {
         "--redis-namespace",
         &ns,
     ]);
-    let (mut m, _) = connect(&gw, "mallory", &[], None).await;
+    let (mut m, _) = identify_as(&gw, "mallory", &[], None).await;
     for j in 0..20 {
         let rooms: Vec<String> = (0..100).map(|i| format!("team:made-up-{j}-{i}")).collect();
         let r = m.request(2 + j, ClientFrame::Join(Rooms { rooms })).await;
@@ -305,7 +278,7 @@ async fn since_join_history_is_not_replayed() {
         "members.add",
         json!({"room": room, "members": [{"user_id": "old"}]}),
     );
-    let (mut old, ready) = connect(&gw, "old", &[], None).await;
+    let (mut old, ready) = identify_as(&gw, "old", &[], None).await;
     let epoch = ready.rooms[0].epoch;
     send(&mut old, 2, room, "b1", "before the grant").await;
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -313,7 +286,7 @@ async fn since_join_history_is_not_replayed() {
         "members.add",
         json!({"room": room, "members": [{"user_id": "new"}]}),
     );
-    let (mut new, _) = connect(
+    let (mut new, _) = identify_as(
         &gw,
         "new",
         &[],
@@ -359,7 +332,7 @@ async fn deleted_messages_are_not_replayed() {
     ];
     for gw in [Gateway::start(&API_ARGS), Gateway::start(&cluster_args)] {
         let room = "public:doomed";
-        let (mut a, _) = connect(&gw, "a", &[], None).await;
+        let (mut a, _) = identify_as(&gw, "a", &[], None).await;
         let position = match a
             .request(
                 2,
@@ -377,7 +350,7 @@ async fn deleted_messages_are_not_replayed() {
             gw.api("rooms.delete", json!({"room": room}))["deleted"],
             json!(true)
         );
-        let (mut b, _) = connect(
+        let (mut b, _) = identify_as(
             &gw,
             "b",
             &[],

@@ -135,21 +135,7 @@ impl Gateway {
 
     /// GET a path; returns (status, body).
     pub fn get(&self, path: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(self.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        let status = text[9..12].parse().unwrap();
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (status, body)
+        http_raw(self.addr, "GET", path, None, "")
     }
 
     pub fn health(&self) -> serde_json::Value {
@@ -214,6 +200,19 @@ pub fn http_call(
     key: Option<&str>,
     body: &str,
 ) -> (u16, serde_json::Value) {
+    let (status, body) = http_raw(addr, method, path, key, body);
+    let json = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
+    (status, json)
+}
+
+/// One HTTP/1.1 request on its own connection; returns (status, body).
+pub fn http_raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &str,
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let auth = key
@@ -233,8 +232,37 @@ pub fn http_call(
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
-    let json = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
-    (status, json)
+    (status, body)
+}
+
+/// Identifies as `user` with a token allowing `rooms` (patterns) and an
+/// optional resume; returns the connection and Ready.
+pub async fn identify_as(
+    gw: &Gateway,
+    user: &str,
+    rooms: &[&str],
+    resume: Option<Resume>,
+) -> (Conn, Ready) {
+    let mut raw = RawConnection::connect(&gw.url()).await.unwrap();
+    raw.send(
+        1,
+        &ClientFrame::Identify(Identify {
+            token: token_for(user, rooms),
+            resume,
+        }),
+    )
+    .await
+    .unwrap();
+    let mut c = Conn::new(raw);
+    match c.expect().await {
+        (1, ServerFrame::Ready(r)) => (c, r),
+        other => panic!("expected Ready, got {other:?}"),
+    }
+}
+
+/// The room names of a Ready's or Joined's list.
+pub fn rooms_of(list: &[RoomPosition]) -> Vec<&str> {
+    list.iter().map(|r| r.room.as_str()).collect()
 }
 
 pub fn token(user: &str) -> String {
