@@ -94,8 +94,14 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 const MAX_SUBJECT_BYTES: usize = 128;
 /// Entries of the `rooms` claim.
 const MAX_TOKEN_ROOMS: usize = 1000;
-/// Shortest HS256 secret, as for the gateway's `token_secret`.
-const MIN_SECRET_BYTES: usize = 16;
+/// Shortest HS256 secret: a key as long as the hash output (RFC 7518
+/// §3.2), as for the gateway's `token_secret`.
+pub const MIN_SECRET_BYTES: usize = 32;
+/// Default longest token lifetime: a token whose `exp` is further ahead
+/// is refused. A stolen token is worth its remaining lifetime, and a
+/// token cannot be revoked before it expires, so a day bounds the harm
+/// while letting a page keep one token for a working day.
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(86_400);
 /// Smallest RSA modulus accepted, in bits.
 const MIN_RSA_BITS: usize = 2048;
 
@@ -125,6 +131,9 @@ pub struct AuthConfig {
     pub audience: Option<String>,
     /// Allowance for clock skew on `exp` and `nbf`. Default 30 s.
     pub leeway: Duration,
+    /// Longest lifetime a token may have left: one whose `exp` is further
+    /// ahead (beyond the leeway) is refused. Default 24 h.
+    pub max_lifetime: Duration,
 }
 
 impl Default for AuthConfig {
@@ -137,6 +146,7 @@ impl Default for AuthConfig {
             issuer: None,
             audience: None,
             leeway: DEFAULT_LEEWAY,
+            max_lifetime: DEFAULT_MAX_LIFETIME,
         }
     }
 }
@@ -154,6 +164,7 @@ impl fmt::Debug for AuthConfig {
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("leeway", &self.leeway)
+            .field("max_lifetime", &self.max_lifetime)
             .finish()
     }
 }
@@ -195,6 +206,10 @@ pub struct AuthOverrides {
     /// Clock-skew allowance for `exp`/`nbf` in seconds (default 30).
     #[arg(long, env = "CHAT_JWT_LEEWAY_SECS")]
     pub jwt_leeway_secs: Option<u64>,
+    /// Longest token lifetime in seconds (default 86400): tokens whose
+    /// `exp` is further ahead are refused.
+    #[arg(long, env = "CHAT_JWT_MAX_LIFETIME_SECS")]
+    pub jwt_max_lifetime_secs: Option<u64>,
 }
 
 /// The `[auth]` table of the configuration file: the keys of
@@ -217,6 +232,8 @@ pub struct AuthFile {
     pub jwt_audience: Option<String>,
     /// As `--jwt-leeway-secs`.
     pub jwt_leeway_secs: Option<u64>,
+    /// As `--jwt-max-lifetime-secs`.
+    pub jwt_max_lifetime_secs: Option<u64>,
 }
 
 impl AuthConfig {
@@ -265,6 +282,11 @@ impl AuthConfig {
                 .or(f.jwt_leeway_secs)
                 .map(Duration::from_secs)
                 .unwrap_or(d.leeway),
+            max_lifetime: o
+                .jwt_max_lifetime_secs
+                .or(f.jwt_max_lifetime_secs)
+                .map(Duration::from_secs)
+                .unwrap_or(d.max_lifetime),
         };
         c.validate()?;
         Ok(c)
@@ -295,8 +317,49 @@ impl AuthConfig {
                 MAX_LEEWAY.as_secs()
             );
         }
+        if self.max_lifetime < Duration::from_secs(60) {
+            bail!("the longest token lifetime must be at least 60 s");
+        }
         Ok(())
     }
+
+    /// The configured HS256 secrets that look guessable (see
+    /// [`weak_secret`]), numbered from 1: refused at start outside
+    /// loopback, where anyone who guesses one can mint any identity.
+    pub fn weak_secrets(&self) -> Vec<usize> {
+        (self.hs256_secrets.iter().enumerate())
+            .filter(|(_, s)| weak_secret(s))
+            .map(|(i, _)| i + 1)
+            .collect()
+    }
+}
+
+/// Whether an HS256 secret looks guessable: the development secret, a
+/// placeholder of the kind examples and templates use, or too few
+/// distinct bytes to be random (32 random bytes in hex use ~16 distinct
+/// characters; `aaaa…` or `12121212…` use one or two). Length is checked
+/// separately; this catches long secrets a person typed.
+pub fn weak_secret(secret: &str) -> bool {
+    const PLACEHOLDERS: [&str; 10] = [
+        "changeme",
+        "change-me",
+        "change_me",
+        "not-for-production",
+        "your-secret",
+        "your_secret",
+        "secretkey",
+        "secret-key",
+        "password",
+        "example",
+    ];
+    let lower = secret.to_ascii_lowercase();
+    let mut distinct = [false; 256];
+    for b in secret.bytes() {
+        distinct[b as usize] = true;
+    }
+    secret == crate::config::DEV_SECRET
+        || PLACEHOLDERS.iter().any(|p| lower.contains(p))
+        || distinct.iter().filter(|&&d| d).count() < 10
 }
 
 fn jwks_uri(url: &str) -> anyhow::Result<Uri> {
@@ -376,6 +439,9 @@ struct Inner {
     hs256: Validation,
     rs256: Validation,
     es256: Validation,
+    /// Longest lifetime a token may have left, and the clock-skew leeway.
+    max_lifetime: Duration,
+    leeway: Duration,
     refresher: Option<tokio::task::AbortHandle>,
 }
 
@@ -480,6 +546,8 @@ impl Authenticator {
                 hs256: validation(Algorithm::HS256, config),
                 rs256: validation(Algorithm::RS256, config),
                 es256: validation(Algorithm::ES256, config),
+                max_lifetime: config.max_lifetime,
+                leeway: config.leeway,
                 refresher,
             }),
         })
@@ -508,7 +576,12 @@ impl Authenticator {
         {
             outcome = self.inner.check(token, alg, Some(kid));
         }
-        identity(outcome?)
+        let claims = identity(outcome?)?;
+        let horizon = unix_now() + self.inner.max_lifetime.as_secs() + self.inner.leeway.as_secs();
+        if claims.exp > horizon {
+            return refuse("exp", "further ahead than the longest token lifetime");
+        }
+        Ok(claims)
     }
 }
 
@@ -1081,8 +1154,8 @@ mod tests {
     use serde_json::{Value, json};
     use std::sync::OnceLock;
 
-    const SECRET: &str = "unit-test-secret-0123456789";
-    const OTHER: &str = "another-secret-0123456789";
+    const SECRET: &str = "unit-test-secret-0123456789abcdefgh";
+    const OTHER: &str = "another-secret-0123456789abcdefghij";
 
     fn hs_config() -> AuthConfig {
         AuthConfig {
@@ -1202,6 +1275,52 @@ mod tests {
         );
         assert_eq!(auth.verify(&forged).await, Err(AuthError::Signature));
         assert!(auth.verify(&good).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_token_living_longer_than_allowed_is_refused() {
+        let auth = authenticator(hs_config()).await;
+        let now = unix_now();
+        let until = |secs: u64| hs256(SECRET, &claims(json!({"exp": now + secs})));
+        assert!(auth.verify(&until(86_400)).await.is_ok(), "a day is allowed");
+        let too_long = Err(AuthError::InvalidClaim {
+            claim: "exp",
+            problem: "further ahead than the longest token lifetime",
+        });
+        assert_eq!(auth.verify(&until(86_400 + 3_600)).await, too_long);
+        assert_eq!(auth.verify(&until(u64::MAX / 2)).await, too_long);
+        let short = authenticator(AuthConfig {
+            max_lifetime: Duration::from_secs(600),
+            ..hs_config()
+        })
+        .await;
+        assert!(short.verify(&until(500)).await.is_ok());
+        assert_eq!(short.verify(&until(3_600)).await, too_long);
+    }
+
+    #[test]
+    fn guessable_secrets_are_named() {
+        for weak in [
+            crate::config::DEV_SECRET.to_owned(),
+            "x".repeat(64),
+            "ab".repeat(32),
+            "0123456701234567012345670123456701234567".to_owned(),
+            "please-CHANGEME-before-going-live-0123".to_owned(),
+            "my-super-secret-password-for-prod-2026".to_owned(),
+        ] {
+            assert!(weak_secret(&weak), "{weak:?} not found weak");
+        }
+        for strong in [
+            "3f9a0c1e5b7d2468ace13579bdf02468",
+            "q7Zx2Lw9Vb4Np8Rk1Ts6Ym3Hc5Jd0Gf",
+        ] {
+            assert!(!weak_secret(strong), "{strong:?} found weak");
+        }
+        let config = AuthConfig {
+            hs256_secrets: vec![SECRET.into(), "z".repeat(40)],
+            ..AuthConfig::default()
+        };
+        assert_eq!(config.weak_secrets(), [2]);
     }
 
     #[tokio::test]
@@ -1586,7 +1705,7 @@ mod tests {
         let file: AuthFile = toml::from_str(
             r#"
             jwt_public_keys = ["/etc/chatgate/idp.pem"]
-            jwt_hs256_secrets = ["file-secret-0123456789", ""]
+            jwt_hs256_secrets = ["file-secret-0123456789abcdefghijkl", ""]
             jwks_url = "https://idp.example/.well-known/jwks.json"
             jwks_refresh_secs = 60
             jwt_issuer = "https://idp.example/"
@@ -1596,7 +1715,7 @@ mod tests {
         )
         .unwrap();
         let c = AuthConfig::resolve(&AuthOverrides::default(), Some(file), SECRET).unwrap();
-        assert_eq!(c.hs256_secrets, [SECRET, "file-secret-0123456789"]);
+        assert_eq!(c.hs256_secrets, [SECRET, "file-secret-0123456789abcdefghijkl"]);
         assert_eq!(c.public_keys, ["/etc/chatgate/idp.pem"]);
         assert_eq!(c.jwks_refresh, Duration::from_secs(60));
         assert_eq!(c.issuer.as_deref(), Some("https://idp.example/"));

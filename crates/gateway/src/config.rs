@@ -466,15 +466,39 @@ impl Config {
 
     /// Refuses settings that are unsafe or cannot work.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.token_secret == DEV_SECRET && !self.listen.ip().is_loopback() {
+        if !self.listen.ip().is_loopback() {
+            let weak = self.auth.weak_secrets();
+            if weak.contains(&1) {
+                bail!(
+                    "refusing to listen on {} with the development or a guessable token \
+                     secret; set CHAT_TOKEN_SECRET (or --token-secret) to a long random \
+                     value, such as `openssl rand -hex 32`",
+                    self.listen
+                );
+            }
+            if let Some(n) = weak.first() {
+                bail!(
+                    "refusing to listen on {} with a guessable HS256 secret (#{n}); \
+                     use long random values",
+                    self.listen
+                );
+            }
+        }
+        if self.token_secret.len() < crate::auth::MIN_SECRET_BYTES {
             bail!(
-                "refusing to listen on {} with the development token secret; \
-                 set CHAT_TOKEN_SECRET (or --token-secret) to a long random value",
-                self.listen
+                "the token secret must be at least {} bytes",
+                crate::auth::MIN_SECRET_BYTES
             );
         }
-        if self.token_secret.len() < 16 {
-            bail!("the token secret must be at least 16 bytes");
+        // A zero rate would refuse everything (and divide by zero).
+        if self.messages_per_minute == 0 {
+            bail!("messages_per_minute must be positive");
+        }
+        if self.requests_per_second == 0 || self.request_burst == 0 {
+            bail!("requests_per_second and request_burst must be positive");
+        }
+        if self.max_connections_per_user == 0 {
+            bail!("max_connections_per_user must be positive");
         }
         if self.max_frame_bytes < 1024 {
             bail!("max_frame_bytes must be at least 1024");
@@ -561,7 +585,56 @@ mod tests {
             token_secret: Some("a-long-production-secret".into()),
             ..Default::default()
         };
+        assert!(Config::load(&o).is_err(), "shorter than 32 bytes");
+        let o = Overrides {
+            listen: Some("0.0.0.0:8080".parse().unwrap()),
+            token_secret: Some("3f9a0c1e5b7d2468ace13579bdf02468".into()),
+            ..Default::default()
+        };
         assert!(Config::load(&o).is_ok());
+        for weak in [
+            "a".repeat(40),
+            "12".repeat(20),
+            "please-changeme-before-going-live-0123".to_owned(),
+            DEV_SECRET.to_owned(),
+        ] {
+            let public = Overrides {
+                listen: Some("0.0.0.0:8080".parse().unwrap()),
+                token_secret: Some(weak.clone()),
+                ..Default::default()
+            };
+            assert!(Config::load(&public).is_err(), "{weak:?} accepted");
+            let local = Overrides {
+                token_secret: Some(weak.clone()),
+                ..Default::default()
+            };
+            assert!(Config::load(&local).is_ok(), "{weak:?} refused on loopback");
+        }
+    }
+
+    #[test]
+    fn zero_rates_are_refused_at_start() {
+        let zero = [
+            Overrides {
+                messages_per_minute: Some(0),
+                ..Default::default()
+            },
+            Overrides {
+                requests_per_second: Some(0),
+                ..Default::default()
+            },
+            Overrides {
+                request_burst: Some(0),
+                ..Default::default()
+            },
+            Overrides {
+                max_connections_per_user: Some(0),
+                ..Default::default()
+            },
+        ];
+        for o in zero {
+            assert!(Config::load(&o).is_err(), "{o:?} accepted");
+        }
     }
 
     #[test]

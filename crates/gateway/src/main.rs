@@ -77,11 +77,18 @@ fn main() -> anyhow::Result<()> {
             ttl,
             rooms,
         } => {
+            let longest = config.auth.max_lifetime.as_secs();
+            if ttl == 0 || ttl > longest {
+                anyhow::bail!(
+                    "--ttl must be between 1 and {longest} s (the longest token lifetime the \
+                     gateway accepts; raise it with --jwt-max-lifetime-secs)"
+                );
+            }
             let token = Verifier::new(config.token_secret.as_bytes()).mint(&Claims {
                 sub: user,
                 name,
                 picture,
-                exp: unix_now() + ttl,
+                exp: unix_now().saturating_add(ttl),
                 rooms,
             });
             println!("{token}");

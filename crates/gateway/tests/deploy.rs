@@ -179,3 +179,29 @@ fn compose_services_scrape_targets_and_proxy_agree() {
         .collect();
     assert_eq!(ids.len(), gateways.len(), "distinct node ids: {ids:?}");
 }
+
+/// `chatgate token` refuses a lifetime the gateway would refuse (or one
+/// that would wrap around), and `serve` refuses a zero message rate
+/// before it binds anything.
+#[test]
+fn the_command_line_refuses_what_would_fail_later() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_chatgate"))
+            .args(args)
+            .env_remove("CHAT_TOKEN_SECRET")
+            .output()
+            .expect("run chatgate")
+    };
+    let ok = run(&["token", "--user", "alice", "--ttl", "600"]);
+    assert!(ok.status.success(), "{ok:?}");
+    for ttl in ["0", "86401", "18446744073709551615"] {
+        let out = run(&["token", "--user", "alice", "--ttl", ttl]);
+        assert!(!out.status.success(), "--ttl {ttl} accepted: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--ttl"), "--ttl {ttl}: {err}");
+    }
+    let zero = run(&["--messages-per-minute", "0", "--listen", "127.0.0.1:0"]);
+    assert!(!zero.status.success(), "{zero:?}");
+    let err = String::from_utf8_lossy(&zero.stderr);
+    assert!(err.contains("messages_per_minute"), "{err}");
+}

@@ -177,7 +177,7 @@ impl Idp {
 
     fn config(&self) -> AuthConfig {
         AuthConfig {
-            hs256_secrets: vec!["the-shared-dev-secret-0123".into()],
+            hs256_secrets: vec!["the-shared-dev-secret-0123456789ab".into()],
             jwks_url: Some(self.url.clone()),
             issuer: Some(ISSUER.into()),
             audience: Some(AUDIENCE.into()),
@@ -387,7 +387,7 @@ async fn start_up_survives_a_provider_outage_and_retries_in_the_background() {
     let auth = Authenticator::new(&idp.config()).await.unwrap();
     assert_eq!(idp.hits(), 1);
     // HS256 works meanwhile.
-    let hs = chatgate_gateway::auth::Verifier::new(b"the-shared-dev-secret-0123").mint(
+    let hs = chatgate_gateway::auth::Verifier::new(b"the-shared-dev-secret-0123456789ab").mint(
         &chatgate_gateway::auth::Claims {
             sub: "dev".into(),
             name: None,
