@@ -110,6 +110,10 @@ pub fn is_web_url(url: &str) -> bool {
         && !url.chars().any(|c| c.is_control() || c.is_whitespace())
 }
 
+/// Checks a text field's length, and that it holds no NUL: stores such as
+/// PostgreSQL cannot keep one in text, and a request refused here costs
+/// nothing, where one refused by the store would fail late (and, stored
+/// in a batch, could fail other users' writes with it).
 fn check_len(
     field: &'static str,
     s: &str,
@@ -118,6 +122,8 @@ fn check_len(
 ) -> Result<(), Invalid> {
     if s.len() > max {
         invalid(field, problem)
+    } else if s.contains('\0') {
+        invalid(field, "NUL character")
     } else {
         Ok(())
     }
@@ -366,6 +372,17 @@ mod tests {
         ok(history(100));
         ok(history(0));
         bad(history(101), "limit");
+        // No text field may hold a NUL (room names refuse every control).
+        bad(send("r", "c", "a\0b", vec![]), "body");
+        bad(send("r", "c\0", "x", vec![]), "client_msg_id");
+        let mut a = file(9, 1, 1);
+        a.name = "n\0".into();
+        bad(send("r", "c", "x", vec![a]), "attachments.name");
+        let mut a = file(9, 1, 1);
+        a.mime = "text/\0".into();
+        bad(send("r", "c", "x", vec![a]), "attachments.mime");
+        bad(react("\0"), "emoji");
+        ok(send("r", "c", "tab\tand\nnewline", vec![]));
     }
 
     /// Identity text refuses what room names refuse.

@@ -459,6 +459,17 @@ impl Exec {
             .await;
         let rows = match rows {
             Ok(rows) => rows,
+            // Postgres refused the statement (not the connection): one
+            // row it cannot hold must not fail the others' sends, so each
+            // row goes again alone and only the bad one fails.
+            Err(StoreError::Internal(e)) => {
+                tracing::warn!(error = %e, rows = batch.len(), "batch insert refused; inserting rows one by one");
+                let mut out = Vec::with_capacity(batch.len());
+                for msg in batch {
+                    out.push(self.insert_one(msg).await);
+                }
+                return out;
+            }
             Err(e) => return batch.iter().map(|_| Err(e.clone())).collect(),
         };
         let mut stored: HashMap<(String, String), (i64, i64)> = rows

@@ -333,3 +333,46 @@ async fn overlapping_batches_of_the_same_keys_do_not_deadlock() {
     }
     assert_eq!(ids.len(), 1000);
 }
+
+/// A row Postgres cannot hold (a NUL in text) fails only its own send,
+/// never the others that shared its batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_row_fails_only_its_own_send() {
+    let store = pg().await;
+    let send = |i: u32| NewMessage {
+        room: "nul".into(),
+        sender_id: format!("u{i}"),
+        sender_name: "U".into(),
+        sender_image: String::new(),
+        client_msg_id: format!("k{i}"),
+        body: if i % 10 == 3 {
+            "bad\0body".into()
+        } else {
+            format!("body {i}")
+        },
+        attachments: vec![],
+    };
+    let before = store.statements();
+    let tasks: Vec<_> = (0..100u32)
+        .map(|i| {
+            let store = store.clone();
+            let msg = send(i);
+            tokio::spawn(async move { (i, store.insert_message(msg).await) })
+        })
+        .collect();
+    let mut stored = 0;
+    for t in tasks {
+        let (i, result) = t.await.unwrap();
+        if i % 10 == 3 {
+            assert!(result.is_err(), "send {i} with a NUL was stored");
+        } else {
+            assert!(result.is_ok(), "send {i} failed: {result:?}");
+            stored += 1;
+        }
+    }
+    assert_eq!(stored, 90);
+    assert!(
+        store.statements() - before < 200,
+        "the sends were batched (else this test proves nothing)"
+    );
+}
