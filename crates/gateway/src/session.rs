@@ -21,6 +21,7 @@ use futures_util::StreamExt;
 use rand::RngCore;
 
 use chatgate_fanout::{FanoutError, OnSequenced, Position, Replay, RoomEvent};
+use chatgate_protocol::codec::wire_len;
 use chatgate_protocol::limits::HISTORY_DEFAULT_LIMIT;
 use chatgate_protocol::payload::*;
 use chatgate_protocol::{ClientFrame, CloseCode, ErrorCode, Opcode, ServerFrame};
@@ -1002,14 +1003,15 @@ impl Session {
                 h.limit
             };
             match node.store.history(&h.room, h.before, limit, since_ms).await {
-                Ok(page) => reply.send(
-                    rid,
-                    &ServerFrame::HistoryPage(HistoryPage {
+                Ok(page) => {
+                    let mut page = HistoryPage {
                         room: h.room,
                         messages: page.messages,
                         next: page.next,
-                    }),
-                ),
+                    };
+                    fit_page(node.codec.payload_budget(), &mut page);
+                    reply.send(rid, &ServerFrame::HistoryPage(page))
+                }
                 Err(e) => reply.store_error(rid, &e),
             }
         }))
@@ -1055,6 +1057,46 @@ impl Session {
         }
         true
     }
+}
+
+/// Ends a history page early when all of it would not fit one frame
+/// (`budget` payload bytes): the page keeps the newest messages that fit
+/// and `next` points just past the last one kept, so paging on fetches
+/// the rest. Forty maximum-size messages would otherwise make every page
+/// of 50 unanswerable. A single message too large for any frame (only
+/// possible under a frame limit configured below the message limits) is
+/// skipped rather than blocking the pages behind it.
+fn fit_page(budget: usize, page: &mut HistoryPage) {
+    let cursor = |m: &chatgate_protocol::payload::Message| Cursor {
+        created_at_ms: m.created_at_ms,
+        message_id: m.id,
+    };
+    // The room, the longest list length and the longest cursor.
+    let mut used = wire_len(&HistoryPage {
+        room: page.room.clone(),
+        messages: Vec::new(),
+        next: Some(Cursor {
+            created_at_ms: u64::MAX,
+            message_id: u64::MAX,
+        }),
+    }) + 9;
+    let mut keep = 0;
+    for m in &page.messages {
+        used = used.saturating_add(wire_len(m));
+        if used > budget {
+            break;
+        }
+        keep += 1;
+    }
+    if keep == page.messages.len() {
+        return;
+    }
+    let last = if keep == 0 { 0 } else { keep - 1 };
+    if keep == 0 {
+        tracing::warn!(room = %page.room, id = page.messages[0].id, "a stored message is larger than any frame; skipped in history");
+    }
+    page.next = Some(cursor(&page.messages[last]));
+    page.messages.truncate(keep);
 }
 
 /// This node is storing and publishing (user, client message id): a

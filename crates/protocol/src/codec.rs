@@ -20,6 +20,18 @@ fn wire_config() -> Configuration {
     config::standard()
 }
 
+/// Bytes `value` takes in a payload (PROTOCOL.md §4), counted without
+/// writing them: for filling a frame up to its limit (a history page that
+/// ends before the frame would overflow).
+pub fn wire_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    let mut counter = bincode::enc::write::SizeWriter::default();
+    match bincode::serde::encode_into_writer(value, &mut counter, wire_config()) {
+        Ok(()) => counter.bytes_written,
+        // Only a type serde cannot describe fails; treat it as unsendable.
+        Err(_) => usize::MAX,
+    }
+}
+
 /// Encoder and decoder for both directions, holding the size caps and
 /// compression policy. Cheap to copy; share one per process.
 #[derive(Debug, Clone, Copy, Default)]
@@ -117,6 +129,15 @@ impl Codec {
     /// Compression (above the threshold) and the size cap, for every
     /// frame this codec produces.
     fn finish(&self, frame: Bytes) -> Result<Bytes, EncodeError> {
+        // The receiver refuses a payload past its cap even when the
+        // compressed frame is small: never send one it would refuse.
+        let payload = frame.len().saturating_sub(HEADER_LEN);
+        if payload > self.config.max_payload_bytes {
+            return Err(EncodeError::TooLarge {
+                len: payload,
+                max: self.config.max_payload_bytes,
+            });
+        }
         let frame = self.compress_frame(frame);
         if frame.len() > self.config.max_frame_bytes {
             return Err(EncodeError::TooLarge {
@@ -141,6 +162,13 @@ impl Codec {
         bincode::serde::encode_into_std_write(payload, &mut writer, wire_config())
             .map_err(|e| EncodeError::Serialize(e.to_string()))?;
         self.finish(writer.into_inner().freeze())
+    }
+
+    /// The largest uncompressed payload a frame may carry: what the peer
+    /// accepts after inflating, and what fits a frame uncompressed (so
+    /// also compressed, which is only chosen when smaller).
+    pub fn payload_budget(&self) -> usize {
+        (self.config.max_payload_bytes).min(self.config.max_frame_bytes.saturating_sub(HEADER_LEN))
     }
 
     /// Compresses an already-encoded, uncompressed frame when its payload
