@@ -8,6 +8,7 @@
 //! the right code.
 
 use std::sync::Arc;
+use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -170,6 +171,9 @@ async fn run(
     let mut last_seen = Instant::now();
     let heartbeat = tokio::time::sleep(silence_limit);
     tokio::pin!(heartbeat);
+    // Set while reading is paused (a client over its request budget that
+    // keeps sending); boxed because most connections never pause.
+    let mut paused: Option<Pin<Box<tokio::time::Sleep>>> = None;
 
     loop {
         tokio::select! {
@@ -199,7 +203,10 @@ async fn run(
                 }
             }
             Some(()) = async { in_flight.as_mut()?.next().await }, if running(&in_flight) > 0 => {}
-            msg = ws.next(), if running(&in_flight) < MAX_IN_FLIGHT => {
+            _ = async { if let Some(p) = paused.as_mut() { p.await } }, if paused.is_some() => {
+                paused = None;
+            }
+            msg = ws.next(), if running(&in_flight) < MAX_IN_FLIGHT && paused.is_none() => {
                 last_seen = Instant::now();
                 let data = match msg {
                     Some(Ok(Message::Binary(data))) => data,
@@ -210,6 +217,16 @@ async fn run(
                     Some(Err(e)) => return ws_error(e),
                 };
                 count_in(node, &data);
+                // Charged before decoding: a refused frame costs its
+                // header, never an inflate.
+                let header = match node.codec.header(&data) {
+                    Ok(h) => h,
+                    Err(e) => return Ended::Close(e.close_code()),
+                };
+                if let Err(pause) = session.admit(header.request_id) {
+                    paused = pause.map(|d| Box::pin(tokio::time::sleep(d)));
+                    continue;
+                }
                 let (rid, frame) = match node.codec.decode_client(&data) {
                     Ok(f) => f,
                     Err(e) => {

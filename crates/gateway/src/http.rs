@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use chatgate_protocol::SUBPROTOCOL;
+use chatgate_protocol::limits::MAX_CLIENT_FRAME_BYTES;
 
 use crate::connection;
 use crate::node::Node;
@@ -109,11 +110,14 @@ fn upgrade(
     };
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut req);
+    // No request is larger than a resuming Identify (~148 KiB): reading
+    // more from a client, authenticated or not, only holds memory.
+    let read_cap = node.config.max_frame_bytes.min(MAX_CLIENT_FRAME_BYTES);
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(node.config.ws_read_buffer)
         .write_buffer_size(0)
-        .max_message_size(Some(node.config.max_frame_bytes))
-        .max_frame_size(Some(node.config.max_frame_bytes));
+        .max_message_size(Some(read_cap))
+        .max_frame_size(Some(read_cap));
     tokio::spawn(async move {
         let _permit = permit;
         match on_upgrade.await {

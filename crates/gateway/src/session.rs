@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -160,12 +160,46 @@ pub struct Session {
     /// Queued events at or before it are dropped, so the client never sees
     /// a sequence number go backwards. Cleared at the first newer event.
     watermarks: Vec<(Arc<str>, Position)>,
-    /// Flood guard for this connection's typing, history, join and leave
-    /// requests: a token bucket refilled at `requests_per_second`.
-    request_tokens: f32,
-    request_refill: Instant,
+    /// Flood guard for every frame this connection sends, taken before
+    /// the frame is decoded: refilled at `requests_per_second`.
+    requests: Bucket,
+    /// Refusals of frames over the request budget are answered up to
+    /// `request_burst` a second; past that the connection stops reading
+    /// until one refills, so a client that ignores `retry_after_ms` costs
+    /// a bounded number of frames a second, not what its link can carry.
+    refusals: Bucket,
     /// Completion of the newest request started by [`Session::in_order`].
     last_in_order: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+/// A token bucket: `burst` tokens, refilled at `rate` a second.
+struct Bucket {
+    tokens: f32,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(burst: u32) -> Bucket {
+        Bucket {
+            tokens: burst as f32,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self, rate: u32, burst: u32) -> Result<(), Duration> {
+        let rate = rate.max(1) as f32;
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.at).as_secs_f32();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * rate).min(burst.max(1) as f32);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f32((1.0 - self.tokens) / rate))
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -214,8 +248,8 @@ impl Session {
             outbox,
             rooms: HashSet::new(),
             watermarks: Vec::new(),
-            request_tokens: node.config.request_burst as f32,
-            request_refill: Instant::now(),
+            requests: Bucket::full(node.config.request_burst),
+            refusals: Bucket::full(node.config.request_burst),
             last_in_order: None,
         };
         let user = User {
@@ -466,24 +500,33 @@ impl Session {
         }
     }
 
-    /// Takes one request token; `Err(ms)` until one is available. Applies
-    /// to every request (typing and history included), so one connection
-    /// cannot flood the node; the per-user message limit applies on top.
+    /// Takes one request token; `Err(ms)` until one is available.
     fn take_request_token(&mut self) -> Result<(), u32> {
-        let rate = self.node.config.requests_per_second.max(1) as f32;
-        let burst = self.node.config.request_burst.max(1) as f32;
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.request_refill).as_secs_f32();
-        self.request_refill = now;
-        self.request_tokens = (self.request_tokens + elapsed * rate).min(burst);
-        if self.request_tokens >= 1.0 {
-            self.request_tokens -= 1.0;
-            Ok(())
-        } else {
-            Err((((1.0 - self.request_tokens) / rate) * 1000.0)
-                .ceil()
-                .max(1.0) as u32)
-        }
+        let c = &self.node.config;
+        self.requests
+            .take(c.requests_per_second, c.request_burst)
+            .map_err(|wait| wait.as_micros().div_ceil(1000).clamp(1, u32::MAX as u128) as u32)
+    }
+
+    /// Charges a frame (any opcode, Heartbeat and Send included) to the
+    /// connection's request budget *before* it is decoded, so a flood
+    /// costs a header read per frame, not an inflate and a decode; the
+    /// per-user message limit applies to Send and React on top. `Ok`:
+    /// decode and handle it. `Err(pause)`: it was answered `rate_limited`;
+    /// with `Some`, stop reading for that long.
+    pub fn admit(&mut self, rid: u32) -> Result<(), Option<Duration>> {
+        let Err(wait) = self.take_request_token() else {
+            return Ok(());
+        };
+        self.node.metrics.rate_limited.inc();
+        self.replier().error(
+            rid,
+            ErrorCode::RateLimited,
+            wait,
+            "too many requests on this connection",
+        );
+        let c = &self.node.config;
+        Err(self.refusals.take(c.request_burst, c.request_burst).err())
     }
 
     /// Boxes a storage-bound request for the connection to poll, timing it
@@ -589,22 +632,7 @@ impl Session {
         frame: ClientFrame,
     ) -> Result<Option<Pending>, CloseCode> {
         let reply = self.replier();
-        // Sends and reactions have the per-user message limit; everything
-        // else that costs work (typing fan-out, history, joins) this one.
-        let metered = !matches!(
-            frame,
-            ClientFrame::Heartbeat | ClientFrame::Send(_) | ClientFrame::React(_)
-        );
-        if metered && let Err(wait) = self.take_request_token() {
-            self.node.metrics.rate_limited.inc();
-            reply.error(
-                rid,
-                ErrorCode::RateLimited,
-                wait,
-                "too many requests on this connection",
-            );
-            return Ok(None);
-        }
+        // The request budget was charged by `admit`, before decoding.
         if let Err(invalid) = frame.validate() {
             reply.error(rid, ErrorCode::InvalidRequest, 0, &invalid.to_string());
             return Ok(None);

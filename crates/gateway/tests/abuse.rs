@@ -40,7 +40,7 @@ fn largest_message(room: &str, cid: &str) -> ClientFrame {
 /// early with a cursor, and paging on reads every message once, in order.
 #[tokio::test]
 async fn history_of_maximum_size_messages_pages_instead_of_failing() {
-    let gw = Gateway::start(&["--messages-per-minute", "1000"]);
+    let gw = Gateway::start(&["--messages-per-minute", "1000", "--request-burst", "1000"]);
     let mut alice = user(&gw, "alice").await;
     let room = "public:big";
     join(&mut alice, &[room]).await;
@@ -82,4 +82,74 @@ async fn history_of_maximum_size_messages_pages_instead_of_failing() {
     sent.reverse();
     assert_eq!(seen, sent, "every message once, newest first");
     assert!(pages >= 2, "one frame cannot hold forty such messages");
+}
+
+/// Every frame costs the connection's request budget, Heartbeat included,
+/// and a client that keeps sending past its refusals is read no faster
+/// than its budget refills: 1,000 heartbeats sent at once get ~20 answers
+/// in the first second, not 1,000.
+#[tokio::test]
+async fn a_heartbeat_flood_is_metered_and_read_no_faster_than_the_budget() {
+    let gw = Gateway::start(&["--requests-per-second", "10", "--request-burst", "10"]);
+    let mut flooder = user(&gw, "flooder").await;
+    let started = std::time::Instant::now();
+    let codec = chatgate_protocol::Codec::default();
+    let heartbeat = codec.encode_client(7, &ClientFrame::Heartbeat).unwrap();
+    for _ in 0..1000 {
+        flooder.raw.send_bytes(heartbeat.clone()).await.unwrap();
+    }
+    let (mut acks, mut refused) = (0u32, 0u32);
+    while let Some((_, frame)) = flooder.next(std::time::Duration::from_millis(300)).await {
+        match frame {
+            ServerFrame::HeartbeatAck(_) => acks += 1,
+            ServerFrame::Error(e) if e.code == chatgate_protocol::ErrorCode::RateLimited.code() => {
+                refused += 1
+            }
+            other => panic!("{other:?}"),
+        }
+        if started.elapsed() > std::time::Duration::from_secs(1) {
+            break;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    // The burst (10) plus 10 a second, and as many refusals.
+    let allowed = 10.0 + 10.0 * secs + 1.0;
+    assert!(
+        f64::from(acks) <= allowed,
+        "{acks} heartbeats answered in {secs:.2} s; at most {allowed:.0} allowed"
+    );
+    assert!(refused >= 1, "none refused");
+    assert!(
+        // Refusals are answered at the same pace; reading pauses past them.
+        f64::from(acks + refused) <= 4.0 * allowed,
+        "{acks} answered and {refused} refused in {secs:.2} s: reading did not slow down"
+    );
+    assert!(flooder.closed.is_none(), "throttled, not closed");
+}
+
+/// A compressed request inflates no further than the largest payload its
+/// opcode can legally have: a 1 KiB Send claiming 1 MiB ends the
+/// connection with 4103 after ~41 KiB of work, not 1 MiB.
+#[tokio::test]
+async fn a_compressed_send_stops_inflating_at_the_largest_legal_send() {
+    let gw = Gateway::start(&[]);
+    let mut bomber = user(&gw, "bomber").await;
+    join(&mut bomber, &["public:r"]).await;
+    let packing = chatgate_protocol::Codec::new(chatgate_protocol::CodecConfig {
+        compress_threshold: 0,
+        ..Default::default()
+    });
+    let bomb = packing
+        .encode_client(5, &send_frame("public:r", "b", &"a".repeat(1_000_000)))
+        .unwrap();
+    assert!(bomb.len() < 8192, "{} bytes", bomb.len());
+    bomber.raw.send_bytes(bomb).await.unwrap();
+    assert_eq!(bomber.close_code().await, Some(4103));
+    // Others are unaffected.
+    let mut other = user(&gw, "other").await;
+    join(&mut other, &["public:r"]).await;
+    assert!(matches!(
+        other.request(9, send_frame("public:r", "ok", "fine")).await,
+        ServerFrame::MessageSent(_)
+    ));
 }

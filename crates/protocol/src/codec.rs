@@ -287,7 +287,15 @@ impl Codec {
     fn payload<'a>(&self, h: &Header, frame: &'a [u8]) -> Result<Payload<'a>, DecodeError> {
         let raw = &frame[HEADER_LEN..];
         if h.compressed() {
-            Ok(Payload::Owned(inflate(raw, self.config.max_payload_bytes)?))
+            // A client request can be no larger than its §6 limits allow,
+            // so inflating one stops there: a 1 KiB Send that claims
+            // 1 MiB costs what a legal Send costs. (An uncompressed
+            // payload is already in memory at its size.)
+            let cap = match crate::limits::max_client_payload(h.opcode) {
+                Some(legal) => legal.min(self.config.max_payload_bytes),
+                None => self.config.max_payload_bytes,
+            };
+            Ok(Payload::Owned(inflate(raw, cap)?))
         } else {
             if raw.len() > self.config.max_payload_bytes {
                 return Err(DecodeError::PayloadTooLarge {

@@ -35,7 +35,8 @@ pub(crate) fn deflate(input: &[u8], level: u32, out: &mut Vec<u8>) {
 pub(crate) fn inflate(input: &[u8], cap: usize) -> Result<Vec<u8>, DecodeError> {
     let mut d = Decompress::new(false);
     let limit = cap.saturating_add(1);
-    let mut out: Vec<u8> = Vec::with_capacity(input.len().saturating_mul(4).clamp(256, limit));
+    // Not `clamp`: a cap under 256 (a Heartbeat's is 0) would panic it.
+    let mut out: Vec<u8> = Vec::with_capacity(input.len().saturating_mul(4).max(256).min(limit));
     loop {
         let (in_before, out_before) = (d.total_in(), d.total_out());
         let consumed = in_before as usize;

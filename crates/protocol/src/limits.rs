@@ -5,8 +5,8 @@
 //! A request that breaks one is answered with `Error` code
 //! `InvalidRequest`; the connection stays open.
 
-use crate::ClientFrame;
 use crate::payload::Attachment;
+use crate::{ClientFrame, Opcode};
 
 /// Room names: 1..=128 bytes of UTF-8, no control characters and no
 /// invisible direction or width controls (see [`check_room`]).
@@ -38,6 +38,73 @@ pub const MAX_DISPLAY_NAME_CHARS: usize = 64;
 pub const HISTORY_DEFAULT_LIMIT: u32 = 50;
 /// Largest history page.
 pub const HISTORY_MAX_LIMIT: u32 = 100;
+
+/// Bytes a varint of `n` takes (PROTOCOL.md §4.1).
+const fn varint_len(n: usize) -> usize {
+    if n < 251 {
+        1
+    } else if n <= u16::MAX as usize {
+        3
+    } else if n <= u32::MAX as usize {
+        5
+    } else {
+        9
+    }
+}
+
+/// Bytes a string of at most `n` bytes takes.
+const fn text_len(n: usize) -> usize {
+    varint_len(n) + n
+}
+
+/// A u64 field at its widest.
+const U64_LEN: usize = 9;
+
+/// The largest payload a request with this opcode can have while keeping
+/// every limit above; `None` for server opcodes. The decoder stops
+/// reading (and inflating) a client's payload there, so what a request
+/// costs to decode is bounded by what a legal one costs.
+pub const fn max_client_payload(op: Opcode) -> Option<usize> {
+    let room = text_len(MAX_ROOM_NAME_BYTES);
+    Some(match op {
+        // token, Some(resume): session id, positions.
+        Opcode::Identify => {
+            text_len(MAX_TOKEN_BYTES)
+                + 1
+                + 16
+                + varint_len(MAX_RESUME_ROOMS)
+                + MAX_RESUME_ROOMS * (room + 2 * U64_LEN)
+        }
+        Opcode::Heartbeat => 0,
+        Opcode::Join | Opcode::Leave => {
+            varint_len(MAX_ROOMS_PER_REQUEST) + MAX_ROOMS_PER_REQUEST * room
+        }
+        Opcode::Send => {
+            room + text_len(MAX_CLIENT_MSG_ID_BYTES)
+                + text_len(MAX_BODY_BYTES)
+                + varint_len(MAX_ATTACHMENTS)
+                + MAX_ATTACHMENTS
+                    * (text_len(MAX_URL_BYTES)
+                        + text_len(MAX_ATTACHMENT_NAME_BYTES)
+                        + text_len(MAX_MIME_BYTES)
+                        + U64_LEN)
+        }
+        Opcode::Typing => room,
+        // room, message id, emoji, remove.
+        Opcode::React => room + U64_LEN + text_len(MAX_EMOJI_BYTES) + 1,
+        // room, Some(cursor), limit.
+        Opcode::History => room + 1 + 2 * U64_LEN + varint_len(HISTORY_MAX_LIMIT as usize),
+        _ => return None,
+    })
+}
+
+/// The largest frame any request can be (a resuming Identify): what a
+/// server needs to read from a client at most, whatever its own frame
+/// limit for what it sends.
+pub const MAX_CLIENT_FRAME_BYTES: usize = match max_client_payload(Opcode::Identify) {
+    Some(n) => n + crate::frame::HEADER_LEN,
+    None => 0,
+};
 
 /// A request field that broke a limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -383,6 +450,101 @@ mod tests {
         bad(send("r", "c", "x", vec![a]), "attachments.mime");
         bad(react("\0"), "emoji");
         ok(send("r", "c", "tab\tand\nnewline", vec![]));
+    }
+
+    /// The legal maximum of each request is exact: the largest request the
+    /// limits allow encodes to it, byte for byte.
+    #[test]
+    fn the_largest_legal_requests_fit_their_opcode_caps() {
+        let codec = crate::Codec::default();
+        let room = "r".repeat(MAX_ROOM_NAME_BYTES);
+        let largest = [
+            ClientFrame::Identify(Identify {
+                token: "t".repeat(MAX_TOKEN_BYTES),
+                resume: Some(Resume {
+                    session_id: [0; 16],
+                    positions: (0..MAX_RESUME_ROOMS)
+                        .map(|_| RoomPosition {
+                            room: room.clone(),
+                            epoch: u64::MAX,
+                            seq: u64::MAX,
+                        })
+                        .collect(),
+                }),
+            }),
+            ClientFrame::Heartbeat,
+            ClientFrame::Join(Rooms {
+                rooms: vec![room.clone(); MAX_ROOMS_PER_REQUEST],
+            }),
+            send(
+                &room,
+                &"c".repeat(MAX_CLIENT_MSG_ID_BYTES),
+                &"b".repeat(MAX_BODY_BYTES),
+                vec![
+                    Attachment {
+                        size: u64::MAX,
+                        ..file(MAX_URL_BYTES, MAX_ATTACHMENT_NAME_BYTES, MAX_MIME_BYTES)
+                    };
+                    MAX_ATTACHMENTS
+                ],
+            ),
+            ClientFrame::Typing(Typing { room: room.clone() }),
+            ClientFrame::React(React {
+                room: room.clone(),
+                message_id: u64::MAX,
+                emoji: "e".repeat(MAX_EMOJI_BYTES),
+                remove: true,
+            }),
+            ClientFrame::History(History {
+                room: room.clone(),
+                before: Some(Cursor {
+                    created_at_ms: u64::MAX,
+                    message_id: u64::MAX,
+                }),
+                limit: HISTORY_MAX_LIMIT,
+            }),
+        ];
+        for frame in largest {
+            assert_eq!(frame.validate(), Ok(()), "{:?}", frame.opcode());
+            let config = crate::CodecConfig {
+                compress_threshold: usize::MAX,
+                ..Default::default()
+            };
+            let bytes = crate::Codec::new(config).encode_client(1, &frame).unwrap();
+            let cap = max_client_payload(frame.opcode()).unwrap();
+            assert_eq!(bytes.len() - crate::frame::HEADER_LEN, cap, "{:?}", frame.opcode());
+            assert!(bytes.len() <= MAX_CLIENT_FRAME_BYTES);
+            assert!(codec.decode_client(&bytes).is_ok());
+        }
+        assert_eq!(max_client_payload(Opcode::NewMessage), None);
+    }
+
+    /// A compressed request that inflates past its opcode's legal maximum
+    /// stops there, far below the 1 MiB frame limit.
+    #[test]
+    fn inflating_a_request_stops_at_its_legal_maximum() {
+        let codec = crate::Codec::default();
+        let bomb = send("r", "c", &"b".repeat(200_000), vec![]);
+        let config = crate::CodecConfig {
+            compress_threshold: 0,
+            ..Default::default()
+        };
+        let bytes = crate::Codec::new(config).encode_client(1, &bomb).unwrap();
+        assert!(bytes.len() < 2048, "{} bytes compressed", bytes.len());
+        let cap = max_client_payload(Opcode::Send).unwrap();
+        assert_eq!(
+            codec.decode_client(&bytes).unwrap_err(),
+            crate::DecodeError::PayloadTooLarge { max: cap }
+        );
+        let heartbeat = crate::Codec::new(config)
+            .encode_client(1, &ClientFrame::Typing(Typing { room: "r".repeat(2000) }))
+            .unwrap();
+        let mut heartbeat = heartbeat.to_vec();
+        heartbeat[0] = Opcode::Heartbeat as u8;
+        assert_eq!(
+            codec.decode_client(&heartbeat).unwrap_err(),
+            crate::DecodeError::PayloadTooLarge { max: 0 }
+        );
     }
 
     /// Identity text refuses what room names refuse.

@@ -223,7 +223,16 @@ fn deflate_bomb_stops_at_the_cap() {
     assert!(z.len() < MIB);
     let mut frame = vec![5, 1, 1, 0, 0, 0];
     frame.extend(&z);
+    // A request stops at the largest payload its opcode can legally have.
+    let send_cap = chatgate_protocol::limits::max_client_payload(chatgate_protocol::Opcode::Send)
+        .unwrap();
     let (r, peak) = peak_alloc(|| codec.decode_client(&frame));
+    assert_eq!(r, Err(DecodeError::PayloadTooLarge { max: send_cap }));
+    assert!(peak <= send_cap + 128 * 1024, "peak {peak}");
+    // A server frame (a client reading one) stops at the payload cap.
+    let mut event = vec![0x60, 1, 0, 0, 0, 0];
+    event.extend(&z);
+    let (r, peak) = peak_alloc(|| codec.decode_server(&event));
     assert_eq!(r, Err(DecodeError::PayloadTooLarge { max: MIB }));
     // Output buffer (<= cap + 1) plus the inflater's own state.
     assert!(peak <= MIB + 128 * 1024, "peak {peak}");
@@ -233,7 +242,7 @@ fn deflate_bomb_stops_at_the_cap() {
         max_payload_bytes: 4096,
         ..CodecConfig::default()
     });
-    let (r, peak) = peak_alloc(|| small.decode_client(&frame));
+    let (r, peak) = peak_alloc(|| small.decode_server(&event));
     assert_eq!(r, Err(DecodeError::PayloadTooLarge { max: 4096 }));
     assert!(peak <= 4096 + 128 * 1024, "peak {peak}");
 }
@@ -246,24 +255,39 @@ fn a_payload_exactly_at_the_cap_still_decodes() {
         max_frame_bytes: cap + 6,
         ..CodecConfig::default()
     });
-    // Typing { room } with a room string filling the payload exactly:
-    // 5-byte varint (0xFC + u32) + (cap - 5) bytes.
-    let mut payload = vec![0xFC];
-    payload.extend(((cap - 5) as u32).to_le_bytes());
-    payload.extend(std::iter::repeat_n(b'r', cap - 5));
-    assert_eq!(payload.len(), cap);
-    let mut plain = vec![6, 0, 0, 0, 0, 0];
-    plain.extend(&payload);
-    assert!(codec.decode_client(&plain).is_ok());
-    let mut packed = vec![6, 1, 0, 0, 0, 0];
-    packed.extend(deflate(&payload));
-    assert!(codec.decode_client(&packed).is_ok());
+    // UserTyping { room, user_id } with a room string filling the payload
+    // exactly: 5-byte varint (0xFC + u32) + (cap - 6) bytes + an empty
+    // user id.
+    let payload = |extra: usize| {
+        let mut p = vec![0xFC];
+        p.extend(((cap - 6 + extra) as u32).to_le_bytes());
+        p.extend(std::iter::repeat_n(b'r', cap - 6 + extra));
+        p.push(0);
+        p
+    };
+    assert_eq!(payload(0).len(), cap);
+    let mut plain = vec![0x61, 0, 0, 0, 0, 0];
+    plain.extend(payload(0));
+    assert!(codec.decode_server(&plain).is_ok());
+    let mut packed = vec![0x61, 1, 0, 0, 0, 0];
+    packed.extend(deflate(&payload(0)));
+    assert!(codec.decode_server(&packed).is_ok());
     // One byte more is refused.
-    payload.push(b'r');
-    let mut packed = vec![6, 1, 0, 0, 0, 0];
-    packed.extend(deflate(&payload));
+    let mut packed = vec![0x61, 1, 0, 0, 0, 0];
+    packed.extend(deflate(&payload(1)));
     assert_eq!(
-        codec.decode_client(&packed),
+        codec.decode_server(&packed),
         Err(DecodeError::PayloadTooLarge { max: cap })
+    );
+    // A compressed request inflates no further than its opcode's legal
+    // maximum, under any cap: a Typing names one room, 129 bytes at most.
+    let mut typing = vec![6, 1, 0, 0, 0, 0];
+    typing.extend(deflate(&payload(0)));
+    assert_eq!(
+        codec.decode_client(&typing),
+        Err(DecodeError::PayloadTooLarge {
+            max: chatgate_protocol::limits::max_client_payload(chatgate_protocol::Opcode::Typing)
+                .unwrap()
+        })
     );
 }

@@ -237,6 +237,15 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
     ]
 }
 
+/// Payload bytes of a request, uncompressed.
+fn plain_len(frame: &ClientFrame) -> usize {
+    let plain = Codec::new(CodecConfig {
+        compress_threshold: usize::MAX,
+        ..CodecConfig::default()
+    });
+    plain.encode_client(0, frame).unwrap().len() - 6
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
@@ -244,7 +253,18 @@ proptest! {
     fn client_frames_round_trip(frame in client_frame(), rid in any::<u32>(), threshold in prop_oneof![Just(1024usize), Just(0), Just(usize::MAX)]) {
         let codec = Codec::new(CodecConfig { compress_threshold: threshold, ..CodecConfig::default() });
         let bytes = codec.encode_client(rid, &frame).unwrap();
-        prop_assert_eq!(codec.decode_client(&bytes).unwrap(), (rid, frame));
+        // Past the largest payload its opcode can legally have, a
+        // compressed request is refused by size (inflating stops there).
+        let legal = chatgate_protocol::limits::max_client_payload(frame.opcode()).unwrap();
+        let compressed = bytes[1] & 1 != 0;
+        if !compressed || plain_len(&frame) <= legal {
+            prop_assert_eq!(codec.decode_client(&bytes).unwrap(), (rid, frame));
+        } else {
+            prop_assert_eq!(
+                codec.decode_client(&bytes).unwrap_err(),
+                chatgate_protocol::DecodeError::PayloadTooLarge { max: legal }
+            );
+        }
     }
 
     #[test]
@@ -276,7 +296,11 @@ proptest! {
     #[test]
     fn mutated_frames_hold_the_fuzz_property(frame in prop_oneof![
         server_frame().prop_map(|f| Codec::default().encode_server(7, &f).unwrap()),
-        client_frame().prop_map(|f| Codec::default().encode_client(7, &f).unwrap()),
+        client_frame()
+            .prop_filter("within its opcode's legal size", |f| {
+                plain_len(f) <= chatgate_protocol::limits::max_client_payload(f.opcode()).unwrap()
+            })
+            .prop_map(|f| Codec::default().encode_client(7, &f).unwrap()),
     ], flips in vec((any::<prop::sample::Index>(), any::<u8>()), 0..6)) {
         let mut b = frame.to_vec();
         let unchanged = flips.iter().all(|(_, x)| *x == 0);

@@ -775,6 +775,10 @@ impl Cluster {
             db,
             "--messages-per-minute".into(),
             "100000".into(),
+            "--requests-per-second".into(),
+            "100000".into(),
+            "--request-burst".into(),
+            "100000".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let nodes = (0..n).map(|i| Self::node(&args, i)).collect();
