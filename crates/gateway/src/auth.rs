@@ -1282,7 +1282,10 @@ mod tests {
         let auth = authenticator(hs_config()).await;
         let now = unix_now();
         let until = |secs: u64| hs256(SECRET, &claims(json!({"exp": now + secs})));
-        assert!(auth.verify(&until(86_400)).await.is_ok(), "a day is allowed");
+        assert!(
+            auth.verify(&until(86_400)).await.is_ok(),
+            "a day is allowed"
+        );
         let too_long = Err(AuthError::InvalidClaim {
             claim: "exp",
             problem: "further ahead than the longest token lifetime",
@@ -1715,7 +1718,10 @@ mod tests {
         )
         .unwrap();
         let c = AuthConfig::resolve(&AuthOverrides::default(), Some(file), SECRET).unwrap();
-        assert_eq!(c.hs256_secrets, [SECRET, "file-secret-0123456789abcdefghijkl"]);
+        assert_eq!(
+            c.hs256_secrets,
+            [SECRET, "file-secret-0123456789abcdefghijkl"]
+        );
         assert_eq!(c.public_keys, ["/etc/chatgate/idp.pem"]);
         assert_eq!(c.jwks_refresh, Duration::from_secs(60));
         assert_eq!(c.issuer.as_deref(), Some("https://idp.example/"));

@@ -7,8 +7,8 @@
 //! [`crate::session`]; this file only frames, dispatches and closes with
 //! the right code.
 
-use std::sync::Arc;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 

@@ -4,11 +4,10 @@
 
 mod common;
 
-
+use chatgate_protocol::ClientFrame;
 use chatgate_protocol::ServerFrame;
 use chatgate_protocol::limits::{MAX_ATTACHMENTS, MAX_BODY_BYTES};
 use chatgate_protocol::payload::*;
-use chatgate_protocol::ClientFrame;
 use common::*;
 use rand::Rng;
 
@@ -46,7 +45,10 @@ async fn history_of_maximum_size_messages_pages_instead_of_failing() {
     join(&mut alice, &[room]).await;
     let mut sent = Vec::new();
     for i in 0..40u32 {
-        match alice.request(10 + i, largest_message(room, &format!("m{i}"))).await {
+        match alice
+            .request(10 + i, largest_message(room, &format!("m{i}")))
+            .await
+        {
             ServerFrame::MessageSent(s) => sent.push(s.message_id),
             other => panic!("send {i}: {other:?}"),
         }
@@ -71,7 +73,10 @@ async fn history_of_maximum_size_messages_pages_instead_of_failing() {
             panic!("page {pages}: {page:?}");
         };
         pages += 1;
-        assert!(!page.messages.is_empty() || page.next.is_none(), "empty page with a cursor");
+        assert!(
+            !page.messages.is_empty() || page.next.is_none(),
+            "empty page with a cursor"
+        );
         seen.extend(page.messages.iter().map(|m| m.id));
         match page.next {
             Some(c) => before = Some(c),

@@ -512,7 +512,12 @@ mod tests {
             };
             let bytes = crate::Codec::new(config).encode_client(1, &frame).unwrap();
             let cap = max_client_payload(frame.opcode()).unwrap();
-            assert_eq!(bytes.len() - crate::frame::HEADER_LEN, cap, "{:?}", frame.opcode());
+            assert_eq!(
+                bytes.len() - crate::frame::HEADER_LEN,
+                cap,
+                "{:?}",
+                frame.opcode()
+            );
             assert!(bytes.len() <= MAX_CLIENT_FRAME_BYTES);
             assert!(codec.decode_client(&bytes).is_ok());
         }
@@ -537,7 +542,12 @@ mod tests {
             crate::DecodeError::PayloadTooLarge { max: cap }
         );
         let heartbeat = crate::Codec::new(config)
-            .encode_client(1, &ClientFrame::Typing(Typing { room: "r".repeat(2000) }))
+            .encode_client(
+                1,
+                &ClientFrame::Typing(Typing {
+                    room: "r".repeat(2000),
+                }),
+            )
             .unwrap();
         let mut heartbeat = heartbeat.to_vec();
         heartbeat[0] = Opcode::Heartbeat as u8;

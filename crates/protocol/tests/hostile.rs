@@ -224,8 +224,8 @@ fn deflate_bomb_stops_at_the_cap() {
     let mut frame = vec![5, 1, 1, 0, 0, 0];
     frame.extend(&z);
     // A request stops at the largest payload its opcode can legally have.
-    let send_cap = chatgate_protocol::limits::max_client_payload(chatgate_protocol::Opcode::Send)
-        .unwrap();
+    let send_cap =
+        chatgate_protocol::limits::max_client_payload(chatgate_protocol::Opcode::Send).unwrap();
     let (r, peak) = peak_alloc(|| codec.decode_client(&frame));
     assert_eq!(r, Err(DecodeError::PayloadTooLarge { max: send_cap }));
     assert!(peak <= send_cap + 128 * 1024, "peak {peak}");
