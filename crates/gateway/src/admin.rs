@@ -45,7 +45,7 @@ const MAX_BODY: usize = 1024 * 1024;
 /// Users per bulk add or remove.
 const MAX_USERS_PER_REQUEST: usize = 1000;
 /// Concurrent server API connections.
-const MAX_CONNECTIONS: usize = 256;
+pub(crate) const MAX_CONNECTIONS: usize = 256;
 /// Longest role name.
 const MAX_ROLE_BYTES: usize = 32;
 /// Concurrent server API connections from one address.

@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde::Deserialize;
 
+use crate::admission::Cidr;
 use crate::auth::{AuthConfig, AuthFile, AuthOverrides};
 use crate::policy::Policies;
 
@@ -28,10 +29,32 @@ pub struct Config {
     /// HMAC-SHA256 secret for access tokens. Default [`DEV_SECRET`], which
     /// is refused on non-loopback addresses.
     pub token_secret: String,
-    /// WebSocket sessions this process accepts. Default: the open-files
-    /// limit minus 512 (room for HTTP requests, the store and logs); the
-    /// gateway raises its soft limit to the hard one before reading it.
+    /// Identified WebSocket sessions this process holds. Default: what
+    /// the open-files limit leaves after the pending sockets, the pools
+    /// and a reserve ([`Config::fd_budget`]; the gateway raises its soft
+    /// limit to the hard one first), and at most half the memory the
+    /// process may use at [`PER_CONNECTION_MEMORY`] each. A value past
+    /// the open-files budget is refused at start.
     pub max_connections: usize,
+    /// Sockets not identified yet (HTTP requests, upgraded sockets before
+    /// Identify), a pool of their own so that they never take session
+    /// slots. Default 1,024 (an eighth of the open-files limit when that
+    /// is small); past it, new sockets get 503 at once.
+    pub max_pending_connections: usize,
+    /// Unidentified sockets one source address may hold. Default 128.
+    /// 0: no cap.
+    pub max_pending_per_ip: u32,
+    /// Sockets of any kind one source address may hold. Default 0 (no
+    /// cap: many users share an address behind NAT); set it where they
+    /// do not.
+    pub max_connections_per_ip: u32,
+    /// New sockets per second from one source address (burst twice
+    /// that). Default 0 (no cap).
+    pub new_connections_per_ip: u32,
+    /// Proxies (addresses or CIDR blocks) whose `X-Forwarded-For` names
+    /// the client for the per-address caps. Default none: the header is
+    /// ignored, and the peer address counts.
+    pub trusted_proxies: Vec<Cidr>,
     /// Concurrent connections per user. Default 5, as in the setup this
     /// replaces; the 6th is closed with 4105.
     pub max_connections_per_user: u32,
@@ -55,10 +78,10 @@ pub struct Config {
     pub outbound_queue_bytes: usize,
     /// Rooms one session may be in. Default 1,000.
     pub max_rooms_per_session: usize,
-    /// Typing, history, join and leave requests per second one connection
-    /// may make (token bucket; sends and reactions have the per-user
-    /// message limit instead). Default 50: far above any person, far below
-    /// a flood.
+    /// Frames per second one connection may send, every opcode counted
+    /// (token bucket, charged before decoding; sends and reactions also
+    /// have the per-user message limit). Default 50: far above any
+    /// person, far below a flood.
     pub requests_per_second: u32,
     /// Burst for `requests_per_second`. Default 100.
     pub request_burst: u32,
@@ -120,10 +143,15 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config {
+        let mut c = Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             token_secret: DEV_SECRET.to_owned(),
-            max_connections: open_files_limit().saturating_sub(512).max(64),
+            max_connections: 0,
+            max_pending_connections: default_pending(open_files_limit()),
+            max_pending_per_ip: 128,
+            max_connections_per_ip: 0,
+            new_connections_per_ip: 0,
+            trusted_proxies: Vec::new(),
             max_connections_per_user: 5,
             messages_per_minute: 60,
             heartbeat_interval: Duration::from_secs(25),
@@ -152,7 +180,9 @@ impl Default for Config {
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
             admin_api_key: None,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        }
+        };
+        c.max_connections = c.default_max_connections();
+        c
     }
 }
 
@@ -170,6 +200,47 @@ pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
     let (before, _) = rlimit::Resource::NOFILE.get()?;
     let after = rlimit::increase_nofile_limit(u64::MAX)?;
     Ok((before, after))
+}
+
+/// Descriptors kept for what is not a client socket or a pooled database
+/// connection: Redis clients, listeners, logs, JWKS fetches.
+const FD_RESERVE: usize = 64;
+
+/// Memory budgeted per session when `max_connections` follows memory:
+/// an idle session measured ~6 KiB of process memory (BENCHMARKS.md),
+/// and kernel socket buffers, a burst's queued frames and the rooms it is
+/// in take the rest. A busy connection can queue up to
+/// `outbound_queue_bytes` more for a moment.
+pub const PER_CONNECTION_MEMORY: u64 = 64 * 1024;
+
+fn default_pending(nofile: usize) -> usize {
+    1024.min(nofile / 8).max(16)
+}
+
+/// Sessions half the process's memory holds at [`PER_CONNECTION_MEMORY`]
+/// each: the cgroup's limit when it has one (containers), else the host's.
+fn memory_sessions() -> usize {
+    let host = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
+        t.lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok())
+    .and_then(|t| t.trim().parse::<u64>().ok());
+    let limit = match (host, cgroup) {
+        (Some(h), Some(c)) => h.min(c),
+        (Some(h), None) => h,
+        (None, Some(c)) => c,
+        (None, None) => return usize::MAX,
+    };
+    (limit / 2 / PER_CONNECTION_MEMORY).min(usize::MAX as u64) as usize
 }
 
 /// The soft open-files limit of this process (Linux), or 1024.
@@ -201,6 +272,26 @@ pub struct Overrides {
     /// Maximum WebSocket sessions in this process.
     #[arg(long, env = "CHAT_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Maximum sockets not identified yet.
+    #[arg(long, env = "CHAT_MAX_PENDING_CONNECTIONS")]
+    pub max_pending_connections: Option<usize>,
+    /// Unidentified sockets per source address (0: no cap).
+    #[arg(long, env = "CHAT_MAX_PENDING_PER_IP")]
+    pub max_pending_per_ip: Option<u32>,
+    /// Sockets per source address (0: no cap).
+    #[arg(long, env = "CHAT_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<u32>,
+    /// New sockets per second per source address (0: no cap).
+    #[arg(long, env = "CHAT_NEW_CONNECTIONS_PER_IP")]
+    pub new_connections_per_ip: Option<u32>,
+    /// Trusted proxy address or CIDR block (repeatable; comma-separated
+    /// in the variable).
+    #[arg(
+        long = "trusted-proxy",
+        env = "CHAT_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<String>,
     /// Maximum connections per user.
     #[arg(long, env = "CHAT_MAX_CONNECTIONS_PER_USER")]
     pub max_connections_per_user: Option<u32>,
@@ -300,6 +391,11 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     token_secret: Option<String>,
     max_connections: Option<usize>,
+    max_pending_connections: Option<usize>,
+    max_pending_per_ip: Option<u32>,
+    max_connections_per_ip: Option<u32>,
+    new_connections_per_ip: Option<u32>,
+    trusted_proxies: Option<Vec<String>>,
     max_connections_per_user: Option<u32>,
     messages_per_minute: Option<u32>,
     heartbeat_interval_ms: Option<u64>,
@@ -350,10 +446,36 @@ impl Config {
             listen: o.listen.or(file.listen).unwrap_or(d.listen),
             token_secret,
             auth,
-            max_connections: o
-                .max_connections
-                .or(file.max_connections)
-                .unwrap_or(d.max_connections),
+            // Resolved below, once what else takes descriptors is known.
+            max_connections: o.max_connections.or(file.max_connections).unwrap_or(0),
+            max_pending_connections: o
+                .max_pending_connections
+                .or(file.max_pending_connections)
+                .unwrap_or(d.max_pending_connections),
+            max_pending_per_ip: o
+                .max_pending_per_ip
+                .or(file.max_pending_per_ip)
+                .unwrap_or(d.max_pending_per_ip),
+            max_connections_per_ip: o
+                .max_connections_per_ip
+                .or(file.max_connections_per_ip)
+                .unwrap_or(d.max_connections_per_ip),
+            new_connections_per_ip: o
+                .new_connections_per_ip
+                .or(file.new_connections_per_ip)
+                .unwrap_or(d.new_connections_per_ip),
+            trusted_proxies: {
+                let specs = if o.trusted_proxies.is_empty() {
+                    file.trusted_proxies.unwrap_or_default()
+                } else {
+                    o.trusted_proxies.clone()
+                };
+                specs
+                    .iter()
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|s| Cidr::parse(s))
+                    .collect::<anyhow::Result<Vec<_>>>()?
+            },
             max_connections_per_user: o
                 .max_connections_per_user
                 .or(file.max_connections_per_user)
@@ -460,8 +582,49 @@ impl Config {
             },
             admin_api_key: o.admin_api_key.clone().or(file.admin_api_key),
         };
+        let mut c = c;
+        let budget = c.fd_budget(open_files_limit());
+        if c.max_connections == 0 {
+            c.max_connections = c.default_max_connections();
+        } else if c.max_connections > budget {
+            bail!(
+                "max_connections {} does not fit the open-files limit {}: with {} pending \
+                 sockets, {} pooled backend connections and a reserve, at most {budget} \
+                 sessions fit; lower it or raise the limit (ulimit -n / LimitNOFILE)",
+                c.max_connections,
+                open_files_limit(),
+                c.max_pending_connections,
+                c.db_pool_size,
+            );
+        }
         c.validate()?;
         Ok(c)
+    }
+
+    /// The default `max_connections`: what the open files and half the
+    /// memory allow.
+    fn default_max_connections(&self) -> usize {
+        self.fd_budget(open_files_limit())
+            .min(memory_sessions())
+            .max(1)
+    }
+
+    /// Sessions that fit `nofile` open files, after what else the process
+    /// holds: pending sockets, the Postgres pool, the server API's
+    /// connections and a reserve for Redis, logs and listeners. The one
+    /// budget every socket comes out of, so `accept` never takes the
+    /// descriptor a backend connection needs.
+    pub fn fd_budget(&self, nofile: usize) -> usize {
+        let api = if self.admin_api_key.is_some() {
+            crate::admin::MAX_CONNECTIONS
+        } else {
+            0
+        };
+        nofile
+            .saturating_sub(self.max_pending_connections)
+            .saturating_sub(self.db_pool_size)
+            .saturating_sub(api)
+            .saturating_sub(FD_RESERVE)
     }
 
     /// Refuses settings that are unsafe or cannot work.
@@ -515,8 +678,8 @@ impl Config {
         if self.stream_partitions == 0 {
             bail!("stream_partitions must be positive");
         }
-        if self.max_connections == 0 {
-            bail!("max_connections must be positive");
+        if self.max_connections == 0 || self.max_pending_connections == 0 {
+            bail!("max_connections and max_pending_connections must be positive");
         }
         if self.threads == 0 {
             bail!("threads must be positive");

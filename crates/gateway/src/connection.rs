@@ -26,6 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsClos
 
 use chatgate_protocol::{ClientFrame, CloseCode};
 
+use crate::admission::Ticket;
 use crate::node::Node;
 use crate::outbox::Outbox;
 use crate::session::{Pending, Session};
@@ -61,7 +62,12 @@ enum Ended {
 }
 
 /// Serves one upgraded WebSocket until it closes.
-pub async fn serve(node: Arc<Node>, mut ws: Ws, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    node: Arc<Node>,
+    mut ws: Ws,
+    mut shutdown: watch::Receiver<bool>,
+    mut ticket: Ticket,
+) {
     node.metrics.connections.inc();
     node.metrics.connections_total.inc();
     let conn = node.next_conn_id();
@@ -76,6 +82,8 @@ pub async fn serve(node: Arc<Node>, mut ws: Ws, mut shutdown: watch::Receiver<bo
     };
     match opened {
         Ok(mut session) => {
+            // A session now: its pending slot goes back to the door.
+            ticket.identified();
             let end = run(&node, &mut ws, &mut session, &outbox, &mut shutdown).await;
             drop(session);
             finish(&node, &mut ws, end, outbox.reason()).await;

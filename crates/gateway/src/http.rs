@@ -2,7 +2,9 @@
 //! `GET /health` and `GET /metrics` serve operators, anything else 404.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -10,6 +12,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -18,8 +21,10 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use chatgate_protocol::SUBPROTOCOL;
 use chatgate_protocol::limits::MAX_CLIENT_FRAME_BYTES;
 
+use crate::admission::Ticket;
 use crate::connection;
 use crate::node::Node;
+use crate::server::MAX_REQUESTS_PER_CONNECTION;
 
 type Body = Full<Bytes>;
 
@@ -33,18 +38,53 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
+/// One accepted socket, shared by the requests it carries.
+pub struct Socket {
+    peer: SocketAddr,
+    /// What the socket holds at the door; the upgrade takes it along.
+    ticket: Mutex<Option<Ticket>>,
+    requests: AtomicU32,
+}
+
+impl Socket {
+    /// A socket from `peer`, admitted with `ticket`.
+    pub fn new(peer: SocketAddr, ticket: Ticket) -> Socket {
+        Socket {
+            peer,
+            ticket: Mutex::new(Some(ticket)),
+            requests: AtomicU32::new(0),
+        }
+    }
+}
+
 /// Routes one request.
 pub async fn route(
     node: Arc<Node>,
     req: Request<Incoming>,
     shutdown: watch::Receiver<bool>,
+    socket: Arc<Socket>,
 ) -> Result<Response<Body>, Infallible> {
-    Ok(match (req.method(), req.uri().path()) {
-        (&Method::GET, "/ws") => upgrade(node, req, shutdown),
+    let served = socket.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut response = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/ws") => upgrade(node, req, shutdown, &socket),
         (&Method::GET, "/health") => health_response(&node),
         (&Method::GET, "/metrics") => metrics_response(&node),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
-    })
+    };
+    if served >= MAX_REQUESTS_PER_CONNECTION && response.status() != StatusCode::SWITCHING_PROTOCOLS
+    {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(response)
+}
+
+fn unavailable(body: &'static str) -> Response<Body> {
+    let mut r = text(StatusCode::SERVICE_UNAVAILABLE, body);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 /// `/metrics`: Prometheus text (served on the public and the API port).
@@ -69,6 +109,7 @@ fn upgrade(
     node: Arc<Node>,
     mut req: Request<Incoming>,
     shutdown: watch::Receiver<bool>,
+    socket: &Socket,
 ) -> Response<Body> {
     let h = req.headers();
     if !header_has_token(h, header::CONNECTION, "upgrade")
@@ -96,18 +137,28 @@ fn upgrade(
         );
     }
     if *shutdown.borrow() {
-        let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return r;
+        return unavailable("shutting down\n");
     }
-    let Ok(permit) = node.sessions.clone().try_acquire_owned() else {
+    // Early word when every session slot is taken; the slot itself is
+    // claimed only once the client's token checks out.
+    if node.sessions.available_permits() == 0 {
         node.metrics.refused_overload.inc();
-        let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "at connection capacity\n");
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return r;
+        return unavailable("at connection capacity\n");
+    }
+    let Some(mut ticket) = socket.ticket.lock().take() else {
+        return unavailable("one upgrade per connection\n");
     };
+    // Behind a trusted proxy, the client is known only now.
+    let forwarded: Vec<&str> = h
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let client = node.door.client_addr(socket.peer.ip(), &forwarded);
+    if let Err(why) = ticket.attribute(client) {
+        node.metrics.refused(why);
+        return unavailable("too many connections from this address\n");
+    }
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut req);
     // No request is larger than a resuming Identify (~148 KiB): reading
@@ -119,7 +170,6 @@ fn upgrade(
         .max_message_size(Some(read_cap))
         .max_frame_size(Some(read_cap));
     tokio::spawn(async move {
-        let _permit = permit;
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws = WebSocketStream::from_raw_socket(
@@ -128,7 +178,7 @@ fn upgrade(
                     Some(ws_config),
                 )
                 .await;
-                connection::serve(node, ws, shutdown).await;
+                connection::serve(node, ws, shutdown, ticket).await;
             }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
@@ -184,6 +234,7 @@ pub fn health_response(node: &Node) -> Response<Body> {
     let body = serde_json::json!({
         "status": if degraded { "degraded" } else { "ok" },
         "connections": node.connections(),
+        "pending": node.door.pending(),
         "rooms": node.hub.room_count(),
         "users": node.users.len(),
         "uptime_secs": node.started.elapsed().as_secs(),

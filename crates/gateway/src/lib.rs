@@ -3,7 +3,9 @@
 //!
 //! # Layout
 //! - [`config`]: settings, their defaults and why; file + env + flags.
-//! - [`server`]: listener, the two connection limits, graceful shutdown.
+//! - [`server`]: listener, accept loop, graceful shutdown.
+//! - [`admission`]: who gets a socket before Identify: one descriptor
+//!   budget, a pending pool apart from sessions, per-address caps.
 //! - [`http`]: `/ws` upgrade, `/health`, `/metrics`.
 //! - [`connection`]: the per-connection task (framing and dispatch only).
 //! - [`session`]: request rules: identify, join, send, history... no I/O.
@@ -24,6 +26,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod connection;

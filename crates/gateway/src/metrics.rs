@@ -22,6 +22,10 @@ pub struct Metrics {
     pub refused_overload: IntCounter,
     /// Identify refused because the user was at the per-user cap.
     pub refused_user_limit: IntCounter,
+    /// Sockets refused at the door because every pending slot was taken.
+    pub refused_pending: IntCounter,
+    /// Sockets refused at the door by a per-address cap.
+    pub refused_source: IntCounter,
     /// Rooms with at least one local member.
     pub rooms: IntGauge,
     frames_in: Vec<IntCounter>,
@@ -192,6 +196,16 @@ impl Metrics {
                 "connections_refused_user_limit_total",
                 "Sessions closed with 4105 (per-user cap)",
             ),
+            refused_pending: counter(
+                r,
+                "connections_refused_pending_total",
+                "Sockets refused with 503 at max_pending_connections (not identified yet)",
+            ),
+            refused_source: counter(
+                r,
+                "connections_refused_source_total",
+                "Sockets refused with 503 by a per-address cap",
+            ),
             rooms: gauge(r, "rooms", "Rooms with local members"),
             frames_in: per_opcode(r, "frames_in_total", "Frames received, by opcode"),
             frames_out: per_opcode(
@@ -297,6 +311,14 @@ impl Metrics {
         self.request_latency
             .with_label_values(&[opcode.name()])
             .observe(seconds);
+    }
+
+    /// Counts a socket refused at the door.
+    pub fn refused(&self, why: crate::admission::Refusal) {
+        match why {
+            crate::admission::Refusal::Pending => self.refused_pending.inc(),
+            crate::admission::Refusal::Source => self.refused_source.inc(),
+        }
     }
 
     /// Counts a server-initiated close.

@@ -55,8 +55,11 @@ pub struct Node {
     pub verifier: Verifier,
     /// Process start, for `/health` uptime.
     pub started: Instant,
-    /// One permit per WebSocket session (`max_connections`).
+    /// One permit per identified WebSocket session (`max_connections`).
     pub sessions: Arc<Semaphore>,
+    /// Sockets before Identify: descriptor budget, pending pool,
+    /// per-address caps.
+    pub door: Arc<crate::admission::Door>,
     /// (user, client message id) of sends between store and publish on
     /// this node, so a concurrent retry does not publish twice.
     pub sends_in_flight: DashMap<(Arc<str>, String), Arc<tokio::sync::Notify>>,
@@ -194,6 +197,7 @@ impl Node {
             verifier: Verifier::new(config.token_secret.as_bytes()),
             started: Instant::now(),
             sessions: Arc::new(Semaphore::new(config.max_connections)),
+            door: crate::admission::Door::new(&config),
             sends_in_flight: DashMap::new(),
             next_conn: AtomicU64::new(1),
             metrics,
@@ -271,6 +275,7 @@ impl Node {
     pub fn maintain(&self) {
         self.fanout.maintain();
         self.users.sweep();
+        self.door.sweep();
     }
 
     /// Open WebSocket sessions.

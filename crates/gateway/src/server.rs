@@ -1,12 +1,12 @@
 //! The listener: accepts TCP connections, serves HTTP on each, and shuts
 //! down gracefully.
 //!
-//! Two limits guard the door. A permit per TCP connection is taken
-//! *before* `accept()` (`max_connections` + headroom for HTTP requests),
-//! so the process never accepts its way into the open-files limit; and a
-//! permit per WebSocket session is taken at upgrade time, past which
-//! upgrades get `503` with `Retry-After`. Accept errors back off instead
-//! of spinning.
+//! Every socket passes [`crate::admission`] first: a descriptor permit
+//! taken *before* `accept()`, then the pending pool and the per-address
+//! caps (a refused socket is answered 503 and closed at once). The HTTP
+//! phase of a connection lasts at most the connect timeout and
+//! [`MAX_REQUESTS_PER_CONNECTION`] requests, so keep-alive sockets cannot
+//! hold the pending pool. Accept errors back off instead of spinning.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,14 +16,18 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use crate::http;
 use crate::node::Node;
 
-/// HTTP connections allowed beyond `max_connections` (health checks,
-/// scrapes, refused upgrades).
-const HTTP_HEADROOM: usize = 256;
+/// Requests one HTTP connection may make before it is closed (the
+/// answer to the last says `Connection: close`).
+pub const MAX_REQUESTS_PER_CONNECTION: u32 = 100;
+
+/// The answer to a socket refused at the door, written without waiting.
+const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
+Content-Type: text/plain\r\nContent-Length: 12\r\nConnection: close\r\n\r\nover limits\n";
 
 /// A listening socket on `addr`, shared with other processes on this host
 /// when `reuse_port` (SO_REUSEPORT: the kernel spreads connections).
@@ -102,7 +106,6 @@ impl Server {
             listener,
             shutdown_tx,
         } = self;
-        let tcp_permits = Arc::new(Semaphore::new(node.config.max_connections + HTTP_HEADROOM));
         let mut shutdown = shutdown_tx.subscribe();
         let maintenance = {
             let node = node.clone();
@@ -122,13 +125,13 @@ impl Server {
         let mut backoff = Duration::from_millis(5);
         loop {
             let permit = tokio::select! {
-                p = tcp_permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
+                p = node.door.socket_permit() => match p {
+                    Some(p) => p,
+                    None => break,
                 },
                 _ = shutdown.changed() => break,
             };
-            let (stream, _peer) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(s) => {
                         backoff = Duration::from_millis(5);
@@ -144,20 +147,49 @@ impl Server {
                 },
                 _ = shutdown.changed() => break,
             };
+            let ticket = match node.door.admit(permit, peer.ip()) {
+                Ok(t) => t,
+                Err(why) => {
+                    node.metrics.refused(why);
+                    // A fresh socket's send buffer is empty: this never
+                    // waits, and a short write just loses the courtesy.
+                    let _ = stream.try_write(REFUSED);
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
             let node = node.clone();
             let conn_shutdown = shutdown_tx.subscribe();
             tokio::spawn(async move {
-                let _permit = permit;
                 let timeout = node.config.connect_timeout;
-                let svc =
-                    service_fn(move |req| http::route(node.clone(), req, conn_shutdown.clone()));
+                let socket = Arc::new(http::Socket::new(peer, ticket));
+                let svc = service_fn(move |req| {
+                    http::route(node.clone(), req, conn_shutdown.clone(), socket.clone())
+                });
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(timeout)
                     .serve_connection(TokioIo::new(stream), svc)
                     .with_upgrades();
-                if let Err(e) = conn.await {
+                tokio::pin!(conn);
+                // The HTTP phase (until an upgrade, or between keep-alive
+                // requests) holds a pending slot: it ends with the connect
+                // timeout, however the client paces its requests.
+                let ended = tokio::select! {
+                    r = conn.as_mut() => Some(r),
+                    _ = tokio::time::sleep(timeout) => None,
+                };
+                let ended = match ended {
+                    Some(r) => r,
+                    None => {
+                        conn.as_mut().graceful_shutdown();
+                        match tokio::time::timeout(Duration::from_secs(1), conn).await {
+                            Ok(r) => r,
+                            Err(_) => Ok(()),
+                        }
+                    }
+                };
+                if let Err(e) = ended {
                     tracing::trace!(error = %e, "http connection ended with error");
                 }
             });

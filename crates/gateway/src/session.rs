@@ -154,6 +154,8 @@ pub struct Session {
     /// grants (`rooms` claim).
     token_rooms: Arc<[String]>,
     slot: Slot,
+    /// This session's slot in `max_connections`.
+    _permit: tokio::sync::OwnedSemaphorePermit,
     outbox: Arc<Outbox>,
     rooms: HashSet<Arc<str>>,
     /// Per room, the position the client was told (Ready, Joined, replay).
@@ -229,6 +231,12 @@ impl Session {
         let user_id: Arc<str> = Arc::from(claims.sub.as_str());
         let user_name: Arc<str> = Arc::from(claims.name.as_deref().unwrap_or(&claims.sub));
         let user_image: Arc<str> = Arc::from(claims.picture.as_deref().unwrap_or(""));
+        // The node's session slot is claimed only now, once the token
+        // checked out: sockets that never identify cannot hold one.
+        let Ok(permit) = node.sessions.clone().try_acquire_owned() else {
+            node.metrics.refused_overload.inc();
+            return Err(CloseCode::Overloaded);
+        };
         let Some(slot) = node.users.connect(&user_id).await else {
             node.metrics.refused_user_limit.inc();
             return Err(CloseCode::ConnectionLimit);
@@ -245,6 +253,7 @@ impl Session {
             user_image,
             token_rooms: claims.rooms.clone().into(),
             slot,
+            _permit: permit,
             outbox,
             rooms: HashSet::new(),
             watermarks: Vec::new(),

@@ -2,6 +2,8 @@
 //! to a node or to other users, tried against a real gateway process.
 //! Each test fails on a gateway without the bound it checks.
 
+#![allow(clippy::unwrap_used)] // a panic here is a failed test
+
 mod common;
 
 use chatgate_protocol::ClientFrame;
@@ -157,4 +159,260 @@ async fn a_compressed_send_stops_inflating_at_the_largest_legal_send() {
         other.request(9, send_frame("public:r", "ok", "fine")).await,
         ServerFrame::MessageSent(_)
     ));
+}
+
+// ------------------------------------------------------------ before Identify
+
+/// A TCP connection to `gw` from the source address `from` (127.0.0.x).
+fn tcp_from(gw: &Gateway, from: &str) -> std::net::TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let src: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+    s.bind(&src.into()).unwrap();
+    s.connect(&gw.addr.into()).unwrap();
+    let s: std::net::TcpStream = s.into();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s
+}
+
+/// Sends one keep-alive GET and reads its status line and head.
+fn get_on(s: &mut std::net::TcpStream, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8(head).unwrap();
+    // Skip the body (Content-Length).
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some(head)
+}
+
+/// Whether the peer closed `s` (EOF) within its read timeout.
+fn closed(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Upgraded sockets that never identify do not take session slots: with
+/// room for 3 sessions, 8 silent upgrades leave a real user able to
+/// connect and identify (the slot is claimed once the token checks out).
+#[tokio::test]
+async fn silent_upgrades_do_not_take_session_slots() {
+    let gw = Gateway::start(&["--max-connections", "3"]);
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(
+            chatgate_client::RawConnection::connect(&gw.url())
+                .await
+                .expect("an upgrade that will never identify"),
+        );
+    }
+    // The eight, and the socket asking.
+    assert_eq!(gw.health()["pending"], 9);
+    let mut real = user(&gw, "real").await;
+    assert!(real.alive().await);
+    assert_eq!(gw.health()["connections"], 1);
+    drop(silent);
+}
+
+/// An HTTP connection holds a pending slot only for the connect timeout
+/// and at most 100 requests, however it paces them: keep-alive sockets
+/// filling the pending pool are closed, and new sockets get answered.
+#[test]
+fn keep_alive_sockets_cannot_hold_the_pending_pool() {
+    let gw = Gateway::start(&[
+        "--max-pending-connections",
+        "8",
+        "--max-pending-per-ip",
+        "0",
+        "--connect-timeout-ms",
+        "1500",
+    ]);
+    let started = std::time::Instant::now();
+    let mut hogs: Vec<_> = (0..8).map(|_| tcp_from(&gw, "127.0.0.1")).collect();
+    for h in &mut hogs {
+        assert!(get_on(h, "/nope").is_some());
+    }
+    // Full now: a ninth socket is refused at once, not left waiting.
+    let mut ninth = tcp_from(&gw, "127.0.0.1");
+    let answer = get_on(&mut ninth, "/health").unwrap_or_default();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    // The hogs keep asking, well inside any per-request timeout...
+    while started.elapsed() < std::time::Duration::from_millis(1000) {
+        for h in &mut hogs {
+            let _ = get_on(h, "/nope");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // ...and are closed when their connect timeout is up.
+    for (i, h) in hogs.iter_mut().enumerate() {
+        assert!(closed(h), "keep-alive socket {i} still open");
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "closed late: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(gw.get("/health").0, 200);
+    // One connection may make at most 100 requests.
+    let mut busy = tcp_from(&gw, "127.0.0.1");
+    let mut answered = 0;
+    while let Some(head) = get_on(&mut busy, "/nope") {
+        answered += 1;
+        if head.to_ascii_lowercase().contains("connection: close") {
+            break;
+        }
+        assert!(answered < 200, "never told to close");
+    }
+    assert_eq!(answered, 100);
+    assert!(closed(&mut busy));
+}
+
+/// One source address may hold only so many unidentified sockets; other
+/// addresses are served. Behind a trusted proxy the address is the one it
+/// appends to X-Forwarded-For; from anyone else the header is ignored.
+#[test]
+fn unidentified_sockets_are_capped_per_source_address() {
+    let gw = Gateway::start(&["--max-pending-per-ip", "4", "--trusted-proxy", "127.0.0.3"]);
+    let _idle: Vec<_> = (0..4).map(|_| tcp_from(&gw, "127.0.0.2")).collect();
+    // The four, and the socket asking.
+    gw.wait_health("4 pending", |h| h["pending"] == 5);
+    let mut fifth = tcp_from(&gw, "127.0.0.2");
+    let answer = get_on(&mut fifth, "/health").unwrap_or_default();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    let mut other = tcp_from(&gw, "127.0.0.4");
+    let answer = get_on(&mut other, "/health").unwrap_or_default();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(gw.metric("chat_connections_refused_source_total") >= 1.0);
+
+    // Through the trusted proxy, each client counts on its own: five
+    // upgrades for five forwarded clients all pass, four for one client
+    // then a fifth is refused.
+    let upgrade = |from: &str, client: &str| {
+        use std::io::Write;
+        let mut s = tcp_from(&gw, from);
+        write!(
+            s,
+            "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Protocol: chat.v1\r\nX-Forwarded-For: 6.6.6.6, {client}\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = [0u8; 12];
+        std::io::Read::read_exact(&mut s, &mut head).unwrap();
+        (String::from_utf8_lossy(&head).into_owned(), s)
+    };
+    let mut held = Vec::new();
+    for i in 0..5 {
+        let (status, s) = upgrade("127.0.0.3", &format!("198.51.100.{i}"));
+        assert_eq!(status, "HTTP/1.1 101", "client {i}");
+        held.push(s);
+    }
+    for _ in 0..3 {
+        let (status, s) = upgrade("127.0.0.3", "198.51.100.0");
+        assert_eq!(status, "HTTP/1.1 101");
+        held.push(s);
+    }
+    let (status, _) = upgrade("127.0.0.3", "198.51.100.0");
+    assert_eq!(status, "HTTP/1.1 503", "a fifth for one forwarded client");
+    // An untrusted peer's header is ignored: its own address counts.
+    for _ in 0..4 {
+        held.push(upgrade("127.0.0.5", "198.51.100.77").1);
+    }
+    let (status, _) = upgrade("127.0.0.5", "198.51.100.78");
+    assert_eq!(status, "HTTP/1.1 503", "the header of an untrusted peer");
+}
+
+/// Before Identify no frame larger than the largest legal request (a
+/// resuming Identify, ~148 KiB) is read: a 200 KiB frame closes with 4103
+/// instead of being read whole (1 MiB was allowed).
+#[tokio::test]
+async fn no_frame_past_the_largest_legal_request_is_read() {
+    let gw = Gateway::start(&[]);
+    let mut c = chatgate_client::RawConnection::connect(&gw.url())
+        .await
+        .unwrap();
+    let identify = ClientFrame::Identify(Identify {
+        token: "x".repeat(200 * 1024),
+        resume: None,
+    });
+    let codec = chatgate_protocol::Codec::new(chatgate_protocol::CodecConfig {
+        compress_threshold: usize::MAX,
+        ..Default::default()
+    });
+    c.send_bytes(codec.encode_client(1, &identify).unwrap())
+        .await
+        .unwrap();
+    let mut conn = Conn::new(c);
+    assert_eq!(conn.close_code().await, Some(4103));
+}
+
+/// Every socket, upgraded or not, holds one descriptor permit for its
+/// whole life: under a flood of 300 sockets the process's open files stay
+/// within sessions + pending + its own, where upgraded sockets used to
+/// give their permit back and let HTTP-phase sockets take more.
+#[tokio::test]
+async fn open_files_stay_within_the_socket_budget() {
+    let gw = Gateway::start(&[
+        "--max-connections",
+        "20",
+        "--max-pending-connections",
+        "20",
+        "--max-pending-per-ip",
+        "0",
+    ]);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", gw.pid()))
+            .unwrap()
+            .count()
+    };
+    let baseline = fds();
+    let mut sessions = Vec::new();
+    for i in 0..20 {
+        sessions.push(user(&gw, &format!("u{i}")).await);
+    }
+    // 300 more sockets: connect() completes in the backlog whether or not
+    // the gateway accepts, so each may hold a file there or not.
+    let mut flood = Vec::new();
+    for _ in 0..300 {
+        if let Ok(s) = tokio::net::TcpStream::connect(gw.addr).await {
+            flood.push(s);
+        }
+    }
+    let mut peak = 0;
+    for _ in 0..20 {
+        peak = peak.max(fds());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        peak <= baseline + 20 + 20 + 2,
+        "{peak} open files with 20 sessions and 20 pending allowed (baseline {baseline})"
+    );
+    // The sessions still work.
+    assert!(sessions[0].alive().await);
 }

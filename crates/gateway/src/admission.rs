@@ -1,0 +1,445 @@
+//! Who gets a socket, before anyone is identified.
+//!
+//! Every socket of the public listener holds a [`Ticket`] from `accept` to
+//! close (HTTP phase, upgraded, identified). The ticket carries:
+//!
+//! - a **socket permit**: sessions plus unidentified sockets never exceed
+//!   `max_connections + max_pending_connections`, which start-up keeps
+//!   inside the open-files limit together with the database and Redis
+//!   pools (see [`crate::config::Config::fd_budget`]), so `accept` cannot
+//!   take the descriptors a backend needs;
+//! - a **pending permit** until Identify succeeds: HTTP-phase and
+//!   upgraded-but-unidentified sockets have their own small pool, so
+//!   sockets that never identify cannot take session slots (a session
+//!   slot is claimed only once the token checks out);
+//! - the **source address**, counted per address: unidentified sockets
+//!   (`max_pending_per_ip`), all sockets (`max_connections_per_ip`) and
+//!   new sockets per second (`new_connections_per_ip`). IPv6 addresses
+//!   count by /64, what one host usually holds. Behind a proxy listed in
+//!   `trusted_proxies`, the address is the one the proxy appends to
+//!   `X-Forwarded-For`, counted when the request arrives; the header from
+//!   anyone else is ignored.
+//!
+//! A socket refused at the door is answered `503` with `Retry-After` and
+//! closed at once, never left to wait in the backlog: a health probe or a
+//! real user behind an attacker gets an answer either way.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::Config;
+
+/// Why a socket was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Every pending slot is taken (`max_pending_connections`).
+    Pending,
+    /// This source address is over one of its caps.
+    Source,
+}
+
+/// A source address as counted: IPv4 whole, IPv6 by its /64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SourceKey(u128);
+
+impl SourceKey {
+    fn of(ip: IpAddr) -> SourceKey {
+        match ip {
+            IpAddr::V4(v4) => SourceKey(u32::from(v4) as u128),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => SourceKey(u32::from(v4) as u128),
+                None => SourceKey((u128::from(v6) >> 64) << 64 | 1 << 32),
+            },
+        }
+    }
+}
+
+/// What one source address holds now.
+struct Source {
+    open: u32,
+    pending: u32,
+    /// New-connection tokens and when they were last refilled.
+    tokens: f32,
+    at: Instant,
+}
+
+/// A CIDR block (`10.0.0.0/8`, `fd00::/8`, or a single address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    /// Parses `ADDR` or `ADDR/BITS`.
+    pub fn parse(text: &str) -> anyhow::Result<Cidr> {
+        let (addr, bits) = match text.trim().split_once('/') {
+            Some((a, b)) => (a, Some(b)),
+            None => (text.trim(), None),
+        };
+        let net: IpAddr = addr
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{text:?} is not an address or CIDR block"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let bits = match bits {
+            Some(b) => b
+                .parse::<u8>()
+                .ok()
+                .filter(|b| *b <= max)
+                .ok_or_else(|| anyhow::anyhow!("{text:?}: prefix length must be 0..={max}"))?,
+            None => max,
+        };
+        Ok(Cidr { net, bits })
+    }
+
+    /// Whether `ip` is inside the block.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let prefix = |a: u128, width: u8| {
+            if self.bits == 0 {
+                0
+            } else {
+                a >> (width - self.bits)
+            }
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                prefix(u32::from(n) as u128, 32) == prefix(u32::from(a) as u128, 32)
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                prefix(u128::from(n), 128) == prefix(u128::from(a), 128)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The door of the public listener; one per process.
+pub struct Door {
+    sockets: Arc<Semaphore>,
+    pending: Arc<Semaphore>,
+    pending_size: usize,
+    sources: Mutex<HashMap<SourceKey, Source>>,
+    pending_per_ip: u32,
+    connections_per_ip: u32,
+    new_per_ip: u32,
+    trusted: Vec<Cidr>,
+}
+
+impl Door {
+    /// A door with the configuration's limits.
+    pub fn new(config: &Config) -> Arc<Door> {
+        Arc::new(Door {
+            sockets: Arc::new(Semaphore::new(
+                config.max_connections + config.max_pending_connections,
+            )),
+            pending: Arc::new(Semaphore::new(config.max_pending_connections)),
+            pending_size: config.max_pending_connections,
+            sources: Mutex::new(HashMap::new()),
+            pending_per_ip: config.max_pending_per_ip,
+            connections_per_ip: config.max_connections_per_ip,
+            new_per_ip: config.new_connections_per_ip,
+            trusted: config.trusted_proxies.clone(),
+        })
+    }
+
+    /// Waits for a socket permit: taken *before* `accept`, so the process
+    /// never accepts its way into the open-files limit.
+    pub async fn socket_permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.sockets.clone().acquire_owned().await.ok()
+    }
+
+    /// Admits an accepted socket from `peer`, or says why not. A peer that
+    /// is a trusted proxy is counted per address only once its request
+    /// names the client ([`Ticket::attribute`]).
+    pub fn admit(
+        self: &Arc<Door>,
+        socket: OwnedSemaphorePermit,
+        peer: IpAddr,
+    ) -> Result<Ticket, Refusal> {
+        let pending = self
+            .pending
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refusal::Pending)?;
+        let mut ticket = Ticket {
+            door: self.clone(),
+            _socket: socket,
+            pending: Some(pending),
+            source: None,
+        };
+        if !self.is_trusted(peer) {
+            ticket.count(peer)?;
+        }
+        Ok(ticket)
+    }
+
+    /// Whether `peer` is a proxy whose `X-Forwarded-For` is believed.
+    pub fn is_trusted(&self, peer: IpAddr) -> bool {
+        self.trusted.iter().any(|c| c.contains(peer))
+    }
+
+    /// The client's address: `peer` itself, or, when `peer` is a trusted
+    /// proxy, the right-most `X-Forwarded-For` entry that is not one
+    /// (the left part of the header is whatever the client sent).
+    pub fn client_addr(&self, peer: IpAddr, forwarded_for: &[&str]) -> IpAddr {
+        if !self.is_trusted(peer) {
+            return peer;
+        }
+        let hops = forwarded_for
+            .iter()
+            .flat_map(|h| h.split(','))
+            .map(str::trim)
+            .collect::<Vec<_>>();
+        for hop in hops.iter().rev() {
+            match hop.parse::<IpAddr>() {
+                Ok(ip) if self.is_trusted(ip) => continue,
+                Ok(ip) => return ip,
+                // Garbage where an address should be: stop believing the
+                // rest; the proxy itself is the last address known.
+                Err(_) => break,
+            }
+        }
+        peer
+    }
+
+    /// Unidentified sockets now (for `/health` and tests).
+    pub fn pending(&self) -> usize {
+        self.pending_size
+            .saturating_sub(self.pending.available_permits())
+    }
+
+    /// Forgets addresses with nothing open and a full bucket (called from
+    /// the node's maintenance).
+    pub fn sweep(&self) {
+        let rate = self.new_per_ip as f32;
+        self.sources.lock().retain(|_, s| {
+            s.open > 0
+                || (rate > 0.0 && s.tokens + s.at.elapsed().as_secs_f32() * rate < 2.0 * rate)
+        });
+    }
+
+    /// Addresses tracked now.
+    pub fn sources(&self) -> usize {
+        self.sources.lock().len()
+    }
+}
+
+/// What one socket holds while it is open; dropping it gives it all back.
+pub struct Ticket {
+    door: Arc<Door>,
+    _socket: OwnedSemaphorePermit,
+    pending: Option<OwnedSemaphorePermit>,
+    source: Option<SourceKey>,
+}
+
+impl Ticket {
+    /// Counts this socket against `client` (for a socket from a trusted
+    /// proxy, once its request names the client). Does nothing when the
+    /// socket is already counted.
+    pub fn attribute(&mut self, client: IpAddr) -> Result<(), Refusal> {
+        if self.source.is_some() {
+            return Ok(());
+        }
+        self.count(client)
+    }
+
+    fn count(&mut self, ip: IpAddr) -> Result<(), Refusal> {
+        let door = &self.door;
+        let key = SourceKey::of(ip);
+        let mut sources = door.sources.lock();
+        let burst = 2.0 * door.new_per_ip as f32;
+        let s = sources.entry(key).or_insert_with(|| Source {
+            open: 0,
+            pending: 0,
+            tokens: burst,
+            at: Instant::now(),
+        });
+        if door.pending_per_ip > 0 && s.pending >= door.pending_per_ip {
+            return Err(Refusal::Source);
+        }
+        if door.connections_per_ip > 0 && s.open >= door.connections_per_ip {
+            return Err(Refusal::Source);
+        }
+        if door.new_per_ip > 0 {
+            let now = Instant::now();
+            let refill = now.duration_since(s.at).as_secs_f32() * door.new_per_ip as f32;
+            s.tokens = (s.tokens + refill).min(burst);
+            s.at = now;
+            if s.tokens < 1.0 {
+                return Err(Refusal::Source);
+            }
+            s.tokens -= 1.0;
+        }
+        s.open += 1;
+        if self.pending.is_some() {
+            s.pending += 1;
+        }
+        self.source = Some(key);
+        Ok(())
+    }
+
+    /// Identify succeeded: the socket is a session now, and gives its
+    /// pending slot back.
+    pub fn identified(&mut self) {
+        if self.pending.take().is_some()
+            && let Some(key) = self.source
+            && let Some(s) = self.door.sources.lock().get_mut(&key)
+        {
+            s.pending = s.pending.saturating_sub(1);
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let Some(key) = self.source else { return };
+        let mut sources = self.door.sources.lock();
+        if let Some(s) = sources.get_mut(&key) {
+            s.open = s.open.saturating_sub(1);
+            if self.pending.is_some() {
+                s.pending = s.pending.saturating_sub(1);
+            }
+            if s.open == 0 && self.door.new_per_ip == 0 {
+                sources.remove(&key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_blocks() {
+        let c = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(c.contains("10.1.200.3".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()));
+        assert!(c.contains("::ffff:10.1.0.9".parse().unwrap()));
+        let one = Cidr::parse("127.0.0.1").unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        let v6 = Cidr::parse("fd00::/8").unwrap();
+        assert!(v6.contains("fd12::1".parse().unwrap()));
+        assert!(!v6.contains("fe80::1".parse().unwrap()));
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+        for bad in ["10.0.0.0/33", "x", "::/129", "1.2.3.4/"] {
+            assert!(Cidr::parse(bad).is_err(), "{bad} parsed");
+        }
+    }
+
+    fn door(config: Config) -> Arc<Door> {
+        Door::new(&config)
+    }
+
+    fn permit(d: &Door) -> OwnedSemaphorePermit {
+        d.sockets.clone().try_acquire_owned().unwrap()
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_from_trusted_proxies_only() {
+        let d = door(Config {
+            trusted_proxies: vec![Cidr::parse("10.0.0.0/8").unwrap()],
+            ..Config::default()
+        });
+        let proxy: IpAddr = "10.0.0.5".parse().unwrap();
+        let stranger: IpAddr = "203.0.113.9".parse().unwrap();
+        let client: IpAddr = "198.51.100.7".parse().unwrap();
+        // The client's own claim (left) is ignored; the proxy's entry wins.
+        assert_eq!(d.client_addr(proxy, &["6.6.6.6, 198.51.100.7"]), client);
+        // Chained trusted proxies are skipped.
+        assert_eq!(d.client_addr(proxy, &["198.51.100.7, 10.0.0.9"]), client);
+        assert_eq!(d.client_addr(stranger, &["1.2.3.4"]), stranger);
+        assert_eq!(d.client_addr(proxy, &["not-an-ip"]), proxy);
+        assert_eq!(d.client_addr(proxy, &[]), proxy);
+    }
+
+    #[test]
+    fn per_address_caps_hold_and_free() {
+        let d = door(Config {
+            max_pending_per_ip: 2,
+            max_connections_per_ip: 3,
+            ..Config::default()
+        });
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let mut t1 = d.admit(permit(&d), a).unwrap();
+        let _t2 = d.admit(permit(&d), a).unwrap();
+        assert_eq!(
+            d.admit(permit(&d), a).err(),
+            Some(Refusal::Source),
+            "pending cap"
+        );
+        let _other = d.admit(permit(&d), b).unwrap();
+        t1.identified();
+        let mut t3 = d.admit(permit(&d), a).unwrap();
+        t3.identified();
+        assert_eq!(
+            d.admit(permit(&d), a).err(),
+            Some(Refusal::Source),
+            "open cap"
+        );
+        drop(t1);
+        let _t4 = d.admit(permit(&d), a).unwrap();
+        // IPv6 counts by /64.
+        let v6 = door(Config {
+            max_pending_per_ip: 1,
+            ..Config::default()
+        });
+        let _x = v6
+            .admit(permit(&v6), "2001:db8::1".parse().unwrap())
+            .unwrap();
+        assert!(
+            v6.admit(permit(&v6), "2001:db8::2".parse().unwrap())
+                .is_err()
+        );
+        assert!(
+            v6.admit(permit(&v6), "2001:db8:0:1::1".parse().unwrap())
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn new_connections_per_address_are_metered() {
+        let d = door(Config {
+            new_connections_per_ip: 5,
+            ..Config::default()
+        });
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        // A burst of twice the rate, then refusals.
+        for i in 0..10 {
+            assert!(d.admit(permit(&d), a).is_ok(), "connection {i}");
+        }
+        assert_eq!(d.admit(permit(&d), a).err(), Some(Refusal::Source));
+        assert!(d.admit(permit(&d), "192.0.2.9".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn the_pending_pool_is_shared_and_freed_by_identify() {
+        let d = door(Config {
+            max_pending_connections: 2,
+            ..Config::default()
+        });
+        let mut t1 = d.admit(permit(&d), "192.0.2.1".parse().unwrap()).unwrap();
+        let _t2 = d.admit(permit(&d), "192.0.2.2".parse().unwrap()).unwrap();
+        assert_eq!(
+            d.admit(permit(&d), "192.0.2.3".parse().unwrap()).err(),
+            Some(Refusal::Pending)
+        );
+        t1.identified();
+        assert!(d.admit(permit(&d), "192.0.2.3".parse().unwrap()).is_ok());
+    }
+}
