@@ -63,9 +63,65 @@ pub enum Removed {
 /// "maybe removed" and the session checks again.
 const REMOVALS_KEPT: usize = 1024;
 
+/// How often one user's typing in one room reaches anyone: one event per
+/// interval, however many connections (and nodes) the user types from.
+/// The web client sends at most one every 3 s; five tabs of one hostile
+/// user delivered ~250 a second before this.
+pub const TYPING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Lets one copy of a frame through per [`TYPING_INTERVAL`]. Typing
+/// frames carry only room and user, so equal bytes are the same user
+/// typing in the same room: no decode is needed to tell.
+#[derive(Default)]
+pub struct Coalescer {
+    seen: DashMap<Bytes, std::time::Instant>,
+}
+
+impl Coalescer {
+    /// True for the first copy of `frame` in the interval.
+    pub fn first(&self, frame: &Bytes) -> bool {
+        let now = std::time::Instant::now();
+        match self.seen.entry(frame.clone()) {
+            dashmap::Entry::Occupied(mut e) => {
+                if now.duration_since(*e.get()) < TYPING_INTERVAL {
+                    false
+                } else {
+                    e.insert(now);
+                    true
+                }
+            }
+            dashmap::Entry::Vacant(e) => {
+                e.insert(now);
+                true
+            }
+        }
+    }
+
+    /// Forgets copies older than the interval (memory stays bounded by the
+    /// typing of the last few seconds).
+    pub fn sweep(&self) {
+        self.seen.retain(|_, at| at.elapsed() < TYPING_INTERVAL);
+    }
+
+    /// Frames remembered now.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Whether none is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
 /// Room name -> local members; user -> local connections.
 pub struct Hub {
     rooms: DashMap<Arc<str>, Vec<Member>>,
+    /// Typing published from this node, and typing delivered on it: the
+    /// first keeps a user's many connections from sending more than one
+    /// an interval, the second does the same for typing from other nodes.
+    pub typing_published: Coalescer,
+    typing_delivered: Coalescer,
     /// Recent removals, newest last, and the last one's number.
     removals: parking_lot::Mutex<VecDeque<Removal>>,
     removal_seq: AtomicU64,
@@ -77,10 +133,18 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// Forgets typing older than the coalescing interval.
+    pub fn sweep_typing(&self) {
+        self.typing_published.sweep();
+        self.typing_delivered.sweep();
+    }
+
     /// An empty registry; `access` is told of membership changes.
     pub fn new(metrics: Arc<Metrics>, access: Arc<Rooms>, codec: Codec) -> Self {
         Hub {
             rooms: DashMap::new(),
+            typing_published: Coalescer::default(),
+            typing_delivered: Coalescer::default(),
             removals: parking_lot::Mutex::new(VecDeque::new()),
             removal_seq: AtomicU64::new(0),
             users: DashMap::new(),
@@ -378,6 +442,10 @@ impl LocalDelivery for Hub {
         let Some(members) = self.rooms.get(room) else {
             return;
         };
+        if ephemeral && !self.typing_delivered.first(frame) {
+            self.metrics.typing_coalesced.inc();
+            return;
+        }
         let mut delivered = 0u64;
         let mut shed = 0u64;
         for m in members.iter() {

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub deliveries: IntCounter,
     /// Ephemeral events shed for connections whose queue was filling.
     pub ephemeral_dropped: IntCounter,
+    /// Typing events not sent on because the same user's typing in the
+    /// same room went out less than an interval ago.
+    pub typing_coalesced: IntCounter,
     /// Queue wait of the oldest frame of each wake-up, until the
     /// connection task takes it.
     pub delivery_latency: Histogram,
@@ -216,6 +219,11 @@ impl Metrics {
             bytes_in: counter(r, "bytes_in_total", "Bytes received in binary messages"),
             bytes_out: counter(r, "bytes_out_total", "Bytes sent in binary messages"),
             deliveries: counter(r, "deliveries_total", "Room events enqueued to recipients"),
+            typing_coalesced: counter(
+                r,
+                "typing_coalesced_total",
+                "Typing events coalesced (same user and room within 2 s)",
+            ),
             ephemeral_dropped: counter(
                 r,
                 "ephemeral_dropped_total",

@@ -276,6 +276,7 @@ impl Node {
         self.fanout.maintain();
         self.users.sweep();
         self.door.sweep();
+        self.hub.sweep_typing();
     }
 
     /// Open WebSocket sessions.

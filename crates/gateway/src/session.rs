@@ -678,6 +678,13 @@ impl Session {
                     reply.error(rid, ErrorCode::Internal, 0, "typing event too large");
                     return Ok(None);
                 };
+                // Another of this user's connections said so a moment
+                // ago: the room already knows.
+                if !self.node.hub.typing_published.first(&bytes) {
+                    self.node.metrics.typing_coalesced.inc();
+                    reply.send(rid, &ServerFrame::Ok);
+                    return Ok(None);
+                }
                 let fanout = &self.node.fanout;
                 if let Err(e) = fanout
                     .publish_ephemeral(&t.room, bytes, Some(self.conn))

@@ -416,3 +416,52 @@ async fn open_files_stay_within_the_socket_budget() {
     // The sessions still work.
     assert!(sessions[0].alive().await);
 }
+
+// ------------------------------------------------------------ after Identify
+
+/// One user typing from five connections reaches the room as one typing
+/// event per 2 s, not one per request (~250 a second before).
+#[tokio::test]
+async fn typing_from_many_connections_is_coalesced_per_user_and_room() {
+    let gw = Gateway::start(&[]);
+    let room = "public:t";
+    let mut peer = user(&gw, "peer").await;
+    join(&mut peer, &[room]).await;
+    let mut tabs = Vec::new();
+    for _ in 0..5 {
+        let mut tab = user(&gw, "typer").await;
+        join(&mut tab, &[room]).await;
+        tabs.push(tab);
+    }
+    let started = std::time::Instant::now();
+    for round in 0..20u32 {
+        for tab in &mut tabs {
+            let reply = tab
+                .request(
+                    100 + round,
+                    ClientFrame::Typing(Typing { room: room.into() }),
+                )
+                .await;
+            assert!(matches!(reply, ServerFrame::Ok), "{reply:?}");
+        }
+    }
+    peer.raw.send(9, &ClientFrame::Heartbeat).await.unwrap();
+    let mut typing = 0;
+    loop {
+        match peer.expect().await {
+            (9, ServerFrame::HeartbeatAck(_)) => break,
+            (_, ServerFrame::UserTyping(t)) => {
+                assert_eq!(t.user_id, "typer");
+                typing += 1
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let intervals = 1 + (started.elapsed().as_secs() / 2) as usize;
+    assert!(
+        (1..=intervals).contains(&typing),
+        "{typing} typing events for 100 requests in {:?}",
+        started.elapsed()
+    );
+    assert!(gw.metric("chat_typing_coalesced_total") >= 90.0);
+}

@@ -949,9 +949,9 @@ async fn a_typing_flood_is_refused_with_rate_limited_and_the_connection_stays() 
         ServerFrame::Error(e) if e.code == ErrorCode::RateLimited.code() => {}
         other => panic!("the flooder's heartbeat: {other:?}"),
     }
-    // The peer saw only the typing events that were allowed: they were
-    // queued to it before the flooder's answers, so all of them arrive
-    // before the answer to a heartbeat sent now.
+    // The peer saw the allowed typing coalesced to one per 2 s (one user,
+    // one room): queued to it before the flooder's answers, so all of
+    // them arrive before the answer to a heartbeat sent now.
     peer.raw.send(9, &ClientFrame::Heartbeat).await.unwrap();
     let mut typing = 0;
     loop {
@@ -961,7 +961,11 @@ async fn a_typing_flood_is_refused_with_rate_limited_and_the_connection_stays() 
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(typing, ok);
+    let intervals = 1 + (started.elapsed().as_secs() / 2) as usize;
+    assert!(
+        (1..=intervals).contains(&typing),
+        "{typing} typing events delivered of {ok} allowed; at most {intervals} expected"
+    );
     assert!(matches!(
         peer.request(10, send_frame("r", "p1", "still fine")).await,
         ServerFrame::MessageSent(_)
