@@ -32,6 +32,22 @@ pub enum RoomEvent {
 }
 
 impl RoomEvent {
+    /// A message's idempotency key, (sender, client message id) as one
+    /// string: the sender's length first, so no choice of the two can
+    /// spell another pair's key (a separator could occur in either).
+    /// `None` for reactions, which have none.
+    pub fn idempotency_key(&self) -> Option<String> {
+        match self {
+            RoomEvent::Message(m) => Some(format!(
+                "{}:{}{}",
+                m.sender_id.len(),
+                m.sender_id,
+                m.client_msg_id
+            )),
+            RoomEvent::Reaction { .. } => None,
+        }
+    }
+
     /// The event frame for `room` at (`epoch`, `seq`), as members get it.
     pub fn into_frame(self, room: &str, epoch: u64, seq: u64) -> ServerFrame {
         match self {
@@ -105,4 +121,51 @@ pub enum FanoutError {
     /// The event could not be encoded (larger than the frame limit).
     #[error("event could not be encoded: {0}")]
     Encode(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(sender: &str, cid: &str) -> RoomEvent {
+        RoomEvent::Message(Message {
+            id: 1,
+            room: "r".into(),
+            seq: 0,
+            sender_id: sender.into(),
+            sender_name: String::new(),
+            sender_image: String::new(),
+            client_msg_id: cid.into(),
+            body: "x".into(),
+            attachments: vec![],
+            reactions: vec![],
+            created_at_ms: 0,
+        })
+    }
+
+    /// Two different (sender, id) pairs never share a key, whatever
+    /// characters either holds.
+    #[test]
+    fn idempotency_keys_cannot_collide() {
+        let pairs = [
+            ("a", "b\u{1f}c"),
+            ("a\u{1f}b", "c"),
+            ("ab", "c"),
+            ("a", "bc"),
+            ("1:a", "b"),
+            ("1", ":ab"),
+        ];
+        let keys: std::collections::HashSet<String> = pairs
+            .iter()
+            .map(|(s, c)| message(s, c).idempotency_key().unwrap())
+            .collect();
+        assert_eq!(keys.len(), pairs.len());
+        let reaction = RoomEvent::Reaction {
+            message_id: 1,
+            user_id: "u".into(),
+            emoji: "+".into(),
+            removed: false,
+        };
+        assert_eq!(reaction.idempotency_key(), None);
+    }
 }

@@ -155,12 +155,7 @@ impl Fanout for LocalFanout {
         exclude: Option<u64>,
         on_sequenced: Option<OnSequenced>,
     ) -> Result<Published, FanoutError> {
-        let key: Option<Box<str>> = match &event {
-            RoomEvent::Message(m) => {
-                Some(format!("{}\u{1f}{}", m.sender_id, m.client_msg_id).into())
-            }
-            RoomEvent::Reaction { .. } => None,
-        };
+        let key: Option<Box<str>> = event.idempotency_key().map(Into::into);
         let log = self.log(room);
         let mut log = log.lock();
         if let Some(&seq) = key.as_ref().and_then(|k| log.published.get(k)) {

@@ -436,10 +436,7 @@ impl Fanout for RedisStreamsFanout {
     ) -> Result<Published, FanoutError> {
         // The idempotency key (sender, client message id) is unique across
         // the cluster; stored ids are not when nodes use separate stores.
-        let dedupe = match &event {
-            RoomEvent::Message(m) => format!("{}\u{1f}{}", m.sender_id, m.client_msg_id),
-            RoomEvent::Reaction { .. } => String::new(),
-        };
+        let dedupe = event.idempotency_key().unwrap_or_default();
         let frame = event.into_frame(room, 0, 0);
         let template = EventTemplate::of(&frame, self.codec.config().max_frame_bytes)
             .map_err(|e| FanoutError::Encode(e.to_string()))?

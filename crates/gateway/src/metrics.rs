@@ -41,6 +41,9 @@ pub struct Metrics {
     /// Typing events not sent on because the same user's typing in the
     /// same room went out less than an interval ago.
     pub typing_coalesced: IntCounter,
+    /// Rooms of a resume answered "not recovered" because their replay
+    /// would have passed what one outbox holds.
+    pub replays_cut: IntCounter,
     /// Queue wait of the oldest frame of each wake-up, until the
     /// connection task takes it.
     pub delivery_latency: Histogram,
@@ -219,6 +222,11 @@ impl Metrics {
             bytes_in: counter(r, "bytes_in_total", "Bytes received in binary messages"),
             bytes_out: counter(r, "bytes_out_total", "Bytes sent in binary messages"),
             deliveries: counter(r, "deliveries_total", "Room events enqueued to recipients"),
+            replays_cut: counter(
+                r,
+                "replays_cut_total",
+                "Resumed rooms not replayed (recovered = false) because the replay passed the outbox bounds",
+            ),
             typing_coalesced: counter(
                 r,
                 "typing_coalesced_total",

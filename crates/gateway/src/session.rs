@@ -174,6 +174,26 @@ pub struct Session {
     last_in_order: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
+/// What one resume may still replay, across all its rooms.
+struct ReplayBudget {
+    frames: usize,
+    bytes: usize,
+}
+
+impl ReplayBudget {
+    /// Takes a room's replay from the budget, or leaves the budget as it
+    /// is and says no.
+    fn take(&mut self, frames: &[Bytes]) -> bool {
+        let bytes: usize = frames.iter().map(Bytes::len).sum();
+        if frames.len() > self.frames || bytes > self.bytes {
+            return false;
+        }
+        self.frames -= frames.len();
+        self.bytes -= bytes;
+        true
+    }
+}
+
 /// A token bucket: `burst` tokens, refilled at `rate` a second.
 struct Bucket {
     tokens: f32,
@@ -341,7 +361,16 @@ impl Session {
                 }
             }
         }
-        wanted.truncate(node.config.max_rooms_per_session);
+        // Past the session's room cap the rest are named in the
+        // unsolicited Left, never dropped in silence.
+        if wanted.len() > node.config.max_rooms_per_session {
+            let over = wanted.split_off(node.config.max_rooms_per_session);
+            tracing::debug!(
+                rooms = over.len(),
+                "rooms past max_rooms_per_session at identify"
+            );
+            refused.extend(over);
+        }
         for room in &wanted {
             if let Some(name) = node.hub.join(room, conn, &session.user_id, &session.outbox) {
                 session.rooms.insert(name);
@@ -362,6 +391,14 @@ impl Session {
 
         let mut positions = Vec::with_capacity(wanted.len());
         let mut replay_frames = Vec::new();
+        // A resume replays no more than an outbox holds: a few hundred
+        // bytes of Identify must not make the node write a room's whole
+        // recovery log. A room past the budget is "not recovered" (the
+        // client reloads it from History).
+        let mut replay_budget = ReplayBudget {
+            frames: node.config.outbound_queue_frames,
+            bytes: node.config.outbound_queue_bytes,
+        };
         let mut outcomes = Vec::new();
         for room in &wanted {
             let name = session.room_name(room);
@@ -408,6 +445,13 @@ impl Session {
                             .map(|current| Replay::NotRecoverable { current })
                     } else {
                         node.fanout.replay(room, since).await
+                    };
+                    let replay = match replay {
+                        Ok(Replay::Events { frames, position }) if !replay_budget.take(&frames) => {
+                            node.metrics.replays_cut.inc();
+                            Ok(Replay::NotRecoverable { current: position })
+                        }
+                        other => other,
                     };
                     match replay {
                         Ok(Replay::Events { frames, position }) => {

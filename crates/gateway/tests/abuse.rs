@@ -465,3 +465,116 @@ async fn typing_from_many_connections_is_coalesced_per_user_and_room() {
     );
     assert!(gw.metric("chat_typing_coalesced_total") >= 90.0);
 }
+
+/// A resume replays no more than one outbox holds: behind by more events
+/// than that, the room is "not recovered" (reload from History) instead
+/// of the node writing its whole recovery log at once. Within the bound
+/// the replay is whole.
+#[tokio::test]
+async fn a_resume_replays_no_more_than_an_outbox_holds() {
+    let gw = Gateway::start(&[
+        "--outbound-queue-frames",
+        "64",
+        "--messages-per-minute",
+        "10000",
+        "--request-burst",
+        "1000",
+    ]);
+    let room = "public:log";
+    let (mut reader, ready) = identify_as(&gw, "reader", &[], None).await;
+    join(&mut reader, &[room]).await;
+    let session_id = ready.session_id;
+    let mut writer = user(&gw, "writer").await;
+    join(&mut writer, &[room]).await;
+    let mut sent = 0u32;
+    let mut send = |n: u32| {
+        let frames: Vec<ClientFrame> = (sent..sent + n)
+            .map(|i| send_frame(room, &format!("m{i}"), "x"))
+            .collect();
+        sent += n;
+        frames
+    };
+    let resume_from = |seq: u64, epoch: u64| Resume {
+        session_id,
+        positions: vec![RoomPosition {
+            room: room.into(),
+            epoch,
+            seq,
+        }],
+    };
+    // Sends `n` messages; the last one's sequence number.
+    async fn sent_up_to(writer: &mut Conn, frames: Vec<ClientFrame>) -> u64 {
+        let mut last = 0;
+        for f in frames {
+            match writer.request(3, f).await {
+                ServerFrame::MessageSent(s) => last = s.seq,
+                other => panic!("{other:?}"),
+            }
+        }
+        last
+    }
+    // The epoch, from a first message.
+    let at = sent_up_to(&mut writer, send(1)).await;
+    let epoch = match reader.expect().await.1 {
+        ServerFrame::NewMessage(m) => m.epoch,
+        other => panic!("{other:?}"),
+    };
+    drop(reader);
+    // 10 behind: replayed whole.
+    let last = sent_up_to(&mut writer, send(10)).await;
+    let (mut back, _) = identify_as(&gw, "reader", &[], Some(resume_from(at, epoch))).await;
+    let resumed = loop {
+        match back.expect().await.1 {
+            ServerFrame::Resumed(r) => break r,
+            ServerFrame::NewMessage(_) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(resumed.rooms[0].recovered, "{resumed:?}");
+    assert_eq!(resumed.rooms[0].replayed, 10);
+    drop(back);
+    // 200 behind: more than the outbox holds.
+    sent_up_to(&mut writer, send(200)).await;
+    let (mut back, _) = identify_as(&gw, "reader", &[], Some(resume_from(last, epoch))).await;
+    match back.expect().await.1 {
+        ServerFrame::Resumed(r) => {
+            assert!(!r.rooms[0].recovered, "{r:?}");
+            assert_eq!(r.rooms[0].replayed, 0);
+        }
+        other => panic!("expected Resumed without a replay, got {other:?}"),
+    }
+    assert!(gw.metric("chat_replays_cut_total") >= 1.0);
+}
+
+/// Rooms past `max_rooms_per_session` at Identify are named in the
+/// unsolicited Left, never dropped in silence.
+#[tokio::test]
+async fn rooms_past_the_session_cap_at_identify_are_named() {
+    let gw = Gateway::start(&["--max-rooms-per-session", "3"]);
+    let rooms: Vec<String> = (0..5).map(|i| format!("public:cap{i}")).collect();
+    let resume = Resume {
+        session_id: [7; 16],
+        positions: rooms
+            .iter()
+            .map(|r| RoomPosition {
+                room: r.clone(),
+                epoch: 1,
+                seq: 0,
+            })
+            .collect(),
+    };
+    let (mut c, ready) = identify_as(&gw, "many", &[], Some(resume)).await;
+    assert_eq!(ready.rooms.len(), 3);
+    let mut left = None;
+    for _ in 0..2 {
+        match c.expect().await {
+            (0, ServerFrame::Left(l)) => left = Some(l.rooms),
+            (_, ServerFrame::Resumed(r)) => assert_eq!(r.rooms.len(), 3),
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut named: Vec<String> = left.expect("a Left for the rooms past the cap");
+    named.extend(rooms_of(&ready.rooms).iter().map(|r| r.to_string()));
+    named.sort();
+    assert_eq!(named, rooms);
+}
