@@ -182,11 +182,25 @@ async fn run(
     // Set while reading is paused (a client over its request budget that
     // keeps sending); boxed because most connections never pause.
     let mut paused: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    // Set once shutdown begins: no more frames are read, requests in
+    // flight finish (their acks queued), the outbox is written out, then
+    // the close (4000). Bounded by most of the grace period.
+    let mut draining: Option<Pin<Box<tokio::time::Sleep>>> = None;
 
     loop {
+        if draining.is_some() && running(&in_flight) == 0 {
+            return drain_and_close(node, ws, session, outbox, &mut queued).await;
+        }
         tokio::select! {
             biased;
-            _ = shutdown.changed() => return Ended::Close(CloseCode::ShuttingDown),
+            _ = shutdown.changed(), if draining.is_none() => {
+                draining = Some(Box::pin(tokio::time::sleep(node.config.shutdown_grace.mul_f32(0.8))));
+                continue;
+            }
+            _ = async { if let Some(d) = draining.as_mut() { d.await } }, if draining.is_some() => {
+                tracing::warn!(in_flight = running(&in_flight), "requests still running at the end of the drain");
+                return Ended::Close(CloseCode::ShuttingDown);
+            }
             _ = outbox.ready() => {
                 // Drain until the queue is seen empty: pushes only wake
                 // the task on the empty -> non-empty transition.
@@ -214,7 +228,7 @@ async fn run(
             _ = async { if let Some(p) = paused.as_mut() { p.await } }, if paused.is_some() => {
                 paused = None;
             }
-            msg = ws.next(), if running(&in_flight) < MAX_IN_FLIGHT && paused.is_none() => {
+            msg = ws.next(), if running(&in_flight) < MAX_IN_FLIGHT && paused.is_none() && draining.is_none() => {
                 last_seen = Instant::now();
                 let data = match msg {
                     Some(Ok(Message::Binary(data))) => data,
@@ -258,6 +272,32 @@ async fn run(
                 }
                 heartbeat.as_mut().reset(deadline.into());
             }
+        }
+    }
+}
+
+/// The end of a drain: writes what the outbox holds (the acks of the
+/// requests that just finished among it), at most one outbox's worth so
+/// a busy room cannot keep it going, then closes with 4000.
+async fn drain_and_close(
+    node: &Arc<Node>,
+    ws: &mut Ws,
+    session: &mut Session,
+    outbox: &Arc<Outbox>,
+    queued: &mut Vec<Bytes>,
+) -> Ended {
+    let mut left = node.config.outbound_queue_frames;
+    loop {
+        match outbox.drain(queued, DRAIN_FRAMES.min(left)) {
+            Ok(_) => {}
+            Err(code) => return Ended::Close(code),
+        }
+        if queued.is_empty() {
+            return Ended::Close(CloseCode::ShuttingDown);
+        }
+        left = left.saturating_sub(queued.len());
+        if let Err(end) = Box::pin(write_queued(node, ws, session, outbox, queued)).await {
+            return end;
         }
     }
 }

@@ -724,3 +724,95 @@ async fn a_join_that_failed_on_the_fanout_is_undone_and_its_retry_answers() {
          then the room's events"
     );
 }
+
+/// SIGTERM drains: the listener stops, no more frames are read, requests
+/// in flight finish and their acks are written, and only then do
+/// sessions close with 4000; the server returns after that. Sends held
+/// at their last step when shutdown begins are all acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_in_flight_sends_before_closing() {
+    use chatgate_client::{Incoming, RawConnection};
+    let store = HeldStore::new();
+    let node = node_with(store.clone(), |c| {
+        c.listen = "127.0.0.1:0".parse().unwrap();
+    })
+    .await;
+    let server = chatgate_gateway::Server::bind(node.clone()).await.unwrap();
+    let url = format!("ws://{}/ws", server.local_addr().unwrap());
+    let stop = server.shutdown_handle();
+    let running = tokio::spawn(server.run());
+    let mint = |user: &str| {
+        node.verifier.mint(&Claims {
+            sub: user.into(),
+            name: None,
+            picture: None,
+            exp: unix_now() + 600,
+            rooms: vec!["*".into()],
+        })
+    };
+    let mut sender = RawConnection::connect(&url).await.unwrap();
+    sender
+        .send(
+            1,
+            &ClientFrame::Identify(Identify {
+                token: mint("sender"),
+                resume: None,
+            }),
+        )
+        .await
+        .unwrap();
+    sender
+        .send(
+            2,
+            &ClientFrame::Join(Rooms {
+                rooms: vec!["r".into()],
+            }),
+        )
+        .await
+        .unwrap();
+    for i in 0..10u32 {
+        sender.send(10 + i, &send(&format!("d-{i}"))).await.unwrap();
+    }
+    // The first send is stored and held before its record; the rest wait
+    // behind it, in order.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store
+        .inner
+        .history("r", None, 10, 0)
+        .await
+        .unwrap()
+        .messages
+        .is_empty()
+    {
+        assert!(std::time::Instant::now() < deadline, "nothing stored");
+        tokio::task::yield_now().await;
+    }
+    let mut frames = Vec::new();
+    stop.shutdown();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!running.is_finished(), "returned with sends in flight");
+    store.set_seq_gate.add_permits(10);
+    let close = loop {
+        match sender
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .await
+            .unwrap()
+        {
+            Some(Incoming::Frames(f)) => frames.extend(f.into_iter().map(|(_, f)| f)),
+            Some(Incoming::Closed(c)) => break c,
+            None => panic!("no close"),
+        }
+    };
+    let acks = frames
+        .iter()
+        .filter(|f| matches!(f, ServerFrame::MessageSent(_)))
+        .count();
+    assert_eq!(acks, 10, "every send in flight acknowledged: {frames:?}");
+    assert_eq!(close.map(|(code, _)| code), Some(4000));
+    running.await.unwrap().unwrap();
+    assert_eq!(
+        store.set_seqs.load(Ordering::SeqCst),
+        10,
+        "every position recorded"
+    );
+}
