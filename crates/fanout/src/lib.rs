@@ -97,8 +97,15 @@ pub trait Fanout: Send + Sync + 'static {
     /// The room's current position (the last assigned sequence).
     async fn position(&self, room: &str) -> Result<Position, FanoutError>;
 
-    /// The events after `since`, or why they cannot be replayed.
-    async fn replay(&self, room: &str, since: Position) -> Result<Replay, FanoutError>;
+    /// The events after `since`, or why they cannot be replayed: also
+    /// when there are more than `limit` of them (checked before any is
+    /// read, so a resume far behind costs a position lookup, not a log).
+    async fn replay(
+        &self,
+        room: &str,
+        since: Position,
+        limit: usize,
+    ) -> Result<Replay, FanoutError>;
 
     /// Periodic housekeeping (the node calls it every few seconds).
     fn maintain(&self) {}

@@ -1,11 +1,16 @@
 //! Single-node fan-out: sequence numbers and recovery logs in memory.
 //!
-//! The epoch is the node's start time in milliseconds: a restarted node
-//! has lost its logs, and the new epoch tells resuming clients so instead
-//! of letting them believe in a gapless stream.
+//! Each room's stream has its own epoch, taken when the stream starts
+//! (milliseconds since the Unix epoch, never reused in the process): a
+//! restarted node has lost its logs, and a room idle for longer than the
+//! recovery window has its stream forgotten (so made-up room names cost
+//! nothing for long); either way the next stream has a new epoch, which
+//! tells resuming clients so instead of letting them believe in a
+//! gapless stream.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -28,6 +33,12 @@ pub struct LocalFanoutConfig {
     /// Events kept per room regardless of age, so one very busy room
     /// cannot hold unbounded memory. Default 10,000.
     pub max_events_per_room: usize,
+    /// How long a room's stream (epoch and counter) outlives its last
+    /// event. Default 24 h: a quiet room keeps its epoch (its members
+    /// need not reload), and rooms nobody uses go. A stream that never
+    /// had an event (an epoch given to a joining member, or to a resume
+    /// naming a made-up room) goes after the recovery window.
+    pub stream_idle_ttl: Duration,
 }
 
 impl Default for LocalFanoutConfig {
@@ -35,6 +46,7 @@ impl Default for LocalFanoutConfig {
         LocalFanoutConfig {
             recovery_window: Duration::from_secs(120),
             max_events_per_room: 10_000,
+            stream_idle_ttl: Duration::from_secs(86_400),
         }
     }
 }
@@ -43,10 +55,13 @@ impl Default for LocalFanoutConfig {
 /// message the sender's idempotency key.
 type Logged = (u64, Instant, Bytes, Option<Box<str>>);
 
-#[derive(Default)]
 struct RoomLog {
+    /// This stream's epoch.
+    epoch: u64,
     /// Last assigned sequence number.
     seq: u64,
+    /// When the last event was published (an idle stream is forgotten).
+    last: Instant,
     /// Recent events, oldest first, with contiguous sequence numbers
     /// ending at `seq`.
     events: VecDeque<Logged>,
@@ -58,6 +73,23 @@ struct RoomLog {
 }
 
 impl RoomLog {
+    fn new(epoch: u64) -> RoomLog {
+        RoomLog {
+            epoch,
+            seq: 0,
+            last: Instant::now(),
+            events: VecDeque::new(),
+            published: HashMap::new(),
+        }
+    }
+
+    fn position(&self) -> Position {
+        Position {
+            epoch: self.epoch,
+            seq: self.seq,
+        }
+    }
+
     fn trim(&mut self, now: Instant, config: &LocalFanoutConfig) {
         while let Some((_, at, _, _)) = self.events.front() {
             if self.events.len() > config.max_events_per_room
@@ -76,7 +108,8 @@ impl RoomLog {
 /// The single-node [`Fanout`].
 pub struct LocalFanout {
     codec: Codec,
-    epoch: u64,
+    /// The last epoch given to a stream.
+    epoch: AtomicU64,
     config: LocalFanoutConfig,
     rooms: DashMap<String, Arc<Mutex<RoomLog>>>,
     sink: Arc<dyn LocalDelivery>,
@@ -92,32 +125,65 @@ impl LocalFanout {
             .max(1);
         LocalFanout {
             codec,
-            epoch,
+            epoch: AtomicU64::new(epoch - 1),
             config,
             rooms: DashMap::new(),
             sink,
         }
     }
 
-    /// This node's epoch.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
+    /// A new stream's epoch: the time in milliseconds, or one more than
+    /// the last one given, so no two streams of this process share one.
+    fn next_epoch(&self) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(1);
+        let prev = self
+            .epoch
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                Some(now.max(last + 1))
+            })
+            .unwrap_or(now);
+        now.max(prev + 1)
     }
 
+    /// The room's stream, started when it has none.
     fn log(&self, room: &str) -> Arc<Mutex<RoomLog>> {
         if let Some(log) = self.rooms.get(room) {
             return log.clone();
         }
-        self.rooms.entry(room.to_owned()).or_default().clone()
+        self.rooms
+            .entry(room.to_owned())
+            .or_insert_with(|| Arc::new(Mutex::new(RoomLog::new(self.next_epoch()))))
+            .clone()
     }
 
-    /// Drops expired events of every room. The gateway calls this
-    /// periodically so idle rooms release their logs.
+    /// Drops expired events of every room, and forgets the streams of
+    /// rooms idle past their time (see
+    /// [`LocalFanoutConfig::stream_idle_ttl`]): memory follows the rooms
+    /// in use. The gateway calls this periodically.
     pub fn sweep(&self) {
         let now = Instant::now();
-        for entry in self.rooms.iter() {
-            entry.value().lock().trim(now, &self.config);
-        }
+        self.rooms.retain(|_, log| {
+            // In use elsewhere (a publish or replay holding it): keep.
+            if Arc::strong_count(log) > 1 {
+                return true;
+            }
+            let mut l = log.lock();
+            l.trim(now, &self.config);
+            let ttl = if l.seq == 0 {
+                self.config.recovery_window
+            } else {
+                self.config.stream_idle_ttl
+            };
+            !(l.events.is_empty() && now.duration_since(l.last) > ttl)
+        });
+    }
+
+    /// Rooms with a stream now (for tests and metrics).
+    pub fn streams(&self) -> usize {
+        self.rooms.len()
     }
 
     /// Events currently held for replay, over all rooms (for metrics).
@@ -160,7 +226,7 @@ impl Fanout for LocalFanout {
         let mut log = log.lock();
         if let Some(&seq) = key.as_ref().and_then(|k| log.published.get(k)) {
             let position = Position {
-                epoch: self.epoch,
+                epoch: log.epoch,
                 seq,
             };
             if let Some(ack) = on_sequenced {
@@ -173,9 +239,10 @@ impl Fanout for LocalFanout {
         }
         let seq = log.seq + 1;
         // Encode before committing the number: a failure leaves no gap.
-        let frame = self.encode(room, event, self.epoch, seq)?;
+        let frame = self.encode(room, event, log.epoch, seq)?;
         log.seq = seq;
         let now = Instant::now();
+        log.last = now;
         if let Some(k) = &key {
             log.published.insert(k.clone(), seq);
         }
@@ -185,10 +252,7 @@ impl Fanout for LocalFanout {
         // cannot overtake this one in any member's queue, nor the
         // sender's acknowledgement.
         self.sink.deliver(room, &frame, exclude, false);
-        let position = Position {
-            epoch: self.epoch,
-            seq,
-        };
+        let position = log.position();
         if let Some(ack) = on_sequenced {
             ack(position, false);
         }
@@ -225,26 +289,27 @@ impl Fanout for LocalFanout {
     }
 
     async fn position(&self, room: &str) -> Result<Position, FanoutError> {
-        let seq = self.rooms.get(room).map(|log| log.lock().seq).unwrap_or(0);
-        Ok(Position {
-            epoch: self.epoch,
-            seq,
-        })
+        // A room without a stream gets one (an epoch, no events), so a
+        // member that joined before the first event resumes into it; the
+        // sweep forgets it after the recovery window if nothing comes.
+        Ok(self.log(room).lock().position())
     }
 
     fn maintain(&self) {
         self.sweep();
     }
 
-    async fn replay(&self, room: &str, since: Position) -> Result<Replay, FanoutError> {
+    async fn replay(
+        &self,
+        room: &str,
+        since: Position,
+        limit: usize,
+    ) -> Result<Replay, FanoutError> {
         let log = self.log(room);
         let mut log = log.lock();
         log.trim(Instant::now(), &self.config);
-        let current = Position {
-            epoch: self.epoch,
-            seq: log.seq,
-        };
-        if since.epoch != self.epoch || since.seq > log.seq {
+        let current = log.position();
+        if since.epoch != log.epoch || since.seq > log.seq || log.seq - since.seq > limit as u64 {
             return Ok(Replay::NotRecoverable { current });
         }
         if since.seq == log.seq {
@@ -333,8 +398,12 @@ mod tests {
                 .iter()
                 .all(|(_, _, ex, eph)| *ex == Some(9) && !eph)
         );
-        let epoch = f.epoch();
-        match f.replay("r", Position { epoch, seq: 2 }).await.unwrap() {
+        let epoch = f.position("r").await.unwrap().epoch;
+        match f
+            .replay("r", Position { epoch, seq: 2 }, usize::MAX)
+            .await
+            .unwrap()
+        {
             Replay::Events { frames, position } => {
                 assert_eq!(frames.len(), 3);
                 assert_eq!(position.seq, 5);
@@ -349,7 +418,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let up_to_date = f.replay("r", Position { epoch, seq: 5 }).await.unwrap();
+        let up_to_date = f
+            .replay("r", Position { epoch, seq: 5 }, usize::MAX)
+            .await
+            .unwrap();
         assert_eq!(
             up_to_date,
             Replay::Events {
@@ -365,7 +437,7 @@ mod tests {
             Position { epoch, seq: 6 },
         ] {
             assert!(matches!(
-                f.replay("r", bad).await.unwrap(),
+                f.replay("r", bad, usize::MAX).await.unwrap(),
                 Replay::NotRecoverable { .. }
             ));
         }
@@ -410,33 +482,92 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let epoch = f.epoch();
+        let epoch = f.position("r").await.unwrap().epoch;
         assert!(matches!(
-            f.replay("r", Position { epoch, seq: 5 }).await.unwrap(),
+            f.replay("r", Position { epoch, seq: 5 }, usize::MAX)
+                .await
+                .unwrap(),
             Replay::NotRecoverable {
                 current: Position { seq: 10, .. }
             }
         ));
-        match f.replay("r", Position { epoch, seq: 7 }).await.unwrap() {
+        match f
+            .replay("r", Position { epoch, seq: 7 }, usize::MAX)
+            .await
+            .unwrap()
+        {
             Replay::Events { frames, .. } => assert_eq!(frames.len(), 3),
             other => panic!("{other:?}"),
         }
     }
 
+    /// A room idle past the recovery window loses its stream: its events
+    /// and its counter go, and the next stream has a new epoch, so a
+    /// client still holding the old position is told "not recovered"
+    /// instead of meeting sequence numbers that start again. Rooms only
+    /// asked about (a resume naming made-up rooms) go the same way.
     #[tokio::test]
-    async fn expired_events_are_swept() {
+    async fn idle_streams_are_forgotten_and_come_back_with_a_new_epoch() {
         let (f, _) = fanout(LocalFanoutConfig {
             recovery_window: Duration::ZERO,
+            stream_idle_ttl: Duration::from_millis(1),
             ..Default::default()
         });
-        f.publish("r", message("a"), None, None).await.unwrap();
+        let first = f.publish("r", message("a"), None, None).await.unwrap();
+        for i in 0..1000 {
+            f.position(&format!("made-up-{i}")).await.unwrap();
+        }
+        assert_eq!(f.streams(), 1001);
         std::thread::sleep(Duration::from_millis(2));
         f.sweep();
         assert_eq!(f.retained_events(), 0);
-        assert_eq!(
-            f.position("r").await.unwrap().seq,
-            1,
-            "the counter survives the sweep"
-        );
+        assert_eq!(f.streams(), 0, "idle streams are gone");
+        let next = f.publish("r", message("b"), None, None).await.unwrap();
+        assert!(next.position.epoch > first.position.epoch);
+        // A quiet room with events keeps its stream for the idle TTL.
+        let (quiet, _) = fanout(LocalFanoutConfig {
+            recovery_window: Duration::ZERO,
+            ..Default::default()
+        });
+        let kept = quiet.publish("q", message("a"), None, None).await.unwrap();
+        quiet.position("made-up").await.unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        quiet.sweep();
+        assert_eq!(quiet.streams(), 1, "only the made-up one went");
+        assert_eq!(quiet.position("q").await.unwrap(), kept.position);
+        assert_eq!(next.position.seq, 1);
+        assert!(matches!(
+            f.replay("r", first.position, usize::MAX).await.unwrap(),
+            Replay::NotRecoverable { current } if current == next.position
+        ));
+    }
+
+    /// A member that joined before the first event resumes into the
+    /// stream that started meanwhile.
+    #[tokio::test]
+    async fn a_position_taken_before_the_first_event_replays() {
+        let (f, _) = fanout(LocalFanoutConfig::default());
+        let joined = f.position("r").await.unwrap();
+        assert_eq!(joined.seq, 0);
+        f.publish("r", message("a"), None, None).await.unwrap();
+        match f.replay("r", joined, usize::MAX).await.unwrap() {
+            Replay::Events { frames, .. } => assert_eq!(frames.len(), 1),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Streams of this process never share an epoch, however fast they
+    /// start.
+    #[tokio::test]
+    async fn epochs_are_never_reused() {
+        let (f, _) = fanout(LocalFanoutConfig::default());
+        let mut epochs = std::collections::HashSet::new();
+        for i in 0..100 {
+            let p = f
+                .publish(&format!("r{i}"), message("a"), None, None)
+                .await
+                .unwrap();
+            assert!(epochs.insert(p.position.epoch), "epoch reused");
+        }
     }
 }

@@ -76,9 +76,14 @@ pub struct RedisFanoutConfig {
     pub partitions: u32,
     /// Events kept per room for resume. Default 10,000.
     pub max_log: u64,
-    /// Idle time after which a room's recovery stream expires. Default
-    /// 2 minutes (the recovery window).
+    /// How long events stay replayable: a room's log and idempotency keys
+    /// expire this long after its last event, and so does an epoch given
+    /// to a room that never had one. Default 2 minutes.
     pub recovery_window: Duration,
+    /// How long a room's epoch and counter outlive its last event.
+    /// Default 24 h: quiet rooms keep their epoch, unused ones leave
+    /// nothing in Redis.
+    pub stream_idle_ttl: Duration,
     /// Delivery stream cap per partition. Default 100,000 entries: far
     /// more than any node falls behind by before it counts as lagging.
     pub partition_maxlen: u64,
@@ -98,6 +103,7 @@ impl RedisFanoutConfig {
             partitions: 16,
             max_log: 10_000,
             recovery_window: Duration::from_secs(120),
+            stream_idle_ttl: Duration::from_secs(86_400),
             partition_maxlen: 100_000,
             self_delivery_timeout: Duration::from_secs(5),
         }
@@ -131,6 +137,11 @@ if not epoch then
   redis.call('SET', KEYS[1], epoch)
 end
 local seq = redis.call('INCR', KEYS[2])
+-- A room's stream lives while it is used: idle for ARGV[12] ms, its
+-- epoch and counter expire, and the next publish starts a stream with a
+-- new epoch (a resume from the old one is told so).
+redis.call('PEXPIRE', KEYS[1], ARGV[12])
+redis.call('PEXPIRE', KEYS[2], ARGV[12])
 if ARGV[11] ~= '' then
   redis.call('HSET', KEYS[5], ARGV[11], seq)
   redis.call('PEXPIRE', KEYS[5], ARGV[10])
@@ -151,12 +162,17 @@ redis.call('SET', KEYS[1], ARGV[1], 'NX')
 return redis.call('GET', KEYS[1])
 "#;
 
+/// A room's position. A room without a stream gets its epoch here, so a
+/// member that joined before the first event can resume into it; the key
+/// expires after the recovery window unless events keep it (a resume or
+/// join naming made-up rooms leaves nothing for long). Asking does not
+/// extend it.
 const POSITION: &str = r#"
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   local t = redis.call('TIME')
   epoch = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-  redis.call('SET', KEYS[1], epoch, 'NX')
+  redis.call('SET', KEYS[1], epoch, 'NX', 'PX', ARGV[1])
   epoch = redis.call('GET', KEYS[1])
 end
 local seq = redis.call('GET', KEYS[2]) or '0'
@@ -471,6 +487,7 @@ impl Fanout for RedisStreamsFanout {
             (self.config.partition_maxlen as i64).into(),
             (self.config.recovery_window.as_millis() as i64).into(),
             dedupe.into(),
+            (self.config.stream_idle_ttl.as_millis().max(1) as i64).into(),
         ];
         let reply: Result<Value, _> = self
             .publish
@@ -596,7 +613,13 @@ impl Fanout for RedisStreamsFanout {
         let keys = vec![self.room_key(room, "epoch"), self.room_key(room, "seq")];
         let reply: Value = self
             .position
-            .evalsha_with_reload(&self.client, keys, Vec::<Value>::new())
+            .evalsha_with_reload(
+                &self.client,
+                keys,
+                vec![Value::from(
+                    self.config.recovery_window.as_millis().max(1) as i64
+                )],
+            )
             .await
             .map_err(err)?;
         let (epoch, seq) = pair(reply)?;
@@ -611,9 +634,17 @@ impl Fanout for RedisStreamsFanout {
         self.waiters.retain(|_, w| w.since.elapsed() < WAITER_TTL);
     }
 
-    async fn replay(&self, room: &str, since: Position) -> Result<Replay, FanoutError> {
+    async fn replay(
+        &self,
+        room: &str,
+        since: Position,
+        limit: usize,
+    ) -> Result<Replay, FanoutError> {
         let current = self.position(room).await?;
-        if since.epoch != current.epoch || since.seq > current.seq {
+        if since.epoch != current.epoch
+            || since.seq > current.seq
+            || current.seq - since.seq > limit as u64
+        {
             return Ok(Replay::NotRecoverable { current });
         }
         if since.seq == current.seq {

@@ -155,6 +155,7 @@ async fn replay_returns_exactly_the_missed_events_or_says_it_cannot() {
                 epoch: start.epoch,
                 seq: 250,
             },
+            usize::MAX,
         )
         .await
         .unwrap()
@@ -169,6 +170,19 @@ async fn replay_returns_exactly_the_missed_events_or_says_it_cannot() {
         }
         other => panic!("{other:?}"),
     }
+    // More than the caller can take: not recovered, nothing read.
+    let over = a
+        .replay(
+            "r",
+            Position {
+                epoch: start.epoch,
+                seq: 250,
+            },
+            49,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(over, Replay::NotRecoverable { current } if current.seq == 300));
     let up_to_date = a
         .replay(
             "r",
@@ -176,6 +190,7 @@ async fn replay_returns_exactly_the_missed_events_or_says_it_cannot() {
                 epoch: start.epoch,
                 seq: 300,
             },
+            usize::MAX,
         )
         .await
         .unwrap();
@@ -192,7 +207,7 @@ async fn replay_returns_exactly_the_missed_events_or_says_it_cannot() {
     ] {
         assert!(
             matches!(
-                a.replay("r", bad).await.unwrap(),
+                a.replay("r", bad, usize::MAX).await.unwrap(),
                 Replay::NotRecoverable { .. }
             ),
             "{bad:?}"
@@ -272,4 +287,70 @@ async fn equal_message_ids_from_different_nodes_are_different_events() {
         vec![1, 2, 3],
         "the retry was not delivered again"
     );
+}
+
+/// Keys in `ns` other than the partition streams and their markers.
+fn room_keys(ns: &str) -> Vec<String> {
+    let out = std::process::Command::new("redis-cli")
+        .args([
+            "-u",
+            &redis_url(),
+            "--scan",
+            "--pattern",
+            &format!("{ns}:*"),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|k| k.contains(":room:"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Nothing of an idle room stays in Redis: its epoch, counter, log and
+/// idempotency keys expire with the recovery window, the next publish
+/// starts a stream with a new epoch, and the epochs given to rooms only
+/// asked about (a resume naming made-up rooms) expire the same way.
+#[tokio::test]
+async fn idle_rooms_leave_no_keys_and_come_back_with_a_new_epoch() {
+    let ns = format!("t{:x}", rand::rng().random::<u64>());
+    let rec = Arc::new(Recorder::default());
+    let mut config = RedisFanoutConfig::new(redis_url(), "a");
+    config.namespace = ns.clone();
+    config.partitions = 2;
+    config.recovery_window = Duration::from_millis(300);
+    config.stream_idle_ttl = Duration::from_millis(600);
+    let a = RedisStreamsFanout::connect(config, Codec::default(), rec)
+        .await
+        .unwrap();
+    for i in 0..1000 {
+        let room = format!("made-up-{i}");
+        assert_eq!(a.position(&room).await.unwrap().seq, 0);
+    }
+    let first = a
+        .publish("r", message("r", 1, "a"), None, None)
+        .await
+        .unwrap();
+    assert!(!room_keys(&ns).is_empty(), "a used room has keys");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !room_keys(&ns).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "keys never expired: {:?}",
+            room_keys(&ns)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let next = a
+        .publish("r", message("r", 2, "b"), None, None)
+        .await
+        .unwrap();
+    assert_ne!(next.position.epoch, first.position.epoch);
+    assert_eq!(next.position.seq, 1);
+    assert!(matches!(
+        a.replay("r", first.position, usize::MAX).await.unwrap(),
+        Replay::NotRecoverable { .. }
+    ));
 }

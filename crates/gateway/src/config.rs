@@ -87,6 +87,11 @@ pub struct Config {
     pub request_burst: u32,
     /// How long room events stay replayable for resume. Default 120 s.
     pub recovery_window: Duration,
+    /// How long a room's stream (epoch, counter) outlives its last event,
+    /// in this node's memory and in Redis. Default 24 h: quiet rooms keep
+    /// their epoch, unused ones go; an epoch given to a room that never
+    /// had an event goes after the recovery window.
+    pub stream_idle_ttl: Duration,
     /// On SIGTERM, how long to wait for connections to close. Default 10 s.
     pub shutdown_grace: Duration,
     /// WebSocket read buffer per connection, and the most read per
@@ -165,6 +170,7 @@ impl Default for Config {
             requests_per_second: 50,
             request_burst: 100,
             recovery_window: Duration::from_secs(120),
+            stream_idle_ttl: Duration::from_secs(86_400),
             shutdown_grace: Duration::from_secs(10),
             ws_read_buffer: 512,
             database_url: None,
@@ -331,6 +337,9 @@ pub struct Overrides {
     /// Recovery window in seconds.
     #[arg(long, env = "CHAT_RECOVERY_WINDOW_SECS")]
     pub recovery_window_secs: Option<u64>,
+    /// How long an idle room's stream is kept, in seconds.
+    #[arg(long, env = "CHAT_STREAM_IDLE_TTL_SECS")]
+    pub stream_idle_ttl_secs: Option<u64>,
     /// Shutdown grace period in milliseconds.
     #[arg(long, env = "CHAT_SHUTDOWN_GRACE_MS")]
     pub shutdown_grace_ms: Option<u64>,
@@ -409,6 +418,7 @@ struct FileConfig {
     requests_per_second: Option<u32>,
     request_burst: Option<u32>,
     recovery_window_secs: Option<u64>,
+    stream_idle_ttl_secs: Option<u64>,
     shutdown_grace_ms: Option<u64>,
     ws_read_buffer: Option<usize>,
     database_url: Option<String>,
@@ -532,6 +542,11 @@ impl Config {
                 .or(file.recovery_window_secs)
                 .map(Duration::from_secs)
                 .unwrap_or(d.recovery_window),
+            stream_idle_ttl: o
+                .stream_idle_ttl_secs
+                .or(file.stream_idle_ttl_secs)
+                .map(Duration::from_secs)
+                .unwrap_or(d.stream_idle_ttl),
             shutdown_grace: o
                 .shutdown_grace_ms
                 .or(file.shutdown_grace_ms)

@@ -149,6 +149,7 @@ impl Node {
                 rc.namespace = config.redis_namespace.clone();
                 rc.partitions = config.stream_partitions;
                 rc.recovery_window = config.recovery_window;
+                rc.stream_idle_ttl = config.stream_idle_ttl.max(config.recovery_window);
                 let redis = Arc::new(
                     RedisStreamsFanout::connect(rc, codec, hub.clone())
                         .await
@@ -172,6 +173,7 @@ impl Node {
                     codec,
                     LocalFanoutConfig {
                         recovery_window: config.recovery_window,
+                        stream_idle_ttl: config.stream_idle_ttl.max(config.recovery_window),
                         ..Default::default()
                     },
                     hub.clone(),

@@ -444,7 +444,7 @@ impl Session {
                             .await
                             .map(|current| Replay::NotRecoverable { current })
                     } else {
-                        node.fanout.replay(room, since).await
+                        node.fanout.replay(room, since, replay_budget.frames).await
                     };
                     let replay = match replay {
                         Ok(Replay::Events { frames, position }) if !replay_budget.take(&frames) => {

@@ -543,7 +543,6 @@ async fn a_resume_replays_no_more_than_an_outbox_holds() {
         }
         other => panic!("expected Resumed without a replay, got {other:?}"),
     }
-    assert!(gw.metric("chat_replays_cut_total") >= 1.0);
 }
 
 /// Rooms past `max_rooms_per_session` at Identify are named in the

@@ -215,7 +215,7 @@ async fn a_replay_longer_than_the_log_read_is_not_called_recovered() {
             .unwrap();
     }
     let head = fanout.position("r").await.unwrap();
-    match fanout.replay("r", start).await.unwrap() {
+    match fanout.replay("r", start, usize::MAX).await.unwrap() {
         chatgate_fanout::Replay::Events { frames, position } => assert_eq!(
             position,
             head,

@@ -630,8 +630,13 @@ impl Fanout for FlakyFanout {
         }
         self.inner.position(room).await
     }
-    async fn replay(&self, room: &str, since: Position) -> Result<Replay, FanoutError> {
-        self.inner.replay(room, since).await
+    async fn replay(
+        &self,
+        room: &str,
+        since: Position,
+        limit: usize,
+    ) -> Result<Replay, FanoutError> {
+        self.inner.replay(room, since, limit).await
     }
     fn maintain(&self) {
         self.inner.maintain()
