@@ -33,6 +33,11 @@ pub struct LocalFanoutConfig {
     /// Events kept per room regardless of age, so one very busy room
     /// cannot hold unbounded memory. Default 10,000.
     pub max_events_per_room: usize,
+    /// Bytes of frames kept per room. Default 8 MiB: 10,000 events of the
+    /// largest size would be ~400 MiB, a count alone does not bound
+    /// memory. Past it the oldest go (a resume from before them is "not
+    /// recovered").
+    pub max_bytes_per_room: usize,
     /// How long a room's stream (epoch and counter) outlives its last
     /// event. Default 24 h: a quiet room keeps its epoch (its members
     /// need not reload), and rooms nobody uses go. A stream that never
@@ -46,6 +51,7 @@ impl Default for LocalFanoutConfig {
         LocalFanoutConfig {
             recovery_window: Duration::from_secs(120),
             max_events_per_room: 10_000,
+            max_bytes_per_room: 8 << 20,
             stream_idle_ttl: Duration::from_secs(86_400),
         }
     }
@@ -62,6 +68,8 @@ struct RoomLog {
     seq: u64,
     /// When the last event was published (an idle stream is forgotten).
     last: Instant,
+    /// Bytes of the frames in `events`.
+    bytes: usize,
     /// Recent events, oldest first, with contiguous sequence numbers
     /// ending at `seq`.
     events: VecDeque<Logged>,
@@ -78,6 +86,7 @@ impl RoomLog {
             epoch,
             seq: 0,
             last: Instant::now(),
+            bytes: 0,
             events: VecDeque::new(),
             published: HashMap::new(),
         }
@@ -93,10 +102,14 @@ impl RoomLog {
     fn trim(&mut self, now: Instant, config: &LocalFanoutConfig) {
         while let Some((_, at, _, _)) = self.events.front() {
             if self.events.len() > config.max_events_per_room
+                || self.bytes > config.max_bytes_per_room
                 || now.duration_since(*at) > config.recovery_window
             {
-                if let Some((_, _, _, Some(key))) = self.events.pop_front() {
-                    self.published.remove(&key);
+                if let Some((_, _, frame, key)) = self.events.pop_front() {
+                    self.bytes = self.bytes.saturating_sub(frame.len());
+                    if let Some(key) = key {
+                        self.published.remove(&key);
+                    }
                 }
             } else {
                 break;
@@ -246,6 +259,7 @@ impl Fanout for LocalFanout {
         if let Some(k) = &key {
             log.published.insert(k.clone(), seq);
         }
+        log.bytes += frame.len();
         log.events.push_back((seq, now, frame.clone(), key));
         log.trim(now, &self.config);
         // Delivered under the room's lock: the next event of this room
@@ -273,6 +287,7 @@ impl Fanout for LocalFanout {
         if let Some(log) = self.rooms.get(room).map(|l| l.clone()) {
             let mut log = log.lock();
             log.events.clear();
+            log.bytes = 0;
             log.published.clear();
         }
         Ok(())
@@ -554,6 +569,49 @@ mod tests {
             Replay::Events { frames, .. } => assert_eq!(frames.len(), 1),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Bytes bound a room's log too: a few large events push the oldest
+    /// out, and a resume from before them is "not recovered".
+    #[tokio::test]
+    async fn a_log_is_bounded_by_bytes() {
+        let (f, _) = fanout(LocalFanoutConfig {
+            max_bytes_per_room: 50_000,
+            ..Default::default()
+        });
+        // Text that does not compress.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let big: String = (0..16_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(b'!' + (x % 90) as u8)
+            })
+            .collect();
+        let first = f
+            .publish("r", message(&format!("0{big}")), None, None)
+            .await
+            .unwrap();
+        for i in 1..10 {
+            f.publish("r", message(&format!("{i}{big}")), None, None)
+                .await
+                .unwrap();
+        }
+        assert!(f.retained_events() <= 3, "{} kept", f.retained_events());
+        assert!(matches!(
+            f.replay(
+                "r",
+                Position {
+                    seq: first.position.seq - 1,
+                    ..first.position
+                },
+                usize::MAX
+            )
+            .await
+            .unwrap(),
+            Replay::NotRecoverable { .. }
+        ));
     }
 
     /// Streams of this process never share an epoch, however fast they

@@ -1,9 +1,10 @@
 //! In-memory engine: the embedded default, so the gateway runs with
 //! nothing installed. Data lives as long as the process.
 //!
-//! Memory is bounded: each room keeps its newest `max_messages_per_room`
-//! messages (older ones, their reactions and idempotency keys are dropped),
-//! so a long-running development server cannot grow without limit.
+//! Memory is bounded: each room keeps its newest messages, at most
+//! `max_messages_per_room` of them and `max_bytes_per_room` of their text
+//! (older ones, their reactions and idempotency keys are dropped), so a
+//! long-running development server cannot grow without limit.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
@@ -30,14 +31,33 @@ pub struct MemoryStoreConfig {
     /// Default 10,000: deep enough for development and demos, and a
     /// few MiB per busy room at most.
     pub max_messages_per_room: usize,
+    /// Bytes of message text (bodies, attachments, names) kept per room.
+    /// Default 8 MiB: 10,000 messages of the largest size would be
+    /// ~400 MiB, a count alone does not bound memory.
+    pub max_bytes_per_room: usize,
 }
 
 impl Default for MemoryStoreConfig {
     fn default() -> Self {
         MemoryStoreConfig {
             max_messages_per_room: 10_000,
+            max_bytes_per_room: 8 << 20,
         }
     }
+}
+
+/// What a stored message costs, roughly: its strings and a fixed part.
+fn cost(m: &Message) -> usize {
+    128 + m.room.len()
+        + m.sender_id.len()
+        + m.sender_name.len()
+        + m.sender_image.len()
+        + m.client_msg_id.len()
+        + m.body.len()
+        + m.attachments
+            .iter()
+            .map(|a| 32 + a.url.len() + a.name.len() + a.mime.len())
+            .sum::<usize>()
 }
 
 struct Stored {
@@ -51,6 +71,8 @@ struct Stored {
 struct RoomData {
     /// Oldest first; (created_at_ms, id) strictly increasing.
     messages: VecDeque<Stored>,
+    /// [`cost`] of `messages`.
+    bytes: usize,
 }
 
 impl RoomData {
@@ -318,13 +340,17 @@ impl Store for MemoryStore {
                     .unwrap_or(0);
                 let room = msg.room.clone();
                 let message = msg.stored(id, now_ms().max(last));
+                data.bytes += cost(&message);
                 data.messages.push_back(Stored {
                     message: message.clone(),
                     epoch: 0,
                     reactions: BTreeMap::new(),
                 });
-                while data.messages.len() > self.config.max_messages_per_room {
+                while data.messages.len() > self.config.max_messages_per_room
+                    || (data.bytes > self.config.max_bytes_per_room && data.messages.len() > 1)
+                {
                     if let Some(old) = data.messages.pop_front() {
+                        data.bytes = data.bytes.saturating_sub(cost(&old.message));
                         evicted.push(old.message);
                     }
                 }
