@@ -1127,10 +1127,10 @@ impl Session {
         if op != Opcode::NewMessage as u8 && op != Opcode::Reaction as u8 {
             return true;
         }
-        let (room, epoch, seq) = match self.node.codec.decode_server(frame) {
-            Ok((_, ServerFrame::NewMessage(m))) => (m.message.room, m.epoch, m.message.seq),
-            Ok((_, ServerFrame::Reaction(r))) => (r.room, r.epoch, r.seq),
-            _ => return true,
+        // Read off the frame's start, not decoded: every recipient of a
+        // broadcast may ask this right after it joined or resumed.
+        let Some((room, epoch, seq)) = chatgate_protocol::template::event_position(frame) else {
+            return true;
         };
         let Some(i) = self.watermarks.iter().position(|(r, _)| **r == *room) else {
             return true;

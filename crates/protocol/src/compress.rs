@@ -28,6 +28,30 @@ pub(crate) fn deflate(input: &[u8], level: u32, out: &mut Vec<u8>) {
     }
 }
 
+/// The first `n` bytes `input` inflates to (fewer if it is shorter), or
+/// `None` when it is not DEFLATE. Stops there: reading the start of a
+/// large payload costs what the start costs.
+pub(crate) fn inflate_prefix(input: &[u8], n: usize) -> Option<Vec<u8>> {
+    let mut d = Decompress::new(false);
+    let mut out: Vec<u8> = Vec::with_capacity(n);
+    loop {
+        let (in_before, out_before) = (d.total_in(), d.total_out());
+        let status = d
+            .decompress_vec(
+                &input[in_before as usize..],
+                &mut out,
+                FlushDecompress::None,
+            )
+            .ok()?;
+        if out.len() >= n || status == Status::StreamEnd {
+            return Some(out);
+        }
+        if d.total_in() == in_before && d.total_out() == out_before {
+            return None;
+        }
+    }
+}
+
 /// Inflates `input`, failing as soon as the output would exceed `cap`.
 ///
 /// The output buffer starts small and grows by doubling, never past

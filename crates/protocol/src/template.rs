@@ -26,6 +26,77 @@ pub struct EventTemplate {
     pub tail: Vec<u8>,
 }
 
+/// Where a room event frame (NewMessage or Reaction) sits: its room,
+/// epoch and sequence number, read from the start of the payload without
+/// decoding the rest (and, when compressed, inflating only the start).
+/// `None` for any other frame. For the per-recipient checks a broadcast
+/// must stay cheap for (the encode-once rule).
+pub fn event_position(frame: &[u8]) -> Option<(String, u64, u64)> {
+    let (&op, rest) = frame.split_first()?;
+    let flags = *rest.first()?;
+    let payload = frame.get(HEADER_LEN..)?;
+    // Enough for the fields wanted: varints (9) and a room (130).
+    const PREFIX: usize = 3 * 9 + 3 + crate::limits::MAX_ROOM_NAME_BYTES + 16;
+    let owned;
+    let p: &[u8] = if flags & 1 != 0 {
+        owned = crate::compress::inflate_prefix(payload, PREFIX)?;
+        &owned
+    } else {
+        payload
+    };
+    let mut r = Reader(p);
+    if op == crate::Opcode::NewMessage as u8 {
+        let epoch = r.varint()?;
+        let _id = r.varint()?;
+        let room = r.text()?;
+        let seq = r.varint()?;
+        Some((room, epoch, seq))
+    } else if op == crate::Opcode::Reaction as u8 {
+        let room = r.text()?;
+        let epoch = r.varint()?;
+        let seq = r.varint()?;
+        Some((room, epoch, seq))
+    } else {
+        None
+    }
+}
+
+/// Reads §4 fields off the front of a payload.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn varint(&mut self) -> Option<u64> {
+        let first = *self.take(1)?.first()?;
+        let wide = |b: &[u8]| {
+            let mut v = [0u8; 8];
+            v[..b.len()].copy_from_slice(b);
+            u64::from_le_bytes(v)
+        };
+        match first {
+            0..=250 => Some(u64::from(first)),
+            0xFB => self.take(2).map(wide),
+            0xFC => self.take(4).map(wide),
+            0xFD => self.take(8).map(wide),
+            _ => None,
+        }
+    }
+
+    fn text(&mut self) -> Option<String> {
+        let n = usize::try_from(self.varint()?).ok()?;
+        let bytes = self.take(n)?;
+        String::from_utf8(bytes.to_vec()).ok()
+    }
+}
+
 /// Appends `v` in the protocol's varint form (PROTOCOL.md §4.1).
 pub fn write_varint(out: &mut Vec<u8>, v: u64) {
     if v < 251 {
@@ -201,5 +272,74 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+}
+
+#[cfg(test)]
+mod peek_tests {
+    use super::*;
+    use crate::payload::{Message, NewMessage, Reaction};
+
+    /// The peek agrees with a full decode, compressed or not.
+    #[test]
+    fn event_position_reads_what_decoding_reads() {
+        let message = |room: &str, body: &str, epoch: u64, seq: u64| {
+            ServerFrame::NewMessage(NewMessage {
+                epoch,
+                message: Message {
+                    id: 77_000,
+                    room: room.into(),
+                    seq,
+                    sender_id: "u".into(),
+                    sender_name: "U".into(),
+                    sender_image: String::new(),
+                    client_msg_id: "c".into(),
+                    body: body.into(),
+                    attachments: vec![],
+                    reactions: vec![],
+                    created_at_ms: 5,
+                },
+            })
+        };
+        let reaction = ServerFrame::Reaction(Reaction {
+            room: "r\u{e9}".into(),
+            epoch: u64::MAX,
+            seq: 300,
+            message_id: 1,
+            user_id: "u".into(),
+            emoji: "+".into(),
+            removed: false,
+        });
+        let frames = [
+            (
+                message("room", "hi", 1_796_000_000_000, 1),
+                ("room", 1_796_000_000_000, 1),
+            ),
+            (
+                message(&"x".repeat(128), &"long ".repeat(2000), 7, 70_000),
+                ("", 7, 70_000),
+            ),
+            (reaction, ("r\u{e9}", u64::MAX, 300)),
+        ];
+        for (frame, (room, epoch, seq)) in frames {
+            for threshold in [0, usize::MAX] {
+                let codec = Codec::new(CodecConfig {
+                    compress_threshold: threshold,
+                    ..Default::default()
+                });
+                let bytes = codec.encode_server(0, &frame).unwrap();
+                let (r, e, s) = event_position(&bytes).unwrap();
+                if !room.is_empty() {
+                    assert_eq!(r, room);
+                } else {
+                    assert_eq!(r.len(), 128);
+                }
+                assert_eq!((e, s), (epoch, seq));
+            }
+        }
+        let ok = Codec::default().encode_server(0, &ServerFrame::Ok).unwrap();
+        assert_eq!(event_position(&ok), None);
+        assert_eq!(event_position(&[0x60, 1, 0, 0, 0, 0, 0xFF]), None);
+        assert_eq!(event_position(&[0x60]), None);
     }
 }
