@@ -779,17 +779,26 @@ async fn shutdown_finishes_in_flight_sends_before_closing() {
         sender.send(10 + i, &send(&format!("d-{i}"))).await.unwrap();
     }
     // The first send is stored and held before its record; the rest wait
-    // behind it, in order.
+    // behind it, in order, all ten read by the server.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while store
-        .inner
-        .history("r", None, 10, 0)
-        .await
-        .unwrap()
-        .messages
-        .is_empty()
+    let read_all = || {
+        node.metrics
+            .render()
+            .contains("chat_frames_in_total{opcode=\"send\"} 10")
+    };
+    while !read_all()
+        || store
+            .inner
+            .history("r", None, 10, 0)
+            .await
+            .unwrap()
+            .messages
+            .is_empty()
     {
-        assert!(std::time::Instant::now() < deadline, "nothing stored");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not all read and stored"
+        );
         tokio::task::yield_now().await;
     }
     let mut frames = Vec::new();
