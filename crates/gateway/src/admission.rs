@@ -20,17 +20,50 @@
 //!   `X-Forwarded-For`, counted when the request arrives; the header from
 //!   anyone else is ignored.
 //!
-//! A socket refused at the door is answered `503` with `Retry-After` and
-//! closed at once, never left to wait in the backlog: a health probe or a
-//! real user behind an attacker gets an answer either way.
+//! When the pending pool is full, the **oldest** unidentified socket is
+//! closed to make room (4104 if it was upgraded): a real client upgrades
+//! and identifies in milliseconds, so sockets that sit there unidentified
+//! (from however many addresses) are the ones that go, and a new client
+//! gets in. A socket refused at the door is answered `503` with
+//! `Retry-After` and closed at once, never left to wait in the backlog.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+/// How long a new socket waits for the pending slot an eviction frees.
+const EVICTION_WAIT: Duration = Duration::from_millis(500);
+
+/// One unidentified socket's place in the eviction order.
+#[derive(Default)]
+struct Slot {
+    evict: Notify,
+    /// Identified, closed, or already picked for eviction.
+    done: AtomicBool,
+}
+
+/// Resolves when the door closes this socket to make room (see
+/// [`Door::admit`]); owners select on it while the socket is unidentified.
+#[derive(Clone)]
+pub struct Eviction(Arc<Slot>);
+
+impl Eviction {
+    /// Waits until this socket is evicted.
+    pub async fn wait(&self) {
+        self.0.evict.notified().await
+    }
+
+    /// Takes this socket out of the eviction order (it is identifying:
+    /// busy, not idle) while it keeps its pending slot.
+    pub fn spare(&self) {
+        self.0.done.store(true, Ordering::Relaxed);
+    }
+}
 
 use crate::config::Config;
 
@@ -127,6 +160,9 @@ pub struct Door {
     sockets: Arc<Semaphore>,
     pending: Arc<Semaphore>,
     pending_size: usize,
+    /// Unidentified sockets, oldest first (entries already done are
+    /// skipped and dropped lazily).
+    order: Mutex<VecDeque<Arc<Slot>>>,
     sources: Mutex<HashMap<SourceKey, Source>>,
     pending_per_ip: u32,
     connections_per_ip: u32,
@@ -143,6 +179,7 @@ impl Door {
             )),
             pending: Arc::new(Semaphore::new(config.max_pending_connections)),
             pending_size: config.max_pending_connections,
+            order: Mutex::new(VecDeque::new()),
             sources: Mutex::new(HashMap::new()),
             pending_per_ip: config.max_pending_per_ip,
             connections_per_ip: config.max_connections_per_ip,
@@ -159,27 +196,76 @@ impl Door {
 
     /// Admits an accepted socket from `peer`, or says why not. A peer that
     /// is a trusted proxy is counted per address only once its request
-    /// names the client ([`Ticket::attribute`]).
-    pub fn admit(
+    /// names the client ([`Ticket::attribute`]). With the pending pool
+    /// full, the oldest unidentified socket is evicted and its slot taken
+    /// (waiting up to half a second for it).
+    pub async fn admit(
         self: &Arc<Door>,
         socket: OwnedSemaphorePermit,
         peer: IpAddr,
     ) -> Result<Ticket, Refusal> {
-        let pending = self
-            .pending
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Refusal::Pending)?;
+        let counted = !self.is_trusted(peer);
+        // An address over its own caps evicts nobody.
+        if counted && !self.source_allows(peer) {
+            return Err(Refusal::Source);
+        }
+        let pending = match self.pending.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if !self.evict_oldest() {
+                    return Err(Refusal::Pending);
+                }
+                match tokio::time::timeout(EVICTION_WAIT, self.pending.clone().acquire_owned())
+                    .await
+                {
+                    Ok(Ok(p)) => p,
+                    _ => return Err(Refusal::Pending),
+                }
+            }
+        };
+        let slot = Arc::new(Slot::default());
+        {
+            let mut order = self.order.lock();
+            if order.len() > 2 * self.pending_size {
+                order.retain(|s| !s.done.load(Ordering::Relaxed));
+            }
+            order.push_back(slot.clone());
+        }
         let mut ticket = Ticket {
             door: self.clone(),
             _socket: socket,
             pending: Some(pending),
             source: None,
+            slot,
         };
-        if !self.is_trusted(peer) {
+        if counted {
             ticket.count(peer)?;
         }
         Ok(ticket)
+    }
+
+    /// Tells the oldest unidentified socket to close; false when there is
+    /// none.
+    fn evict_oldest(&self) -> bool {
+        let mut order = self.order.lock();
+        while let Some(slot) = order.pop_front() {
+            if !slot.done.swap(true, Ordering::Relaxed) {
+                slot.evict.notify_one();
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Whether `ip` is within its caps now (a check, nothing counted).
+    fn source_allows(&self, ip: IpAddr) -> bool {
+        let sources = self.sources.lock();
+        let Some(s) = sources.get(&SourceKey::of(ip)) else {
+            return true;
+        };
+        let over_pending = self.pending_per_ip > 0 && s.pending >= self.pending_per_ip;
+        let over_open = self.connections_per_ip > 0 && s.open >= self.connections_per_ip;
+        !(over_pending || over_open)
     }
 
     /// Whether `peer` is a proxy whose `X-Forwarded-For` is believed.
@@ -239,9 +325,15 @@ pub struct Ticket {
     _socket: OwnedSemaphorePermit,
     pending: Option<OwnedSemaphorePermit>,
     source: Option<SourceKey>,
+    slot: Arc<Slot>,
 }
 
 impl Ticket {
+    /// Resolves if the door evicts this socket while it is unidentified.
+    pub fn eviction(&self) -> Eviction {
+        Eviction(self.slot.clone())
+    }
+
     /// Counts this socket against `client` (for a socket from a trusted
     /// proxy, once its request names the client). Does nothing when the
     /// socket is already counted.
@@ -290,6 +382,7 @@ impl Ticket {
     /// Identify succeeded: the socket is a session now, and gives its
     /// pending slot back.
     pub fn identified(&mut self) {
+        self.slot.done.store(true, Ordering::Relaxed);
         if self.pending.take().is_some()
             && let Some(key) = self.source
             && let Some(s) = self.door.sources.lock().get_mut(&key)
@@ -301,6 +394,7 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        self.slot.done.store(true, Ordering::Relaxed);
         let Some(key) = self.source else { return };
         let mut sources = self.door.sources.lock();
         if let Some(s) = sources.get_mut(&key) {
@@ -349,6 +443,21 @@ mod tests {
         d.sockets.clone().try_acquire_owned().unwrap()
     }
 
+    /// `Door::admit`, run to completion (tests are synchronous).
+    trait AdmitNow {
+        fn admit_now(&self, socket: OwnedSemaphorePermit, peer: IpAddr) -> Result<Ticket, Refusal>;
+    }
+
+    impl AdmitNow for Arc<Door> {
+        fn admit_now(&self, socket: OwnedSemaphorePermit, peer: IpAddr) -> Result<Ticket, Refusal> {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap()
+                .block_on(self.admit(socket, peer))
+        }
+    }
+
     #[test]
     fn forwarded_for_is_believed_from_trusted_proxies_only() {
         let d = door(Config {
@@ -376,38 +485,38 @@ mod tests {
         });
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
-        let mut t1 = d.admit(permit(&d), a).unwrap();
-        let _t2 = d.admit(permit(&d), a).unwrap();
+        let mut t1 = d.admit_now(permit(&d), a).unwrap();
+        let _t2 = d.admit_now(permit(&d), a).unwrap();
         assert_eq!(
-            d.admit(permit(&d), a).err(),
+            d.admit_now(permit(&d), a).err(),
             Some(Refusal::Source),
             "pending cap"
         );
-        let _other = d.admit(permit(&d), b).unwrap();
+        let _other = d.admit_now(permit(&d), b).unwrap();
         t1.identified();
-        let mut t3 = d.admit(permit(&d), a).unwrap();
+        let mut t3 = d.admit_now(permit(&d), a).unwrap();
         t3.identified();
         assert_eq!(
-            d.admit(permit(&d), a).err(),
+            d.admit_now(permit(&d), a).err(),
             Some(Refusal::Source),
             "open cap"
         );
         drop(t1);
-        let _t4 = d.admit(permit(&d), a).unwrap();
+        let _t4 = d.admit_now(permit(&d), a).unwrap();
         // IPv6 counts by /64.
         let v6 = door(Config {
             max_pending_per_ip: 1,
             ..Config::default()
         });
         let _x = v6
-            .admit(permit(&v6), "2001:db8::1".parse().unwrap())
+            .admit_now(permit(&v6), "2001:db8::1".parse().unwrap())
             .unwrap();
         assert!(
-            v6.admit(permit(&v6), "2001:db8::2".parse().unwrap())
+            v6.admit_now(permit(&v6), "2001:db8::2".parse().unwrap())
                 .is_err()
         );
         assert!(
-            v6.admit(permit(&v6), "2001:db8:0:1::1".parse().unwrap())
+            v6.admit_now(permit(&v6), "2001:db8:0:1::1".parse().unwrap())
                 .is_ok()
         );
     }
@@ -421,25 +530,51 @@ mod tests {
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         // A burst of twice the rate, then refusals.
         for i in 0..10 {
-            assert!(d.admit(permit(&d), a).is_ok(), "connection {i}");
+            assert!(d.admit_now(permit(&d), a).is_ok(), "connection {i}");
         }
-        assert_eq!(d.admit(permit(&d), a).err(), Some(Refusal::Source));
-        assert!(d.admit(permit(&d), "192.0.2.9".parse().unwrap()).is_ok());
+        assert_eq!(d.admit_now(permit(&d), a).err(), Some(Refusal::Source));
+        assert!(
+            d.admit_now(permit(&d), "192.0.2.9".parse().unwrap())
+                .is_ok()
+        );
     }
 
-    #[test]
-    fn the_pending_pool_is_shared_and_freed_by_identify() {
+    /// A full pending pool makes room by evicting its oldest socket; a
+    /// socket taken out of the order (identifying) is never picked, and
+    /// when the evicted one does not go the newcomer is refused after a
+    /// short wait.
+    #[tokio::test]
+    async fn a_full_pending_pool_evicts_its_oldest_socket() {
         let d = door(Config {
             max_pending_connections: 2,
             ..Config::default()
         });
-        let mut t1 = d.admit(permit(&d), "192.0.2.1".parse().unwrap()).unwrap();
-        let _t2 = d.admit(permit(&d), "192.0.2.2".parse().unwrap()).unwrap();
+        let t1 = d
+            .admit(permit(&d), "192.0.2.1".parse().unwrap())
+            .await
+            .unwrap();
+        let t2 = d
+            .admit(permit(&d), "192.0.2.2".parse().unwrap())
+            .await
+            .unwrap();
+        let evicted = t1.eviction();
+        let owner = tokio::spawn(async move {
+            evicted.wait().await;
+            drop(t1);
+        });
+        let _t3 = d
+            .admit(permit(&d), "192.0.2.3".parse().unwrap())
+            .await
+            .unwrap();
+        owner.await.unwrap();
+        // t2 is the oldest now, but identifying: spared. t3 is picked and
+        // does not go: the next socket is refused once the wait is over.
+        t2.eviction().spare();
         assert_eq!(
-            d.admit(permit(&d), "192.0.2.3".parse().unwrap()).err(),
+            d.admit(permit(&d), "192.0.2.4".parse().unwrap())
+                .await
+                .err(),
             Some(Refusal::Pending)
         );
-        t1.identified();
-        assert!(d.admit(permit(&d), "192.0.2.3".parse().unwrap()).is_ok());
     }
 }

@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsClos
 
 use chatgate_protocol::{ClientFrame, CloseCode};
 
-use crate::admission::Ticket;
+use crate::admission::{Eviction, Ticket};
 use crate::node::Node;
 use crate::outbox::Outbox;
 use crate::session::{Pending, Session};
@@ -76,8 +76,9 @@ pub async fn serve(
         node.config.outbound_queue_bytes,
     ));
 
+    let evicted = ticket.eviction();
     let opened = tokio::select! {
-        r = Box::pin(identify(&node, &mut ws, conn, &outbox)) => r,
+        r = Box::pin(identify(&node, &mut ws, conn, &outbox, &evicted)) => r,
         _ = shutdown.changed() => Err(Ended::Close(CloseCode::ShuttingDown)),
     };
     match opened {
@@ -105,6 +106,7 @@ async fn identify(
     ws: &mut Ws,
     conn: u64,
     outbox: &Arc<Outbox>,
+    evicted: &Eviction,
 ) -> Result<Session, Ended> {
     let first = async {
         loop {
@@ -118,9 +120,16 @@ async fn identify(
             }
         }
     };
-    let data = tokio::time::timeout(node.config.connect_timeout, first)
-        .await
-        .map_err(|_| Ended::Close(CloseCode::IdentifyTimeout))??;
+    // Waiting for Identify ends with the connect timeout, or sooner when
+    // the pending pool is full and this socket the oldest in it.
+    let data = tokio::select! {
+        r = tokio::time::timeout(node.config.connect_timeout, first) => {
+            r.map_err(|_| Ended::Close(CloseCode::IdentifyTimeout))??
+        }
+        _ = evicted.wait() => return Err(Ended::Close(CloseCode::IdentifyTimeout)),
+    };
+    // Identifying now: no longer the one to make room.
+    evicted.spare();
     count_in(node, &data);
     let (rid, frame) = node
         .codec

@@ -147,20 +147,24 @@ impl Server {
                 },
                 _ = shutdown.changed() => break,
             };
-            let ticket = match node.door.admit(permit, peer.ip()) {
-                Ok(t) => t,
-                Err(why) => {
-                    node.metrics.refused(why);
-                    // A fresh socket's send buffer is empty: this never
-                    // waits, and a short write just loses the courtesy.
-                    let _ = stream.try_write(REFUSED);
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
             let node = node.clone();
             let conn_shutdown = shutdown_tx.subscribe();
             tokio::spawn(async move {
+                // In the socket's own task: admission may wait a moment
+                // for an evicted socket's slot, and accepting goes on.
+                let ticket = match node.door.admit(permit, peer.ip()).await {
+                    Ok(t) => t,
+                    Err(why) => {
+                        node.metrics.refused(why);
+                        // A fresh socket's send buffer is empty: this
+                        // never waits, and a short write just loses the
+                        // courtesy.
+                        let _ = stream.try_write(REFUSED);
+                        return;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let evicted = ticket.eviction();
                 let timeout = node.config.connect_timeout;
                 let socket = Arc::new(http::Socket::new(peer, ticket));
                 let svc = service_fn(move |req| {
@@ -178,6 +182,8 @@ impl Server {
                 let ended = tokio::select! {
                     r = conn.as_mut() => Some(r),
                     _ = tokio::time::sleep(timeout) => None,
+                    // Made room for a newer socket.
+                    _ = evicted.wait() => None,
                 };
                 let ended = match ended {
                     Some(r) => r,

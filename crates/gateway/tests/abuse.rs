@@ -241,8 +241,9 @@ async fn silent_upgrades_do_not_take_session_slots() {
 }
 
 /// An HTTP connection holds a pending slot only for the connect timeout
-/// and at most 100 requests, however it paces them: keep-alive sockets
-/// filling the pending pool are closed, and new sockets get answered.
+/// and at most 100 requests, however it paces them, and the oldest makes
+/// room when the pool is full: keep-alive sockets filling the pending
+/// pool are closed, and new sockets get answered.
 #[test]
 fn keep_alive_sockets_cannot_hold_the_pending_pool() {
     let gw = Gateway::start(&[
@@ -258,10 +259,16 @@ fn keep_alive_sockets_cannot_hold_the_pending_pool() {
     for h in &mut hogs {
         assert!(get_on(h, "/nope").is_some());
     }
-    // Full now: a ninth socket is refused at once, not left waiting.
+    // Full now: a ninth socket makes room by evicting the oldest, and is
+    // answered at once.
     let mut ninth = tcp_from(&gw, "127.0.0.1");
     let answer = get_on(&mut ninth, "/health").unwrap_or_default();
-    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(
+        closed(&mut hogs[0]),
+        "the oldest keep-alive socket made room"
+    );
+    drop(ninth);
     // The hogs keep asking, well inside any per-request timeout...
     while started.elapsed() < std::time::Duration::from_millis(1000) {
         for h in &mut hogs {
@@ -576,4 +583,36 @@ async fn rooms_past_the_session_cap_at_identify_are_named() {
     named.extend(rooms_of(&ready.rooms).iter().map(|r| r.to_string()));
     named.sort();
     assert_eq!(named, rooms);
+}
+
+/// Unidentified sockets from many addresses fill the pending pool: a real
+/// client still connects and identifies, the oldest silent socket making
+/// room for it (closed with 4104), where it used to get 503.
+#[tokio::test]
+async fn a_full_pending_pool_lets_a_real_client_in() {
+    let gw = Gateway::start(&[
+        "--max-pending-connections",
+        "16",
+        "--max-pending-per-ip",
+        "2",
+    ]);
+    let mut silent = Vec::new();
+    for i in 0..16 {
+        let from = format!("127.0.0.{}", 10 + i / 2);
+        let s = tcp_from(&gw, &from);
+        silent.push(s);
+    }
+    gw.wait_health("16 pending", |h| h["pending"].as_u64() >= Some(16));
+    let mut real = user(&gw, "real").await;
+    assert!(real.alive().await);
+    assert!(gw.metric("chat_connections_refused_pending_total") == 0.0);
+    let mut evicted = 0;
+    for s in &mut silent {
+        s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        if closed(s) {
+            evicted += 1;
+        }
+    }
+    assert!(evicted >= 1, "no silent socket made room");
 }

@@ -50,7 +50,9 @@ pub enum CloseCode {
     TextFrame = 4102,
     /// A frame (or its decompressed payload) exceeded the size limit.
     FrameTooLarge = 4103,
-    /// No `Identify` within the connect timeout (10 s by default).
+    /// No `Identify` within the connect timeout (10 s by default), or
+    /// sooner when the node needed the slot of its oldest unidentified
+    /// socket for a new one.
     IdentifyTimeout = 4104,
     /// The user already holds the maximum number of connections.
     ConnectionLimit = 4105,
