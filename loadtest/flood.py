@@ -10,6 +10,7 @@ library only. Floods, each from its own 127.0.0.x source addresses:
   heartbeat  identified connections sending Heartbeat frames flat out
   bomb       identified connections sending 1 KiB Sends that claim 1 MiB
   typing     one user's 5 connections typing flat out in one room
+  churn      identifies resuming 1,000 made-up room names each, over and over
 
     python3 loadtest/flood.py --port 8080 --seconds 30 --sockets 2000
 """
@@ -216,6 +217,34 @@ def typing(args, stop, counts):
         stop.wait(0.01)
 
 
+def churn(args, stop, counts):
+    """Resumes naming made-up open rooms: state the node must not keep."""
+    while not stop.is_set():
+        try:
+            s = connect("127.0.0.33", args.port)
+            if not upgrade(s):
+                counts["churn_refused"] += 1
+                s.close()
+                continue
+            tag = random.getrandbits(48)
+            positions = b"".join(
+                text(f"public:made-up-{tag}-{i}") + varint(1) + varint(0) for i in range(1000)
+            )
+            resume = b"\x01" + os.urandom(16) + varint(1000) + positions
+            payload = text(token(args.secret, f"churn-{tag}")) + resume
+            s.sendall(ws_message(frame(0x01, 1, payload)))
+            s.settimeout(5)
+            try:
+                s.recv(65536)
+            except OSError:
+                pass
+            counts["churn_identifies"] += 1
+            s.close()
+        except OSError:
+            counts["churn_failed"] += 1
+            stop.wait(0.1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", type=int, default=8080)
@@ -228,8 +257,10 @@ def main():
     counts = {k: 0 for k in [
         "silent_upgraded", "silent_refused", "silent_failed", "keepalive_requests",
         "keepalive_closed", "keepalive_failed", "heartbeats_sent", "heartbeat_closed",
-        "bombs_sent", "bomb_failed", "typing_sent", "typing_closed"]}
-    floods = {"silent": silent, "keepalive": keepalive, "heartbeat": heartbeat, "bomb": bomb, "typing": typing}
+        "bombs_sent", "bomb_failed", "typing_sent", "typing_closed",
+        "churn_identifies", "churn_refused", "churn_failed"]}
+    floods = {"silent": silent, "keepalive": keepalive, "heartbeat": heartbeat, "bomb": bomb,
+              "typing": typing, "churn": churn}
     threads = [threading.Thread(target=floods[f], args=(args, stop, counts), daemon=True)
                for f in args.floods.split(",")]
     for t in threads:
