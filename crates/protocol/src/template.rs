@@ -273,35 +273,20 @@ mod tests {
                 .is_none()
         );
     }
-}
-
-#[cfg(test)]
-mod peek_tests {
-    use super::*;
-    use crate::payload::{Message, NewMessage, Reaction};
 
     /// The peek agrees with a full decode, compressed or not.
     #[test]
     fn event_position_reads_what_decoding_reads() {
-        let message = |room: &str, body: &str, epoch: u64, seq: u64| {
-            ServerFrame::NewMessage(NewMessage {
-                epoch,
-                message: Message {
-                    id: 77_000,
-                    room: room.into(),
-                    seq,
-                    sender_id: "u".into(),
-                    sender_name: "U".into(),
-                    sender_image: String::new(),
-                    client_msg_id: "c".into(),
-                    body: body.into(),
-                    attachments: vec![],
-                    reactions: vec![],
-                    created_at_ms: 5,
-                },
-            })
-        };
-        let reaction = ServerFrame::Reaction(Reaction {
+        let message =
+            |room: &str, body: &str, epoch: u64, seq: u64| match message(77_000, room, body) {
+                ServerFrame::NewMessage(mut m) => {
+                    m.epoch = epoch;
+                    m.message.seq = seq;
+                    ServerFrame::NewMessage(m)
+                }
+                other => other,
+            };
+        let reaction = ServerFrame::Reaction(crate::payload::Reaction {
             room: "r\u{e9}".into(),
             epoch: u64::MAX,
             seq: 300,
