@@ -43,6 +43,9 @@ const EVICTION_WAIT: Duration = Duration::from_millis(500);
 #[derive(Default)]
 struct Slot {
     evict: Notify,
+    /// Set when evicted; stays set, so every owner that waits (the HTTP
+    /// task, then the WebSocket task after an upgrade) sees it.
+    evicted: AtomicBool,
     /// Identified, closed, or already picked for eviction.
     done: AtomicBool,
 }
@@ -53,9 +56,22 @@ struct Slot {
 pub struct Eviction(Arc<Slot>);
 
 impl Eviction {
-    /// Waits until this socket is evicted.
+    /// Waits until this socket is evicted (at once if it already was).
     pub async fn wait(&self) {
-        self.0.evict.notified().await
+        loop {
+            let notified = self.0.evict.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.0.evicted.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Whether this socket was evicted.
+    pub fn is_evicted(&self) -> bool {
+        self.0.evicted.load(Ordering::Acquire)
     }
 
     /// Takes this socket out of the eviction order (it is identifying:
@@ -250,7 +266,8 @@ impl Door {
         let mut order = self.order.lock();
         while let Some(slot) = order.pop_front() {
             if !slot.done.swap(true, Ordering::Relaxed) {
-                slot.evict.notify_one();
+                slot.evicted.store(true, Ordering::Release);
+                slot.evict.notify_waiters();
                 return true;
             }
         }
@@ -265,7 +282,12 @@ impl Door {
         };
         let over_pending = self.pending_per_ip > 0 && s.pending >= self.pending_per_ip;
         let over_open = self.connections_per_ip > 0 && s.open >= self.connections_per_ip;
-        !(over_pending || over_open)
+        // Out of new-connection tokens: no eviction on its behalf either.
+        let over_rate = self.new_per_ip > 0 && {
+            let rate = self.new_per_ip as f32;
+            (s.tokens + s.at.elapsed().as_secs_f32() * rate).min(2.0 * rate) < 1.0
+        };
+        !(over_pending || over_open || over_rate)
     }
 
     /// Whether `peer` is a proxy whose `X-Forwarded-For` is believed.
@@ -523,13 +545,14 @@ mod tests {
 
     #[test]
     fn new_connections_per_address_are_metered() {
+        // One a second: a refill within this test would take a 1 s stall.
         let d = door(Config {
-            new_connections_per_ip: 5,
+            new_connections_per_ip: 1,
             ..Config::default()
         });
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         // A burst of twice the rate, then refusals.
-        for i in 0..10 {
+        for i in 0..2 {
             assert!(d.admit_now(permit(&d), a).is_ok(), "connection {i}");
         }
         assert_eq!(d.admit_now(permit(&d), a).err(), Some(Refusal::Source));
@@ -562,7 +585,7 @@ mod tests {
             evicted.wait().await;
             drop(t1);
         });
-        let _t3 = d
+        let t3 = d
             .admit(permit(&d), "192.0.2.3".parse().unwrap())
             .await
             .unwrap();
@@ -576,5 +599,11 @@ mod tests {
                 .err(),
             Some(Refusal::Pending)
         );
+        assert!(!t2.eviction().is_evicted(), "a spared socket was picked");
+        assert!(t3.eviction().is_evicted(), "the oldest unspared was not");
+        // Level-triggered: a wait that starts after the eviction returns.
+        tokio::time::timeout(Duration::from_secs(1), t3.eviction().wait())
+            .await
+            .unwrap();
     }
 }

@@ -126,7 +126,10 @@ async fn identify(
         r = tokio::time::timeout(node.config.connect_timeout, first) => {
             r.map_err(|_| Ended::Close(CloseCode::IdentifyTimeout))??
         }
-        _ = evicted.wait() => return Err(Ended::Close(CloseCode::IdentifyTimeout)),
+        _ = evicted.wait() => {
+            node.metrics.evicted.inc();
+            return Err(Ended::Close(CloseCode::IdentifyTimeout));
+        }
     };
     // Identifying now: no longer the one to make room.
     evicted.spare();
@@ -156,15 +159,21 @@ async fn identify(
             Ended::Close(CloseCode::ServerError)
         })?
         .map_err(Ended::Close)?;
-    for frame in first {
-        count_out(node, &frame);
-        node.metrics.frame_out(frame[0]);
-        ws.feed(Message::Binary(frame))
-            .await
-            .map_err(|_| Ended::Gone)?;
+    // Bounded like any write: a client that stops reading here must not
+    // hold its slots.
+    let write = async {
+        for frame in first {
+            count_out(node, &frame);
+            node.metrics.frame_out(frame[0]);
+            ws.feed(Message::Binary(frame)).await?;
+        }
+        ws.flush().await
+    };
+    match tokio::time::timeout(node.config.heartbeat_timeout, write).await {
+        Ok(Ok(())) => Ok(session),
+        Ok(Err(_)) => Err(Ended::Gone),
+        Err(_) => Err(Ended::Abandoned(CloseCode::SlowConsumer)),
     }
-    ws.flush().await.map_err(|_| Ended::Gone)?;
-    Ok(session)
 }
 
 /// The identified session's loop.

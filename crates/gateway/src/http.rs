@@ -80,6 +80,13 @@ pub async fn route(
     Ok(response)
 }
 
+/// `r` with `Connection: close`: the connection ends after it.
+fn closing(mut r: Response<Body>) -> Response<Body> {
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
 fn unavailable(body: &'static str) -> Response<Body> {
     let mut r = text(StatusCode::SERVICE_UNAVAILABLE, body);
     r.headers_mut()
@@ -148,6 +155,9 @@ fn upgrade(
     let Some(mut ticket) = socket.ticket.lock().take() else {
         return unavailable("one upgrade per connection\n");
     };
+    if ticket.eviction().is_evicted() {
+        return closing(unavailable("made room for a newer connection\n"));
+    }
     // Behind a trusted proxy, the client is known only now.
     let forwarded: Vec<&str> = h
         .get_all("x-forwarded-for")
@@ -157,7 +167,10 @@ fn upgrade(
     let client = node.door.client_addr(socket.peer.ip(), &forwarded);
     if let Err(why) = ticket.attribute(client) {
         node.metrics.refused(why);
-        return unavailable("too many connections from this address\n");
+        // The socket keeps its permits until it closes, which it does
+        // after this answer.
+        *socket.ticket.lock() = Some(ticket);
+        return closing(unavailable("too many connections from this address\n"));
     }
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut req);

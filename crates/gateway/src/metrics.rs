@@ -26,6 +26,8 @@ pub struct Metrics {
     pub refused_pending: IntCounter,
     /// Sockets refused at the door by a per-address cap.
     pub refused_source: IntCounter,
+    /// Unidentified sockets closed to make room for newer ones.
+    pub evicted: IntCounter,
     /// Rooms with at least one local member.
     pub rooms: IntGauge,
     frames_in: Vec<IntCounter>,
@@ -206,6 +208,11 @@ impl Metrics {
                 r,
                 "connections_refused_pending_total",
                 "Sockets refused with 503 at max_pending_connections (not identified yet)",
+            ),
+            evicted: counter(
+                r,
+                "connections_evicted_total",
+                "Unidentified sockets closed to make room in a full pending pool",
             ),
             refused_source: counter(
                 r,

@@ -51,6 +51,26 @@ pub(crate) fn listen(
     TcpListener::from_std(socket.into())
 }
 
+/// Answers a socket refused at the door with 503 and closes it: write
+/// side first, then what the client sent is read and dropped for a
+/// moment, so the close is a FIN after the answer rather than a reset
+/// that could destroy it.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A fresh socket's send buffer is empty: this never waits.
+    let _ = stream.try_write(REFUSED);
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// A bound, not yet serving, gateway.
 pub struct Server {
     node: Arc<Node>,
@@ -156,15 +176,13 @@ impl Server {
                     Ok(t) => t,
                     Err(why) => {
                         node.metrics.refused(why);
-                        // A fresh socket's send buffer is empty: this
-                        // never waits, and a short write just loses the
-                        // courtesy.
-                        let _ = stream.try_write(REFUSED);
+                        refuse(stream).await;
                         return;
                     }
                 };
                 let _ = stream.set_nodelay(true);
                 let evicted = ticket.eviction();
+                let metrics = node.metrics.clone();
                 let timeout = node.config.connect_timeout;
                 let socket = Arc::new(http::Socket::new(peer, ticket));
                 let svc = service_fn(move |req| {
@@ -182,8 +200,12 @@ impl Server {
                 let ended = tokio::select! {
                     r = conn.as_mut() => Some(r),
                     _ = tokio::time::sleep(timeout) => None,
-                    // Made room for a newer socket.
-                    _ = evicted.wait() => None,
+                    // Made room for a newer socket: closed at once, so its
+                    // slot is free while the newcomer waits for it.
+                    _ = evicted.wait() => {
+                        metrics.evicted.inc();
+                        return;
+                    }
                 };
                 let ended = match ended {
                     Some(r) => r,
