@@ -20,6 +20,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "room_grants",
         include_str!("../../../migrations/0003_room_grants.sql"),
     ),
+    (
+        4,
+        "rooms_without_rows",
+        include_str!("../../../migrations/0004_rooms_without_rows.sql"),
+    ),
 ];
 
 /// Applies pending migrations; returns the versions applied now.

@@ -583,11 +583,10 @@ impl Store for PgStore {
     }
 
     async fn join(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
-        // The user row exists (Identify upserts it); channels are created
-        // on first join.
+        // The user row exists (Identify upserts it). No channels row: a
+        // room a client only joins is its list entries, gone once left.
         self.query(
-            "WITH ch AS (INSERT INTO channels (name) SELECT unnest($2::text[]) ON CONFLICT DO NOTHING)
-             INSERT INTO channel_members (user_id, channel)
+            "INSERT INTO channel_members (user_id, channel)
              SELECT $1, unnest($2::text[])
              ON CONFLICT (user_id, channel) DO UPDATE SET listed = true
              WHERE NOT channel_members.listed",
@@ -696,13 +695,14 @@ impl Store for PgStore {
     }
 
     async fn delete_room(&self, room: &str) -> Result<bool, StoreError> {
-        // Members go with the channel (ON DELETE CASCADE), reactions and
-        // attachments with their messages.
+        // Reactions and attachments go with their messages.
         let rows = self
             .query(
                 "WITH m AS (DELETE FROM messages WHERE channel = $1 RETURNING 1),
+                      mm AS (DELETE FROM channel_members WHERE channel = $1 RETURNING 1),
                       c AS (DELETE FROM channels WHERE name = $1 RETURNING 1)
-                 SELECT (SELECT count(*) FROM m) + (SELECT count(*) FROM c)",
+                 SELECT (SELECT count(*) FROM m) + (SELECT count(*) FROM mm)
+                        + (SELECT count(*) FROM c)",
                 &[&room],
             )
             .await?;

@@ -376,3 +376,42 @@ async fn one_bad_row_fails_only_its_own_send() {
         "the sends were batched (else this test proves nothing)"
     );
 }
+
+/// Joining and leaving rooms (made-up names included) leaves no row
+/// behind: a room a client only joins is its list entries, gone once
+/// left; rooms the application creates keep theirs.
+#[tokio::test]
+async fn join_and_leave_churn_leaves_no_rows() {
+    let (url, _) = suite::fresh_schema().await;
+    let store = PgStore::connect(PgConfig::new(url.clone())).await.unwrap();
+    store
+        .upsert_user(&User {
+            id: "churner".into(),
+            name: "C".into(),
+            image: String::new(),
+        })
+        .await
+        .unwrap();
+    store.create_room("kept").await.unwrap();
+    for batch in 0..10 {
+        let rooms: Vec<String> = (0..100).map(|i| format!("made-up-{batch}-{i}")).collect();
+        store.join("churner", &rooms).await.unwrap();
+        store.leave("churner", &rooms).await.unwrap();
+    }
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let count = |table: &'static str| {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .await
+                .unwrap();
+            row.get::<_, i64>(0)
+        }
+    };
+    assert_eq!(count("channel_members").await, 0);
+    assert_eq!(count("channels").await, 1, "only the created room");
+}
