@@ -21,7 +21,7 @@
 //!   anyone else is ignored.
 //!
 //! When the pending pool is full, the **oldest** unidentified socket is
-//! closed to make room (4104 if it was upgraded): a real client upgrades
+//! closed to make room (4004 if it was upgraded): a real client upgrades
 //! and identifies in milliseconds, so sockets that sit there unidentified
 //! (from however many addresses) are the ones that go, and a new client
 //! gets in. A socket refused at the door is answered `503` with

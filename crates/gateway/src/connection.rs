@@ -126,9 +126,11 @@ async fn identify(
         r = tokio::time::timeout(node.config.connect_timeout, first) => {
             r.map_err(|_| Ended::Close(CloseCode::IdentifyTimeout))??
         }
+        // Capacity, not the client's fault: 4004 says come back (a
+        // client that sends Identify at once is never the oldest).
         _ = evicted.wait() => {
             node.metrics.evicted.inc();
-            return Err(Ended::Close(CloseCode::IdentifyTimeout));
+            return Err(Ended::Close(CloseCode::Overloaded));
         }
     };
     // Identifying now: no longer the one to make room.

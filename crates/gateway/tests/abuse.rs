@@ -595,7 +595,7 @@ async fn rooms_past_the_session_cap_at_identify_are_named() {
 
 /// Unidentified sockets from many addresses fill the pending pool: a real
 /// client still connects and identifies, the oldest silent socket making
-/// room for it (closed with 4104), where it used to get 503.
+/// room for it (closed with 4004), where it used to get 503.
 #[tokio::test]
 async fn a_full_pending_pool_lets_a_real_client_in() {
     let mut args = vec![

@@ -30,6 +30,8 @@ pub enum CloseCode {
     /// Unexpected server-side failure.
     ServerError = 4003,
     /// The node is at its connection capacity; try again (another node).
+    /// Also sent to the oldest socket that has not identified yet when
+    /// the node needs its slot for a newer one.
     Overloaded = 4004,
     /// The node's room streams were lost (Redis restarted without its
     /// data). Reconnect and resume at once: rooms whose events cannot be
@@ -50,9 +52,7 @@ pub enum CloseCode {
     TextFrame = 4102,
     /// A frame (or its decompressed payload) exceeded the size limit.
     FrameTooLarge = 4103,
-    /// No `Identify` within the connect timeout (10 s by default), or
-    /// sooner when the node needed the slot of its oldest unidentified
-    /// socket for a new one.
+    /// No `Identify` within the connect timeout (10 s by default).
     IdentifyTimeout = 4104,
     /// The user already holds the maximum number of connections.
     ConnectionLimit = 4105,
