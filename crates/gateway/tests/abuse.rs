@@ -640,3 +640,25 @@ async fn a_full_pending_pool_lets_a_real_client_in() {
     );
     drop(silent);
 }
+
+/// An upgraded socket evicted before it identified is told to come back
+/// (4004), not that it is broken.
+#[tokio::test]
+async fn an_evicted_upgrade_is_closed_with_4004() {
+    let gw = Gateway::start(&[
+        "--max-pending-connections",
+        "2",
+        "--max-pending-per-ip",
+        "0",
+    ]);
+    let first = chatgate_client::RawConnection::connect(&gw.url())
+        .await
+        .unwrap();
+    let _second = chatgate_client::RawConnection::connect(&gw.url())
+        .await
+        .unwrap();
+    let mut real = user(&gw, "real").await;
+    assert!(real.alive().await);
+    let mut first = Conn::new(first);
+    assert_eq!(first.close_code().await, Some(4004));
+}
