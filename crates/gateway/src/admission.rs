@@ -253,6 +253,7 @@ impl Door {
             pending: Some(pending),
             source: None,
             slot,
+            admitted: Instant::now(),
         };
         if counted {
             ticket.count(peer)?;
@@ -348,9 +349,16 @@ pub struct Ticket {
     pending: Option<OwnedSemaphorePermit>,
     source: Option<SourceKey>,
     slot: Arc<Slot>,
+    admitted: Instant,
 }
 
 impl Ticket {
+    /// When the socket was admitted: its HTTP phase and its wait for
+    /// Identify share one connect timeout from here.
+    pub fn admitted(&self) -> Instant {
+        self.admitted
+    }
+
     /// Resolves if the door evicts this socket while it is unidentified.
     pub fn eviction(&self) -> Eviction {
         Eviction(self.slot.clone())

@@ -77,8 +77,9 @@ pub async fn serve(
     ));
 
     let evicted = ticket.eviction();
+    let deadline = ticket.admitted() + node.config.connect_timeout;
     let opened = tokio::select! {
-        r = Box::pin(identify(&node, &mut ws, conn, &outbox, &evicted)) => r,
+        r = Box::pin(identify(&node, &mut ws, conn, &outbox, &evicted, deadline)) => r,
         _ = shutdown.changed() => Err(Ended::Close(CloseCode::ShuttingDown)),
     };
     match opened {
@@ -99,14 +100,18 @@ pub async fn serve(
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Reads the first frame, which must be Identify, and opens the session.
-/// Only the wait for that frame is the client's connect timeout (4104);
-/// a slow backend while opening is the server's trouble (4003, reconnect).
+/// Only the client's part is its connect timeout (4104), counted from the
+/// TCP accept: the upgrade and the Identify frame must both arrive by
+/// `deadline`, so an unidentified socket holds a pending slot for one
+/// timeout, not two. A slow backend while opening is the server's
+/// trouble (4003, reconnect).
 async fn identify(
     node: &Arc<Node>,
     ws: &mut Ws,
     conn: u64,
     outbox: &Arc<Outbox>,
     evicted: &Eviction,
+    deadline: Instant,
 ) -> Result<Session, Ended> {
     let first = async {
         loop {
@@ -123,7 +128,7 @@ async fn identify(
     // Waiting for Identify ends with the connect timeout, or sooner when
     // the pending pool is full and this socket the oldest in it.
     let data = tokio::select! {
-        r = tokio::time::timeout(node.config.connect_timeout, first) => {
+        r = tokio::time::timeout_at(deadline.into(), first) => {
             r.map_err(|_| Ended::Close(CloseCode::IdentifyTimeout))??
         }
         // Capacity, not the client's fault: 4004 says come back (a
