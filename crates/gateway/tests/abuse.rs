@@ -255,9 +255,13 @@ fn keep_alive_sockets_cannot_hold_the_pending_pool() {
         "1500",
     ]);
     let started = std::time::Instant::now();
-    let mut hogs: Vec<_> = (0..8).map(|_| tcp_from(&gw, "127.0.0.1")).collect();
-    for h in &mut hogs {
-        assert!(get_on(h, "/nope").is_some());
+    // One at a time, each answered before the next connects: admitted in
+    // this order, so hogs[0] is the oldest.
+    let mut hogs = Vec::new();
+    for _ in 0..8 {
+        let mut h = tcp_from(&gw, "127.0.0.1");
+        assert!(get_on(&mut h, "/nope").is_some());
+        hogs.push(h);
     }
     // Full now: a ninth socket makes room by evicting the oldest, and is
     // answered at once.
