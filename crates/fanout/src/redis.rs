@@ -76,6 +76,9 @@ pub struct RedisFanoutConfig {
     pub partitions: u32,
     /// Events kept per room for resume. Default 10,000.
     pub max_log: u64,
+    /// Bytes of events kept per room for resume. Default 8 MiB: 10,000
+    /// events of the largest size would be ~400 MiB of Redis memory.
+    pub max_log_bytes: u64,
     /// How long events stay replayable: a room's log and idempotency keys
     /// expire this long after its last event, and so does an epoch given
     /// to a room that never had one. Default 2 minutes.
@@ -102,6 +105,7 @@ impl RedisFanoutConfig {
             node_id: node_id.into(),
             partitions: 16,
             max_log: 10_000,
+            max_log_bytes: 8 << 20,
             recovery_window: Duration::from_secs(120),
             stream_idle_ttl: Duration::from_secs(86_400),
             partition_maxlen: 100_000,
@@ -147,8 +151,23 @@ if ARGV[11] ~= '' then
   redis.call('PEXPIRE', KEYS[5], ARGV[10])
 end
 local frame = ARGV[1] .. varint(tonumber(epoch)) .. ARGV[2] .. varint(seq) .. ARGV[3]
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], seq .. '-1', 'f', frame)
+redis.call('XADD', KEYS[3], seq .. '-1', 'f', frame)
+-- The room's log is bounded by count and by bytes (KEYS[6] keeps its
+-- size): the oldest entries go until both hold, so a few large events
+-- cannot hold what thousands of small ones would.
+local bytes = redis.call('INCRBY', KEYS[6], #frame)
+local maxlen, maxbytes = tonumber(ARGV[8]), tonumber(ARGV[13])
+while bytes > maxbytes or redis.call('XLEN', KEYS[3]) > maxlen do
+  local oldest = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
+  if #oldest == 0 then
+    redis.call('SET', KEYS[6], 0)
+    break
+  end
+  redis.call('XDEL', KEYS[3], oldest[1][1])
+  bytes = redis.call('DECRBY', KEYS[6], #oldest[1][2][2])
+end
 redis.call('PEXPIRE', KEYS[3], ARGV[10])
+redis.call('PEXPIRE', KEYS[6], ARGV[10])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*',
   'r', ARGV[4], 'f', frame, 'n', ARGV[5], 'c', ARGV[6], 'p', ARGV[7], 'h', epoch, 'q', seq)
 return { epoch, seq, 0 }
@@ -464,6 +483,7 @@ impl Fanout for RedisStreamsFanout {
             self.room_key(room, "log"),
             partition_key(&self.config.namespace, p),
             self.room_key(room, "published"),
+            self.room_key(room, "logbytes"),
         ];
         let pid = self.next_pid.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -488,6 +508,7 @@ impl Fanout for RedisStreamsFanout {
             (self.config.recovery_window.as_millis() as i64).into(),
             dedupe.into(),
             (self.config.stream_idle_ttl.as_millis().max(1) as i64).into(),
+            (self.config.max_log_bytes as i64).into(),
         ];
         let reply: Result<Value, _> = self
             .publish
@@ -586,6 +607,7 @@ impl Fanout for RedisStreamsFanout {
             .del::<i64, _>(vec![
                 self.room_key(room, "log"),
                 self.room_key(room, "published"),
+                self.room_key(room, "logbytes"),
             ])
             .await
             .map_err(err)?;

@@ -354,3 +354,91 @@ async fn idle_rooms_leave_no_keys_and_come_back_with_a_new_epoch() {
         Replay::NotRecoverable { .. }
     ));
 }
+
+/// A room's log is bounded by bytes as well as by count: a few large
+/// events push the oldest out, and a resume from before them is "not
+/// recovered"; small events keep the count bound.
+#[tokio::test]
+async fn room_logs_are_bounded_by_bytes() {
+    let ns = format!("t{:x}", rand::rng().random::<u64>());
+    let mut config = RedisFanoutConfig::new(redis_url(), "a");
+    config.namespace = ns.clone();
+    config.partitions = 2;
+    config.max_log = 100;
+    config.max_log_bytes = 50_000;
+    let a = RedisStreamsFanout::connect(config, Codec::default(), Arc::new(Recorder::default()))
+        .await
+        .unwrap();
+    // Text that does not compress.
+    let noise = |seed: u64| -> String {
+        let mut x = seed | 1;
+        (0..16_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(b'!' + (x % 90) as u8)
+            })
+            .collect()
+    };
+    let first = a
+        .publish("big", message("big", 1, &noise(1)), None, None)
+        .await
+        .unwrap();
+    for i in 2..=10 {
+        a.publish("big", message("big", i, &noise(i)), None, None)
+            .await
+            .unwrap();
+    }
+    let since = Position {
+        seq: first.position.seq - 1,
+        ..first.position
+    };
+    assert!(matches!(
+        a.replay("big", since, usize::MAX).await.unwrap(),
+        Replay::NotRecoverable { .. }
+    ));
+    let recent = Position {
+        seq: first.position.seq + 7,
+        ..first.position
+    };
+    match a.replay("big", recent, usize::MAX).await.unwrap() {
+        Replay::Events { frames, .. } => assert_eq!(frames.len(), 2),
+        other => panic!("the newest two are kept: {other:?}"),
+    }
+    // Small events: the count bound (100) holds.
+    for i in 0..150 {
+        a.publish("small", message("small", 1000 + i, "hi"), None, None)
+            .await
+            .unwrap();
+    }
+    let end = a.position("small").await.unwrap();
+    match a
+        .replay(
+            "small",
+            Position {
+                seq: end.seq - 100,
+                ..end
+            },
+            usize::MAX,
+        )
+        .await
+        .unwrap()
+    {
+        Replay::Events { frames, .. } => assert_eq!(frames.len(), 100),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        a.replay(
+            "small",
+            Position {
+                seq: end.seq - 101,
+                ..end
+            },
+            usize::MAX
+        )
+        .await
+        .unwrap(),
+        Replay::NotRecoverable { .. }
+    ));
+}
