@@ -208,7 +208,8 @@ export function encode<K extends FrameName>(type: K, data: AllFrames[K], rid = 0
     else if (c == 'S') {
       const b = enc.encode(v);
       limit(name, b.length);
-      if (client && ((name == 'room' && BAD_ROOM.test(v)) || (name == 'url' && !/^https?:\/\/[^\p{White_Space}\p{Cc}]+$/iu.test(v))))
+      // §6: no text field holds a NUL (stores cannot keep one).
+      if (client && (v.includes('\0') || (name == 'room' && BAD_ROOM.test(v)) || (name == 'url' && !/^https?:\/\/[^\p{White_Space}\p{Cc}]+$/iu.test(v))))
         fail('invalid_request', `${name}: not allowed`);
       int(b.length, 8);
       bytes(b);

@@ -136,6 +136,9 @@ test('§6 limits are checked on encode', () => {
   bad('Send', send({ body: '' }));
   bad('Send', send({ body: ' \u00A0\u3000\n' }));
   encode('Send', send({ body: '\u200B' })); // U+200B is not whitespace
+  bad('Send', send({ body: 'a\u0000b' })); // no NUL in any text field
+  bad('Send', send({ client_msg_id: 'c\u0000' }));
+  bad('React', { room: 'r', message_id: 1, emoji: '\u0000', remove: false });
   encode('Send', send({ body: '', attachments: [att()] }));
   bad('Send', send({ body: 'x'.repeat(16385) }));
   bad('Send', send({ client_msg_id: '' }));
