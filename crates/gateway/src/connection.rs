@@ -138,8 +138,6 @@ async fn identify(
             return Err(Ended::Close(CloseCode::Overloaded));
         }
     };
-    // Identifying now: no longer the one to make room.
-    evicted.spare();
     count_in(node, &data);
     let (rid, frame) = node
         .codec
@@ -158,7 +156,19 @@ async fn identify(
             CloseCode::ProtocolViolation
         }));
     }
-    let open = Session::open(node.clone(), conn, outbox.clone(), rid, identify);
+    // Still the one to make room while its token is checked (a JWKS
+    // refetch can take seconds); spared once it is known to be a user.
+    let claims = tokio::select! {
+        r = tokio::time::timeout(OPEN_TIMEOUT, Session::verify(node, &identify)) => {
+            r.map_err(|_| Ended::Close(CloseCode::ServerError))?.map_err(Ended::Close)?
+        }
+        _ = evicted.wait() => {
+            node.metrics.evicted.inc();
+            return Err(Ended::Close(CloseCode::Overloaded));
+        }
+    };
+    evicted.spare();
+    let open = Session::open_verified(node.clone(), conn, outbox.clone(), rid, identify, claims);
     let (session, first) = tokio::time::timeout(OPEN_TIMEOUT, open)
         .await
         .map_err(|_| {

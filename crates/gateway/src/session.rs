@@ -29,6 +29,7 @@ use chatgate_storage::{
     NewMessage as StoreMessage, ReactionChange, ReactionOutcome, StoreError, User,
 };
 
+use crate::auth::Claims;
 use crate::hub::Removed;
 use crate::node::Node;
 use crate::outbox::Outbox;
@@ -243,11 +244,30 @@ impl Session {
         rid: u32,
         identify: Identify,
     ) -> Result<(Session, Vec<Bytes>), CloseCode> {
-        let claims = node.auth.verify(&identify.token).await.map_err(|e| {
+        let claims = Session::verify(&node, &identify).await?;
+        Session::open_verified(node, conn, outbox, rid, identify, claims).await
+    }
+
+    /// Checks the Identify's token (4100 when refused). Separate from
+    /// [`Session::open_verified`] so the connection can keep a socket
+    /// evictable until it is known to be a user's.
+    pub async fn verify(node: &Node, identify: &Identify) -> Result<Claims, CloseCode> {
+        node.auth.verify(&identify.token).await.map_err(|e| {
             node.metrics.auth_failures.inc();
             tracing::debug!(error = %e, "identify refused");
             CloseCode::InvalidToken
-        })?;
+        })
+    }
+
+    /// [`Session::open`] for a token already verified into `claims`.
+    pub async fn open_verified(
+        node: Arc<Node>,
+        conn: u64,
+        outbox: Arc<Outbox>,
+        rid: u32,
+        identify: Identify,
+        claims: Claims,
+    ) -> Result<(Session, Vec<Bytes>), CloseCode> {
         let user_id: Arc<str> = Arc::from(claims.sub.as_str());
         let user_name: Arc<str> = Arc::from(claims.name.as_deref().unwrap_or(&claims.sub));
         let user_image: Arc<str> = Arc::from(claims.picture.as_deref().unwrap_or(""));

@@ -666,3 +666,58 @@ async fn an_evicted_upgrade_is_closed_with_4004() {
     let mut first = Conn::new(first);
     assert_eq!(first.close_code().await, Some(4004));
 }
+
+/// A socket whose token is still being checked can still make room: an
+/// Identify that waits on the identity provider (a JWKS refetch for an
+/// unknown key id, up to 5 s) is evicted for a real client, not spared
+/// while the idle socket behind it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_whose_token_is_being_checked_can_still_make_room() {
+    // A JWKS URL that accepts connections and never answers.
+    let provider = hold_address("127.0.0.1:0".parse().unwrap());
+    let jwks = provider.local_addr().unwrap().as_socket().unwrap();
+    let url = format!("http://{jwks}/jwks");
+    let gw = Gateway::start(&[
+        "--max-pending-connections",
+        "2",
+        "--max-pending-per-ip",
+        "0",
+        "--jwks-url",
+        &url,
+    ]);
+    let b64 = |v: serde_json::Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let token = format!(
+        "{}.{}.c2ln",
+        b64(serde_json::json!({"alg": "RS256", "kid": "rotated-in"})),
+        b64(serde_json::json!({"sub": "slow", "exp": 4_000_000_000u64}))
+    );
+    let mut waiting = chatgate_client::RawConnection::connect(&gw.url())
+        .await
+        .unwrap();
+    waiting
+        .send(
+            1,
+            &ClientFrame::Identify(Identify {
+                token,
+                resume: None,
+            }),
+        )
+        .await
+        .unwrap();
+    let _idle = chatgate_client::RawConnection::connect(&gw.url())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut real = user(&gw, "real").await;
+    assert!(real.alive().await);
+    let mut waiting = Conn::new(waiting);
+    assert_eq!(waiting.close_code().await, Some(4004));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "closed only when the provider gave up: {:?}",
+        started.elapsed()
+    );
+}
