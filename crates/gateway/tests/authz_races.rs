@@ -386,7 +386,7 @@ async fn a_redis_cache_fill_racing_a_removal_does_not_keep_the_grant() {
     use chatgate_storage::{CacheConfig, CachedStore, Store};
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
-    let slow = slow::SlowReads::new(Duration::from_millis(300));
+    let slow = slow::Slow::store(Duration::from_millis(300));
     let mut config = CacheConfig::new(shared_redis_url());
     config.namespace = fresh_ns();
     let ns = config.namespace.clone();
@@ -421,7 +421,7 @@ async fn a_node_cache_fill_racing_a_removal_does_not_keep_the_grant() {
     use chatgate_storage::Store;
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
-    let slow = slow::SlowReads::new(Duration::from_millis(300));
+    let slow = slow::Slow::store(Duration::from_millis(300));
     let rooms = Arc::new(Rooms::new(
         slow.clone(),
         Policies::default(),
@@ -451,19 +451,19 @@ mod slow {
     use std::time::Duration;
 
     use async_trait::async_trait;
-    use chatgate_storage::model::{Cursor, Page};
-    use chatgate_storage::*;
 
-    pub struct SlowReads {
-        pub inner: MemoryStore,
+    use crate::common::hooked::{Hook, Hooked};
+
+    pub struct Slow {
         pub slow: AtomicBool,
         pub delay: Duration,
     }
 
-    impl SlowReads {
-        pub fn new(delay: Duration) -> Arc<SlowReads> {
-            Arc::new(SlowReads {
-                inner: MemoryStore::default(),
+    pub type SlowReads = Hooked<Slow>;
+
+    impl Slow {
+        pub fn store(delay: Duration) -> Arc<SlowReads> {
+            Hooked::new(Slow {
                 slow: AtomicBool::new(false),
                 delay,
             })
@@ -476,73 +476,12 @@ mod slow {
     }
 
     #[async_trait]
-    impl Store for SlowReads {
-        fn engine(&self) -> &'static str {
-            "slow"
-        }
-        async fn ping(&self) -> Result<(), StoreError> {
-            Ok(())
-        }
-        async fn upsert_user(&self, u: &User) -> Result<(), StoreError> {
-            self.inner.upsert_user(u).await
-        }
-        async fn memberships(&self, user: &str) -> Result<Vec<Membership>, StoreError> {
-            let read = self.inner.memberships(user).await;
+    impl Hook for Slow {
+        async fn after_memberships(&self) {
             self.pause().await;
-            read
         }
-        async fn join(&self, user: &str, rooms: &[String]) -> Result<(), StoreError> {
-            self.inner.join(user, rooms).await
-        }
-        async fn leave(&self, user: &str, rooms: &[String]) -> Result<(), StoreError> {
-            self.inner.leave(user, rooms).await
-        }
-        async fn grant(&self, room: &str, user: &str) -> Result<Option<Grant>, StoreError> {
-            let read = self.inner.grant(room, user).await;
+        async fn after_grant(&self) {
             self.pause().await;
-            read
-        }
-        async fn add_members(&self, room: &str, m: &[Member]) -> Result<(), StoreError> {
-            self.inner.add_members(room, m).await
-        }
-        async fn remove_members(
-            &self,
-            room: &str,
-            users: &[String],
-        ) -> Result<Vec<String>, StoreError> {
-            self.inner.remove_members(room, users).await
-        }
-        async fn members(
-            &self,
-            room: &str,
-            after: Option<&str>,
-            limit: u32,
-        ) -> Result<Vec<Member>, StoreError> {
-            self.inner.members(room, after, limit).await
-        }
-        async fn create_room(&self, room: &str) -> Result<bool, StoreError> {
-            self.inner.create_room(room).await
-        }
-        async fn delete_room(&self, room: &str) -> Result<bool, StoreError> {
-            self.inner.delete_room(room).await
-        }
-        async fn insert_message(&self, m: NewMessage) -> Result<Inserted, StoreError> {
-            self.inner.insert_message(m).await
-        }
-        async fn set_seq(&self, id: u64, epoch: u64, seq: u64) -> Result<(), StoreError> {
-            self.inner.set_seq(id, epoch, seq).await
-        }
-        async fn react(&self, c: &ReactionChange) -> Result<ReactionOutcome, StoreError> {
-            self.inner.react(c).await
-        }
-        async fn history(
-            &self,
-            room: &str,
-            before: Option<Cursor>,
-            limit: u32,
-            since_ms: u64,
-        ) -> Result<Page, StoreError> {
-            self.inner.history(room, before, limit, since_ms).await
         }
     }
 }

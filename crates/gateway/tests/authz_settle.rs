@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::hooked::{Hook, Hooked};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -21,13 +23,11 @@ use chatgate_gateway::session::Session;
 use chatgate_gateway::{Config, Node};
 use chatgate_protocol::payload::{Identify, Resume, RoomPosition, Rooms};
 use chatgate_protocol::{ClientFrame, ServerFrame};
-use chatgate_storage::model::{Cursor, Page};
 use chatgate_storage::*;
 
 /// A memory store whose memberships / grant / join calls can be held at a
 /// gate (after reading), to widen a window deterministically.
-struct Gated {
-    inner: MemoryStore,
+struct Gate {
     hold_memberships: AtomicBool,
     hold_grant: AtomicBool,
     hold_join: AtomicBool,
@@ -35,17 +35,19 @@ struct Gated {
     gate: Semaphore,
 }
 
-impl Gated {
-    fn new() -> Arc<Gated> {
-        Arc::new(Gated {
-            inner: MemoryStore::default(),
-            hold_memberships: AtomicBool::new(false),
-            hold_grant: AtomicBool::new(false),
-            hold_join: AtomicBool::new(false),
-            entered: Notify::new(),
-            gate: Semaphore::new(0),
-        })
-    }
+type Gated = Hooked<Gate>;
+
+fn gated() -> Arc<Gated> {
+    Hooked::new(Gate {
+        hold_memberships: AtomicBool::new(false),
+        hold_grant: AtomicBool::new(false),
+        hold_join: AtomicBool::new(false),
+        entered: Notify::new(),
+        gate: Semaphore::new(0),
+    })
+}
+
+impl Gate {
     async fn hold(&self, flag: &AtomicBool) {
         if flag.swap(false, Ordering::SeqCst) {
             self.entered.notify_one();
@@ -55,75 +57,15 @@ impl Gated {
 }
 
 #[async_trait]
-impl Store for Gated {
-    fn engine(&self) -> &'static str {
-        "gated"
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn upsert_user(&self, u: &User) -> Result<(), StoreError> {
-        self.inner.upsert_user(u).await
-    }
-    async fn memberships(&self, user: &str) -> Result<Vec<Membership>, StoreError> {
-        let r = self.inner.memberships(user).await;
+impl Hook for Gate {
+    async fn after_memberships(&self) {
         self.hold(&self.hold_memberships).await;
-        r
     }
-    async fn join(&self, user: &str, rooms: &[String]) -> Result<(), StoreError> {
-        let r = self.inner.join(user, rooms).await;
-        self.hold(&self.hold_join).await;
-        r
-    }
-    async fn leave(&self, user: &str, rooms: &[String]) -> Result<(), StoreError> {
-        self.inner.leave(user, rooms).await
-    }
-    async fn grant(&self, room: &str, user: &str) -> Result<Option<Grant>, StoreError> {
-        let r = self.inner.grant(room, user).await;
+    async fn after_grant(&self) {
         self.hold(&self.hold_grant).await;
-        r
     }
-    async fn add_members(&self, room: &str, m: &[Member]) -> Result<(), StoreError> {
-        self.inner.add_members(room, m).await
-    }
-    async fn remove_members(
-        &self,
-        room: &str,
-        users: &[String],
-    ) -> Result<Vec<String>, StoreError> {
-        self.inner.remove_members(room, users).await
-    }
-    async fn members(
-        &self,
-        room: &str,
-        after: Option<&str>,
-        limit: u32,
-    ) -> Result<Vec<Member>, StoreError> {
-        self.inner.members(room, after, limit).await
-    }
-    async fn create_room(&self, room: &str) -> Result<bool, StoreError> {
-        self.inner.create_room(room).await
-    }
-    async fn delete_room(&self, room: &str) -> Result<bool, StoreError> {
-        self.inner.delete_room(room).await
-    }
-    async fn insert_message(&self, m: NewMessage) -> Result<Inserted, StoreError> {
-        self.inner.insert_message(m).await
-    }
-    async fn set_seq(&self, id: u64, epoch: u64, seq: u64) -> Result<(), StoreError> {
-        self.inner.set_seq(id, epoch, seq).await
-    }
-    async fn react(&self, c: &ReactionChange) -> Result<ReactionOutcome, StoreError> {
-        self.inner.react(c).await
-    }
-    async fn history(
-        &self,
-        room: &str,
-        before: Option<Cursor>,
-        limit: u32,
-        since_ms: u64,
-    ) -> Result<Page, StoreError> {
-        self.inner.history(room, before, limit, since_ms).await
+    async fn after_join(&self) {
+        self.hold(&self.hold_join).await;
     }
 }
 
@@ -165,7 +107,7 @@ fn drain(node: &Node, session: &mut Session, outbox: &Outbox) -> Vec<ServerFrame
 /// told she left a room she is still granted, and Ready omits it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_removal_log_does_not_evict_an_innocent_resume() {
-    let store = Gated::new();
+    let store = gated();
     let node = node(store.clone()).await;
     store
         .add_members("team:a", &[member("alice")])
@@ -222,7 +164,7 @@ async fn a_full_removal_log_does_not_evict_an_innocent_resume() {
 /// Same overflow against a Join: refused Forbidden although granted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_removal_log_does_not_refuse_an_innocent_join() {
-    let store = Gated::new();
+    let store = gated();
     let node = node(store.clone()).await;
     let outbox = Arc::new(Outbox::new(1024, 1 << 22));
     let (mut session, _) = Session::open(
@@ -273,7 +215,7 @@ async fn a_full_removal_log_does_not_refuse_an_innocent_join() {
 /// nothing is logged, and the connection stays in the room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_in_flight_when_streams_are_lost_asks_again() {
-    let store = Gated::new();
+    let store = gated();
     let node = node(store.clone()).await;
     store
         .add_members("team:s", &[member("mallory")])
@@ -337,7 +279,7 @@ async fn a_join_in_flight_when_streams_are_lost_asks_again() {
 /// expiry matches the "1" of the next change: the removed grant is cached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_grant_generation_never_repeats() {
-    let store = Gated::new();
+    let store = gated();
     let mut config = CacheConfig::new(common::shared_redis_url());
     config.namespace = format!("rv2{:x}", rand::random::<u64>());
     config.ttl = Duration::from_secs(1);
@@ -399,7 +341,7 @@ async fn a_redis_grant_generation_never_repeats() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rechecked_join_loses_no_event_after_its_position() {
     use chatgate_fanout::RoomEvent;
-    let store = Gated::new();
+    let store = gated();
     let node = node(store.clone()).await;
     let outbox = Arc::new(Outbox::new(1024, 1 << 22));
     let (mut session, _) = Session::open(

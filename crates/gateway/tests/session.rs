@@ -5,6 +5,8 @@
 //! luck over the network are set up here step by step.
 #![allow(clippy::unwrap_used)] // a panic here is a failed test
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -23,102 +25,41 @@ use chatgate_gateway::session::{Pending, Session};
 use chatgate_gateway::{Config, Node};
 use chatgate_protocol::payload::*;
 use chatgate_protocol::{ClientFrame, ServerFrame};
-use chatgate_storage::{
-    Grant, Inserted, Member, Membership, MemoryStore, NewMessage as StoreMessage, Page,
-    ReactionChange, ReactionOutcome, Store, StoreError, User,
-};
+use chatgate_storage::{MemoryStore, Store, StoreError};
+use common::hooked::{Hook, Hooked};
 
 /// The in-memory store, with `set_seq` held until the test lets it go,
 /// and inserts that fail on demand.
-struct HeldStore {
-    inner: MemoryStore,
+struct Held {
     set_seq_gate: Semaphore,
     set_seqs: AtomicUsize,
     fail_inserts: AtomicBool,
 }
 
-impl HeldStore {
-    fn new() -> Arc<HeldStore> {
-        Arc::new(HeldStore {
-            inner: MemoryStore::default(),
-            set_seq_gate: Semaphore::new(0),
-            set_seqs: AtomicUsize::new(0),
-            fail_inserts: AtomicBool::new(false),
-        })
-    }
+type HeldStore = Hooked<Held>;
+
+fn held_store() -> Arc<HeldStore> {
+    Hooked::new(Held {
+        set_seq_gate: Semaphore::new(0),
+        set_seqs: AtomicUsize::new(0),
+        fail_inserts: AtomicBool::new(false),
+    })
 }
 
 #[async_trait]
-impl Store for HeldStore {
-    fn engine(&self) -> &'static str {
-        "held"
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn upsert_user(&self, user: &User) -> Result<(), StoreError> {
-        self.inner.upsert_user(user).await
-    }
-    async fn memberships(&self, user_id: &str) -> Result<Vec<Membership>, StoreError> {
-        self.inner.memberships(user_id).await
-    }
-    async fn grant(&self, room: &str, user_id: &str) -> Result<Option<Grant>, StoreError> {
-        self.inner.grant(room, user_id).await
-    }
-    async fn add_members(&self, room: &str, members: &[Member]) -> Result<(), StoreError> {
-        self.inner.add_members(room, members).await
-    }
-    async fn remove_members(
-        &self,
-        room: &str,
-        user_ids: &[String],
-    ) -> Result<Vec<String>, StoreError> {
-        self.inner.remove_members(room, user_ids).await
-    }
-    async fn members(
-        &self,
-        room: &str,
-        after: Option<&str>,
-        limit: u32,
-    ) -> Result<Vec<Member>, StoreError> {
-        self.inner.members(room, after, limit).await
-    }
-    async fn create_room(&self, room: &str) -> Result<bool, StoreError> {
-        self.inner.create_room(room).await
-    }
-    async fn delete_room(&self, room: &str) -> Result<bool, StoreError> {
-        self.inner.delete_room(room).await
-    }
-    async fn join(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
-        self.inner.join(user_id, rooms).await
-    }
-    async fn leave(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
-        self.inner.leave(user_id, rooms).await
-    }
-    async fn insert_message(&self, msg: StoreMessage) -> Result<Inserted, StoreError> {
+impl Hook for Held {
+    async fn before_insert(&self) -> Result<(), StoreError> {
         if self.fail_inserts.load(Ordering::SeqCst) {
             return Err(StoreError::Internal("injected".into()));
         }
-        self.inner.insert_message(msg).await
+        Ok(())
     }
-    async fn set_seq(&self, message_id: u64, epoch: u64, seq: u64) -> Result<(), StoreError> {
+    async fn before_set_seq(&self) {
         let permit = self.set_seq_gate.acquire().await.unwrap();
         permit.forget();
-        let r = self.inner.set_seq(message_id, epoch, seq).await;
+    }
+    fn after_set_seq(&self) {
         self.set_seqs.fetch_add(1, Ordering::SeqCst);
-        r
-    }
-    async fn react(&self, change: &ReactionChange) -> Result<ReactionOutcome, StoreError> {
-        self.inner.react(change).await
-    }
-    async fn history(
-        &self,
-        room: &str,
-        before: Option<Cursor>,
-        limit: u32,
-        since_ms: u64,
-    ) -> Result<Page, StoreError> {
-        self.inner.history(room, before, limit, since_ms).await
     }
 }
 
@@ -243,7 +184,7 @@ fn error_code(f: &ServerFrame) -> Option<u16> {
 /// must be answered as a duplicate, and nobody may receive it twice.
 #[tokio::test]
 async fn a_send_abandoned_between_publish_and_record_is_delivered_once() {
-    let store = HeldStore::new();
+    let store = held_store();
     let node = node(store.clone()).await;
     let mut member = Client::open(&node, "member").await;
     member.join("r").await;
@@ -430,7 +371,7 @@ async fn joining_past_the_room_limit_is_too_many_rooms_and_joins_nothing() {
 /// the retry works.
 #[tokio::test]
 async fn a_store_failure_is_internal_and_the_session_goes_on() {
-    let store = HeldStore::new();
+    let store = held_store();
     let node = node(store.clone()).await;
     let mut c = Client::open(&node, "unlucky").await;
     c.join("r").await;
@@ -544,7 +485,7 @@ async fn a_resume_replays_stored_events_only_and_admits_what_it_cannot() {
 /// as its duplicate, instead of being refused as `unavailable`.
 #[tokio::test]
 async fn a_retry_racing_the_first_attempt_waits_and_is_its_duplicate() {
-    let store = HeldStore::new();
+    let store = held_store();
     let node = node(store.clone()).await;
     let mut a = Client::open(&node, "twin").await;
     a.join("r").await;
@@ -737,7 +678,7 @@ async fn a_join_that_failed_on_the_fanout_is_undone_and_its_retry_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_in_flight_sends_before_closing() {
     use chatgate_client::{Incoming, RawConnection};
-    let store = HeldStore::new();
+    let store = held_store();
     let node = node_with(store.clone(), |c| {
         c.listen = "127.0.0.1:0".parse().unwrap();
     })

@@ -2,6 +2,8 @@
 //! talks to it over real sockets.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)] // shared by several test files
 
+pub mod hooked;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
