@@ -117,6 +117,14 @@ struct Source {
     at: Instant,
 }
 
+impl Source {
+    /// New-connection tokens now, at `rate` a second (burst twice that).
+    fn tokens_now(&self, rate: u32) -> f32 {
+        let rate = rate as f32;
+        (self.tokens + self.at.elapsed().as_secs_f32() * rate).min(2.0 * rate)
+    }
+}
+
 /// A CIDR block (`10.0.0.0/8`, `fd00::/8`, or a single address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
@@ -284,10 +292,7 @@ impl Door {
         let over_pending = self.pending_per_ip > 0 && s.pending >= self.pending_per_ip;
         let over_open = self.connections_per_ip > 0 && s.open >= self.connections_per_ip;
         // Out of new-connection tokens: no eviction on its behalf either.
-        let over_rate = self.new_per_ip > 0 && {
-            let rate = self.new_per_ip as f32;
-            (s.tokens + s.at.elapsed().as_secs_f32() * rate).min(2.0 * rate) < 1.0
-        };
+        let over_rate = self.new_per_ip > 0 && s.tokens_now(self.new_per_ip) < 1.0;
         !(over_pending || over_open || over_rate)
     }
 
@@ -329,16 +334,10 @@ impl Door {
     /// Forgets addresses with nothing open and a full bucket (called from
     /// the node's maintenance).
     pub fn sweep(&self) {
-        let rate = self.new_per_ip as f32;
-        self.sources.lock().retain(|_, s| {
-            s.open > 0
-                || (rate > 0.0 && s.tokens + s.at.elapsed().as_secs_f32() * rate < 2.0 * rate)
-        });
-    }
-
-    /// Addresses tracked now.
-    pub fn sources(&self) -> usize {
-        self.sources.lock().len()
+        let rate = self.new_per_ip;
+        self.sources
+            .lock()
+            .retain(|_, s| s.open > 0 || (rate > 0 && s.tokens_now(rate) < 2.0 * rate as f32));
     }
 }
 
@@ -392,10 +391,8 @@ impl Ticket {
             return Err(Refusal::Source);
         }
         if door.new_per_ip > 0 {
-            let now = Instant::now();
-            let refill = now.duration_since(s.at).as_secs_f32() * door.new_per_ip as f32;
-            s.tokens = (s.tokens + refill).min(burst);
-            s.at = now;
+            s.tokens = s.tokens_now(door.new_per_ip);
+            s.at = Instant::now();
             if s.tokens < 1.0 {
                 return Err(Refusal::Source);
             }

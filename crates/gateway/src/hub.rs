@@ -102,16 +102,6 @@ impl Coalescer {
     pub fn sweep(&self) {
         self.seen.retain(|_, at| at.elapsed() < TYPING_INTERVAL);
     }
-
-    /// Frames remembered now.
-    pub fn len(&self) -> usize {
-        self.seen.len()
-    }
-
-    /// Whether none is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
-    }
 }
 
 /// Room name -> local members; user -> local connections.
