@@ -8,7 +8,9 @@
 //!
 //! | key | what |
 //! |---|---|
-//! | `{ns}:{p<N>}:events` | delivery stream of partition N (capped with MAXLEN) |
+//! | `{ns}:{p<N>}:events` | delivery stream of partition N, capped by entries and by bytes |
+//! | `{ns}:{p<N>}:bytes` | what the delivery stream's entries hold, in bytes (its fields) |
+//! | `{ns}:{p<N>}:trimmed` | id of the newest entry trimmed off the delivery stream |
 //! | `{ns}:{p<N>}:room:<room>:epoch` | the room stream's epoch |
 //! | `{ns}:{p<N>}:room:<room>:seq` | last sequence number |
 //! | `{ns}:{p<N>}:room:<room>:log` | recovery stream, entry id `<seq>-1`, capped and expiring |
@@ -90,6 +92,13 @@ pub struct RedisFanoutConfig {
     /// Delivery stream cap per partition. Default 100,000 entries: far
     /// more than any node falls behind by before it counts as lagging.
     pub partition_maxlen: u64,
+    /// Delivery stream cap per partition, in bytes of entry fields.
+    /// Default 64 MiB (1 GiB over 16 partitions): at the largest event
+    /// (~41 KB) the entry cap alone would let a partition hold ~4 GB. A
+    /// reader that falls further behind than this loses entries; its
+    /// members see the gap in sequence numbers and reload (counted in
+    /// `FanoutStats::overruns`).
+    pub partition_max_bytes: u64,
     /// How long a publisher waits for its own reader before it returns
     /// without it (the event is in Redis either way; the reader still
     /// queues the ack in its place when it gets there). Default 5 s.
@@ -109,10 +118,65 @@ impl RedisFanoutConfig {
             recovery_window: Duration::from_secs(120),
             stream_idle_ttl: Duration::from_secs(86_400),
             partition_maxlen: 100_000,
+            partition_max_bytes: 64 << 20,
             self_delivery_timeout: Duration::from_secs(5),
         }
     }
 }
+
+/// Lua shared by every script that appends to a delivery stream: the
+/// append, the byte count, and the trim that keeps the stream under both
+/// caps. Trimming removes the oldest entries down to 1/64 below the caps
+/// in one go, so a stream at its cap pays for a trim once per ~1.5% of
+/// its size, not once per entry; the entry just added is never trimmed.
+/// Every entry's size is counted the same way when added and when
+/// trimmed (the lengths of its field names and values), so the count
+/// neither drifts up (which would trim entries nobody needs trimmed)
+/// nor down.
+const PARTITION_APPEND: &str = r#"
+local function partition_append(stream, sizekey, trimmedkey, maxlen, maxbytes, fields)
+  local id = redis.call('XADD', stream, '*', unpack(fields))
+  local size = 0
+  for i = 1, #fields do size = size + #fields[i] end
+  local bytes = redis.call('INCRBY', sizekey, size)
+  local len = redis.call('XLEN', stream)
+  if bytes <= maxbytes and len <= maxlen then return id end
+  local lowbytes = maxbytes - math.floor(maxbytes / 64)
+  local lowlen = maxlen - math.floor(maxlen / 64)
+  local trimmed
+  local done = false
+  while not done and (bytes > lowbytes or len > lowlen) do
+    local batch = redis.call('XRANGE', stream, '-', '+', 'COUNT', 64)
+    local ids = {}
+    for _, e in ipairs(batch) do
+      if e[1] == id or (bytes <= lowbytes and len <= lowlen) then
+        done = true
+        break
+      end
+      local s = 0
+      for _, v in ipairs(e[2]) do s = s + #v end
+      bytes = bytes - s
+      len = len - 1
+      ids[#ids + 1] = e[1]
+    end
+    if #ids == 0 then break end
+    redis.call('XDEL', stream, unpack(ids))
+    trimmed = ids[#ids]
+  end
+  if bytes < 0 then bytes = 0 end
+  redis.call('SET', sizekey, bytes)
+  if trimmed then redis.call('SET', trimmedkey, trimmed) end
+  return id
+end
+"#;
+
+/// Appends one entry to a delivery stream (typing, control messages):
+/// KEYS stream, size, trimmed; ARGV maxlen, maxbytes, then field, value...
+const APPEND: &str = r#"
+local fields = {}
+for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+return partition_append(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[2]), fields)
+"#;
 
 const PUBLISH: &str = r#"
 local function varint(v)
@@ -168,8 +232,8 @@ while bytes > maxbytes or redis.call('XLEN', KEYS[3]) > maxlen do
 end
 redis.call('PEXPIRE', KEYS[3], ARGV[10])
 redis.call('PEXPIRE', KEYS[6], ARGV[10])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*',
-  'r', ARGV[4], 'f', frame, 'n', ARGV[5], 'c', ARGV[6], 'p', ARGV[7], 'h', epoch, 'q', seq)
+partition_append(KEYS[4], KEYS[7], KEYS[8], tonumber(ARGV[9]), tonumber(ARGV[14]), {
+  'r', ARGV[4], 'f', frame, 'n', ARGV[5], 'c', ARGV[6], 'p', ARGV[7], 'h', epoch, 'q', tostring(seq) })
 return { epoch, seq, 0 }
 "#;
 
@@ -226,6 +290,9 @@ pub struct FanoutStats {
     pub publish_errors: AtomicU64,
     /// Times the partitions were found emptied (Redis lost its data).
     pub streams_lost: AtomicU64,
+    /// Times a delivery stream was found trimmed past what this node had
+    /// read (it fell further behind than `partition_max_bytes`).
+    pub overruns: AtomicU64,
 }
 
 /// A publish waiting for this node's reader to deliver its event.
@@ -251,6 +318,7 @@ pub struct RedisStreamsFanout {
     codec: Codec,
     client: Client,
     publish: Script,
+    append: Script,
     position: Script,
     waiters: Arc<Waiters>,
     next_pid: AtomicU64,
@@ -307,6 +375,9 @@ impl RedisStreamsFanout {
             incarnation_keys: (0..config.partitions)
                 .map(|p| format!("{}:{{p{p}}}:incarnation", config.namespace))
                 .collect(),
+            trimmed_keys: (0..config.partitions)
+                .map(|p| partition_side_key(&config.namespace, p, "trimmed"))
+                .collect(),
             incarnation: Script::from_lua(INCARNATION),
             checks: AtomicU64::new(0),
             instance: instance.clone(),
@@ -320,7 +391,8 @@ impl RedisStreamsFanout {
         let reader = tokio::spawn(reader.run(start_ids, known));
         Ok(RedisStreamsFanout {
             instance,
-            publish: Script::from_lua(PUBLISH),
+            publish: Script::from_lua(format!("{PARTITION_APPEND}{PUBLISH}")),
+            append: Script::from_lua(format!("{PARTITION_APPEND}{APPEND}")),
             position: Script::from_lua(POSITION),
             config,
             codec,
@@ -341,11 +413,34 @@ impl RedisStreamsFanout {
         (fnv1a(room) % u64::from(self.config.partitions.max(1))) as u32
     }
 
-    /// The trim of a partition stream for entries added outside the
-    /// publish script (typing, control messages).
-    fn partition_cap(&self) -> Result<fred::types::streams::XCap, FanoutError> {
-        fred::types::streams::XCap::try_from(("MAXLEN", "~", self.config.partition_maxlen as i64))
-            .map_err(err)
+    /// The keys of partition `p`'s delivery stream, its size and its trim
+    /// mark (one hash tag: one Redis Cluster slot).
+    fn partition_keys(&self, p: u32) -> [String; 3] {
+        let ns = &self.config.namespace;
+        [
+            partition_key(ns, p),
+            partition_side_key(ns, p, "bytes"),
+            partition_side_key(ns, p, "trimmed"),
+        ]
+    }
+
+    /// Appends an entry outside the publish script (typing, control
+    /// messages) to the delivery stream of `key`'s partition, under the
+    /// same caps as published events.
+    async fn append(&self, key: &str, fields: Vec<(&str, Value)>) -> Result<(), FanoutError> {
+        let mut args: Vec<Value> = Vec::with_capacity(2 + 2 * fields.len());
+        args.push((self.config.partition_maxlen as i64).into());
+        args.push((self.config.partition_max_bytes as i64).into());
+        for (name, value) in fields {
+            args.push(name.into());
+            args.push(value);
+        }
+        let keys = self.partition_keys(self.partition(key)).to_vec();
+        self.append
+            .evalsha_with_reload::<Value, _, _>(&self.client, keys, args)
+            .await
+            .map_err(err)?;
+        Ok(())
     }
 
     fn room_key(&self, room: &str, what: &str) -> String {
@@ -365,6 +460,10 @@ impl Drop for RedisStreamsFanout {
 
 fn partition_key(namespace: &str, p: u32) -> String {
     format!("{namespace}:{{p{p}}}:events")
+}
+
+fn partition_side_key(namespace: &str, p: u32, what: &str) -> String {
+    format!("{namespace}:{{p{p}}}:{what}")
 }
 
 fn as_u64(v: &Value) -> Option<u64> {
@@ -476,14 +575,16 @@ impl Fanout for RedisStreamsFanout {
         let template = EventTemplate::of(&frame, self.codec.config().max_frame_bytes)
             .map_err(|e| FanoutError::Encode(e.to_string()))?
             .ok_or_else(|| FanoutError::Encode("not a room event".into()))?;
-        let p = self.partition(room);
+        let [stream, size, trimmed] = self.partition_keys(self.partition(room));
         let keys = vec![
             self.room_key(room, "epoch"),
             self.room_key(room, "seq"),
             self.room_key(room, "log"),
-            partition_key(&self.config.namespace, p),
+            stream,
             self.room_key(room, "published"),
             self.room_key(room, "logbytes"),
+            size,
+            trimmed,
         ];
         let pid = self.next_pid.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -509,6 +610,7 @@ impl Fanout for RedisStreamsFanout {
             dedupe.into(),
             (self.config.stream_idle_ttl.as_millis().max(1) as i64).into(),
             (self.config.max_log_bytes as i64).into(),
+            (self.config.partition_max_bytes as i64).into(),
         ];
         let reply: Result<Value, _> = self
             .publish
@@ -583,8 +685,6 @@ impl Fanout for RedisStreamsFanout {
     ) -> Result<(), FanoutError> {
         // Typing is best effort: it rides the delivery stream (so other
         // nodes see it) but takes no sequence and no log entry.
-        let p = self.partition(room);
-        let key = partition_key(&self.config.namespace, p);
         let fields: Vec<(&str, Value)> = vec![
             ("r", room.into()),
             ("f", Value::Bytes(frame)),
@@ -592,12 +692,7 @@ impl Fanout for RedisStreamsFanout {
             ("c", (exclude.unwrap_or(0) as i64).into()),
             ("e", 1.into()),
         ];
-        let cap = self.partition_cap()?;
-        self.client
-            .xadd::<Value, _, _, _, _>(key, false, cap, "*", fields)
-            .await
-            .map_err(err)?;
-        Ok(())
+        self.append(room, fields).await
     }
 
     async fn forget_room(&self, room: &str) -> Result<(), FanoutError> {
@@ -618,17 +713,11 @@ impl Fanout for RedisStreamsFanout {
         // Rides the key's delivery stream: every node reads it in order
         // with that stream's events, and a lost stream is noticed for it
         // as for them (incarnations).
-        let stream = partition_key(&self.config.namespace, self.partition(key));
         let fields: Vec<(&str, Value)> = vec![
             ("x", Value::Bytes(payload)),
             ("n", self.instance.as_str().into()),
         ];
-        let cap = self.partition_cap()?;
-        self.client
-            .xadd::<Value, _, _, _, _>(stream, false, cap, "*", fields)
-            .await
-            .map_err(err)?;
-        Ok(())
+        self.append(key, fields).await
     }
 
     async fn position(&self, room: &str) -> Result<Position, FanoutError> {
@@ -739,6 +828,8 @@ struct Reader {
     client: Client,
     keys: Vec<String>,
     incarnation_keys: Vec<String>,
+    /// Per partition: the newest entry trimmed off (see `check_overruns`).
+    trimmed_keys: Vec<String>,
     incarnation: Script,
     /// Incarnation checks made; with the time, makes every candidate
     /// value new (a partition recreated must never get its old value).
@@ -811,6 +902,30 @@ impl Reader {
             self.stats.streams_lost.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("Redis lost the room streams (restarted without its data?)");
             self.sink.streams_lost();
+        }
+        self.check_overruns(ids).await
+    }
+
+    /// Counts partitions trimmed past the last entry this node read: it
+    /// fell further behind than the streams' caps, and entries it never
+    /// read are gone. Its members notice the gap in sequence numbers and
+    /// reload those rooms (PROTOCOL.md §9.5); this makes it visible to the
+    /// operator (`chat_fanout_overruns`).
+    async fn check_overruns(&self, ids: &[String]) -> Result<(), FanoutError> {
+        for (key, read) in self.trimmed_keys.iter().zip(ids) {
+            let trimmed: Option<String> = self.client.get(key).await.map_err(err)?;
+            if let Some(trimmed) = trimmed
+                && read != "0-0"
+                && stream_id(&trimmed) > stream_id(read)
+            {
+                self.stats.overruns.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    stream = key,
+                    read,
+                    trimmed,
+                    "this node fell behind the delivery stream's cap; entries were trimmed unread"
+                );
+            }
         }
         Ok(())
     }

@@ -442,3 +442,143 @@ async fn room_logs_are_bounded_by_bytes() {
         Replay::NotRecoverable { .. }
     ));
 }
+
+/// Text that does not compress, `len` characters.
+fn noise(seed: u64, len: usize) -> String {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'!' + (x % 90) as u8)
+        })
+        .collect()
+}
+
+/// A delivery stream's entries and the bytes of their fields, read back.
+async fn stream_contents(client: &fred::prelude::Client, key: &str) -> (Vec<String>, u64) {
+    use fred::prelude::StreamsInterface;
+    use fred::types::Value;
+    let reply: Value = client.xrange(key, "-", "+", None).await.unwrap();
+    let Value::Array(list) = reply else {
+        return (Vec::new(), 0);
+    };
+    let mut ids = Vec::new();
+    let mut bytes = 0;
+    for entry in list {
+        let Value::Array(mut parts) = entry else {
+            panic!("entry {entry:?}")
+        };
+        let Some(Value::Array(fields)) = parts.pop() else {
+            panic!("fields")
+        };
+        ids.push(parts[0].as_string().unwrap());
+        bytes += fields
+            .iter()
+            .map(|f| f.as_bytes().map_or(0, |b| b.len()) as u64)
+            .sum::<u64>();
+    }
+    (ids, bytes)
+}
+
+/// A partition's delivery stream stays under its byte cap as well as its
+/// entry cap, whatever adds to it (published events, typing, control
+/// messages), and the size it keeps for that matches what the stream
+/// holds: a count that drifted up would trim entries a lagging node still
+/// needs, one that drifted down would let the stream grow.
+#[tokio::test]
+async fn delivery_streams_are_bounded_by_bytes_and_count_exactly() {
+    use fred::prelude::KeysInterface;
+    let ns = format!("t{:x}", rand::rng().random::<u64>());
+    let rec = Arc::new(Recorder::default());
+    let mut config = RedisFanoutConfig::new(redis_url(), "a");
+    config.namespace = ns.clone();
+    config.partitions = 1;
+    config.partition_maxlen = 1_000;
+    config.partition_max_bytes = 200_000;
+    let a = RedisStreamsFanout::connect(config, Codec::default(), rec.clone())
+        .await
+        .unwrap();
+    let stream = format!("{ns}:{{p0}}:events");
+    let size_key = format!("{ns}:{{p0}}:bytes");
+    let mut last = None;
+    for i in 0..40 {
+        let room = format!("big-{}", i % 4);
+        last = Some(
+            a.publish(&room, message(&room, i + 1, &noise(i, 16_000)), None, None)
+                .await
+                .unwrap(),
+        );
+        a.publish_ephemeral("typing", Bytes::from(noise(i + 100, 2_000)), None)
+            .await
+            .unwrap();
+        a.control(&room, Bytes::from_static(b"ctl")).await.unwrap();
+    }
+    let (ids, bytes) = stream_contents(a.client(), &stream).await;
+    let kept: u64 = a.client().get(&size_key).await.unwrap();
+    assert_eq!(kept, bytes, "the kept size is what the stream holds");
+    assert!(bytes <= 200_000, "{bytes} bytes over the cap");
+    assert!(bytes > 150_000, "trimmed far below the cap: {bytes}");
+    assert!(
+        ids.len() < 120,
+        "the large entries were trimmed: {}",
+        ids.len()
+    );
+    // The newest event is still there for every node to read.
+    assert_eq!(
+        seqs(&rec, "big-3").last().copied(),
+        Some(last.unwrap().position.seq)
+    );
+    assert_eq!(
+        a.stats()
+            .unwrap()
+            .overruns
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+
+    // Small entries: the entry cap holds, the size still matches.
+    for i in 0..1_500 {
+        a.control("small", Bytes::from(format!("c{i}")))
+            .await
+            .unwrap();
+    }
+    let (ids, bytes) = stream_contents(a.client(), &stream).await;
+    let kept: u64 = a.client().get(&size_key).await.unwrap();
+    assert_eq!(kept, bytes);
+    assert!(ids.len() <= 1_000, "{} entries over the cap", ids.len());
+    assert!(ids.len() > 900, "{}", ids.len());
+}
+
+/// A node whose delivery stream was trimmed past the last entry it read
+/// counts an overrun (it cannot tell which rooms; their members see the
+/// gap in sequence numbers).
+#[tokio::test]
+async fn a_stream_trimmed_past_what_a_node_read_is_counted() {
+    use fred::prelude::KeysInterface;
+    let ns = format!("t{:x}", rand::rng().random::<u64>());
+    let (a, _rec) = node(&ns, "a").await;
+    a.publish("r", message("r", 1, "x"), None, None)
+        .await
+        .unwrap();
+    // As if another publisher had trimmed entries this node never read.
+    let p = (0..4)
+        .map(|p| format!("{ns}:{{p{p}}}:trimmed"))
+        .collect::<Vec<_>>();
+    for key in p {
+        let _: () = a
+            .client()
+            .set(key, "99999999999999-0", None, None, false)
+            .await
+            .unwrap();
+    }
+    let stats = a.stats().unwrap();
+    for _ in 0..150 {
+        if stats.overruns.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no overrun counted");
+}

@@ -118,6 +118,11 @@ pub struct Config {
     pub redis_namespace: String,
     /// Redis delivery streams (rooms hash onto them). Default 16.
     pub stream_partitions: u32,
+    /// Bytes each delivery stream may hold (its entries' fields).
+    /// Default 64 MiB: with 16 partitions at most 1 GiB of Redis, whatever
+    /// the events' sizes; a node further behind than that loses entries
+    /// (its members reload, `chat_fanout_overruns` counts it).
+    pub stream_partition_max_bytes: u64,
     /// Share the listening port with other gateway processes on this host
     /// (SO_REUSEPORT): several processes, each under its open-files limit,
     /// serve one port. Default off.
@@ -180,6 +185,7 @@ impl Default for Config {
             node_id: random_node_id(),
             redis_namespace: "chat".into(),
             stream_partitions: 16,
+            stream_partition_max_bytes: 64 << 20,
             reuse_port: false,
             auth: AuthConfig::default(),
             room_policies: Policies::default(),
@@ -367,6 +373,9 @@ pub struct Overrides {
     /// Redis delivery streams.
     #[arg(long, env = "CHAT_STREAM_PARTITIONS")]
     pub stream_partitions: Option<u32>,
+    /// Bytes each Redis delivery stream may hold.
+    #[arg(long, env = "CHAT_STREAM_PARTITION_MAX_BYTES")]
+    pub stream_partition_max_bytes: Option<u64>,
     /// Share the port with other processes (SO_REUSEPORT).
     #[arg(long, env = "CHAT_REUSE_PORT", num_args = 0..=1, default_missing_value = "true")]
     pub reuse_port: Option<bool>,
@@ -428,6 +437,7 @@ struct FileConfig {
     node_id: Option<String>,
     redis_namespace: Option<String>,
     stream_partitions: Option<u32>,
+    stream_partition_max_bytes: Option<u64>,
     reuse_port: Option<bool>,
     threads: Option<usize>,
     room_policies: Option<Vec<String>>,
@@ -573,6 +583,10 @@ impl Config {
                 .stream_partitions
                 .or(file.stream_partitions)
                 .unwrap_or(d.stream_partitions),
+            stream_partition_max_bytes: o
+                .stream_partition_max_bytes
+                .or(file.stream_partition_max_bytes)
+                .unwrap_or(d.stream_partition_max_bytes),
             reuse_port: o.reuse_port.or(file.reuse_port).unwrap_or(d.reuse_port),
             threads: o.threads.or(file.threads).unwrap_or(d.threads),
             room_policies: {
@@ -692,6 +706,12 @@ impl Config {
         }
         if self.stream_partitions == 0 {
             bail!("stream_partitions must be positive");
+        }
+        if self.stream_partition_max_bytes < 1 << 20 {
+            bail!(
+                "stream_partition_max_bytes must be at least 1 MiB (a stream must hold a few \
+                 of the largest events and a node's usual lag)"
+            );
         }
         if self.max_connections == 0 || self.max_pending_connections == 0 {
             bail!("max_connections and max_pending_connections must be positive");

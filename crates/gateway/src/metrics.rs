@@ -76,6 +76,9 @@ pub struct Metrics {
     /// Times this node found the Redis streams emptied (and closed its
     /// sessions with 4005) since start.
     pub fanout_streams_lost: IntGauge,
+    /// Times this node found a delivery stream trimmed past what it had
+    /// read (it fell behind by more than the stream's cap) since start.
+    pub fanout_overruns: IntGauge,
     /// Membership lookups by this node's cache, by result (`hit`, `miss`).
     pub membership_cache: IntCounterVec,
     /// Requests refused by a room's policy, by opcode.
@@ -281,6 +284,11 @@ impl Metrics {
                 r,
                 "fanout_streams_lost",
                 "Times the Redis streams were found emptied (sessions closed with 4005) since start",
+            ),
+            fanout_overruns: gauge(
+                r,
+                "fanout_overruns",
+                "Times a delivery stream was trimmed past what this node had read, since start",
             ),
             membership_cache: labelled(
                 r,

@@ -148,6 +148,7 @@ impl Node {
                 let mut rc = RedisFanoutConfig::new(url.clone(), config.node_id.clone());
                 rc.namespace = config.redis_namespace.clone();
                 rc.partitions = config.stream_partitions;
+                rc.partition_max_bytes = config.stream_partition_max_bytes;
                 rc.recovery_window = config.recovery_window;
                 rc.stream_idle_ttl = config.stream_idle_ttl.max(config.recovery_window);
                 let redis = Arc::new(
@@ -250,6 +251,8 @@ impl Node {
                 .set(stats.reconnects.load(Ordering::Relaxed) as i64);
             m.fanout_streams_lost
                 .set(stats.streams_lost.load(Ordering::Relaxed) as i64);
+            m.fanout_overruns
+                .set(stats.overruns.load(Ordering::Relaxed) as i64);
         }
     }
 
