@@ -17,8 +17,10 @@
 //!   new sockets per second (`new_connections_per_ip`). IPv6 addresses
 //!   count by /64, what one host usually holds. Behind a proxy listed in
 //!   `trusted_proxies`, the address is the one the proxy appends to
-//!   `X-Forwarded-For`, counted when the request arrives; the header from
-//!   anyone else is ignored.
+//!   `X-Forwarded-For`, read from the first request's head *before* the
+//!   socket is admitted, so a client over its caps behind the proxy is
+//!   refused without evicting anyone; the header from anyone else is
+//!   ignored.
 //!
 //! When the pending pool is full, the **oldest** unidentified socket is
 //! closed to make room (4004 if it was upgraded): a real client upgrades
@@ -218,19 +220,24 @@ impl Door {
         self.sockets.clone().acquire_owned().await.ok()
     }
 
-    /// Admits an accepted socket from `peer`, or says why not. A peer that
-    /// is a trusted proxy is counted per address only once its request
-    /// names the client ([`Ticket::attribute`]). With the pending pool
-    /// full, the oldest unidentified socket is evicted and its slot taken
-    /// (waiting up to half a second for it).
+    /// Admits an accepted socket from `peer`, or says why not.
+    /// `forwarded_for` is the `X-Forwarded-For` of its first request (read
+    /// ahead, for a trusted proxy only): behind a proxy the client it
+    /// names is counted, and a proxy's own requests without one (health
+    /// checks) are not. With the pending pool full, the oldest
+    /// unidentified socket is evicted and its slot taken (waiting up to
+    /// half a second for it); an address over its own caps evicts nobody.
     pub async fn admit(
         self: &Arc<Door>,
         socket: OwnedSemaphorePermit,
         peer: IpAddr,
+        forwarded_for: &[&str],
     ) -> Result<Ticket, Refusal> {
-        let counted = !self.is_trusted(peer);
-        // An address over its own caps evicts nobody.
-        if counted && !self.source_allows(peer) {
+        let client = self.client_addr(peer, forwarded_for);
+        let counted = (client != peer || !self.is_trusted(peer)).then_some(client);
+        if let Some(ip) = counted
+            && !self.source_allows(ip)
+        {
             return Err(Refusal::Source);
         }
         let pending = match self.pending.clone().try_acquire_owned() {
@@ -263,8 +270,8 @@ impl Door {
             slot,
             admitted: Instant::now(),
         };
-        if counted {
-            ticket.count(peer)?;
+        if let Some(ip) = counted {
+            ticket.count(ip)?;
         }
         Ok(ticket)
     }
@@ -364,7 +371,7 @@ impl Ticket {
     }
 
     /// Counts this socket against `client` (for a socket from a trusted
-    /// proxy, once its request names the client). Does nothing when the
+    /// proxy whose first request did not name one). Does nothing when the
     /// socket is already counted.
     pub fn attribute(&mut self, client: IpAddr) -> Result<(), Refusal> {
         if self.source.is_some() {
@@ -481,7 +488,7 @@ mod tests {
                 .enable_time()
                 .build()
                 .unwrap()
-                .block_on(self.admit(socket, peer))
+                .block_on(self.admit(socket, peer, &[]))
         }
     }
 
@@ -578,11 +585,11 @@ mod tests {
             ..Config::default()
         });
         let t1 = d
-            .admit(permit(&d), "192.0.2.1".parse().unwrap())
+            .admit(permit(&d), "192.0.2.1".parse().unwrap(), &[])
             .await
             .unwrap();
         let t2 = d
-            .admit(permit(&d), "192.0.2.2".parse().unwrap())
+            .admit(permit(&d), "192.0.2.2".parse().unwrap(), &[])
             .await
             .unwrap();
         let evicted = t1.eviction();
@@ -591,7 +598,7 @@ mod tests {
             drop(t1);
         });
         let t3 = d
-            .admit(permit(&d), "192.0.2.3".parse().unwrap())
+            .admit(permit(&d), "192.0.2.3".parse().unwrap(), &[])
             .await
             .unwrap();
         owner.await.unwrap();
@@ -599,7 +606,7 @@ mod tests {
         // does not go: the next socket is refused once the wait is over.
         t2.eviction().spare();
         assert_eq!(
-            d.admit(permit(&d), "192.0.2.4".parse().unwrap())
+            d.admit(permit(&d), "192.0.2.4".parse().unwrap(), &[])
                 .await
                 .err(),
             Some(Refusal::Pending)
@@ -610,5 +617,35 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), t3.eviction().wait())
             .await
             .unwrap();
+    }
+
+    /// Behind a trusted proxy the forwarded client is counted at the door:
+    /// one over its caps is refused there, with a full pool, without
+    /// evicting anyone; the proxy's own requests are not counted.
+    #[tokio::test]
+    async fn a_forwarded_client_over_its_caps_evicts_nobody() {
+        let d = door(Config {
+            max_pending_connections: 3,
+            max_pending_per_ip: 1,
+            trusted_proxies: vec![Cidr::parse("10.0.0.1/32").unwrap()],
+            ..Config::default()
+        });
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let a = d.admit(permit(&d), proxy, &["192.0.2.1"]).await.unwrap();
+        let b = d.admit(permit(&d), proxy, &["192.0.2.2"]).await.unwrap();
+        let own = d.admit(permit(&d), proxy, &[]).await.unwrap();
+        // The pool is full; the first client asks again.
+        assert_eq!(
+            d.admit(permit(&d), proxy, &["6.6.6.6, 192.0.2.1"])
+                .await
+                .err(),
+            Some(Refusal::Source)
+        );
+        for t in [&a, &b, &own] {
+            assert!(
+                !t.eviction().is_evicted(),
+                "a refused client evicted someone"
+            );
+        }
     }
 }

@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -158,7 +159,8 @@ fn upgrade(
     if ticket.eviction().is_evicted() {
         return closing(unavailable("made room for a newer connection\n"));
     }
-    // Behind a trusted proxy, the client is known only now.
+    // Behind a trusted proxy whose first request on this socket named no
+    // client (or another one), count the one this upgrade names.
     let forwarded: Vec<&str> = h
         .get_all("x-forwarded-for")
         .iter()
@@ -271,4 +273,66 @@ pub fn health_response(node: &Node) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     r
+}
+
+/// Longest request head read ahead for [`peek_forwarded_for`].
+const PEEK_HEAD_BYTES: usize = 8 * 1024;
+
+/// The `X-Forwarded-For` values of the first request on `stream`, read
+/// ahead without consuming it (hyper reads the request afterwards). For
+/// sockets from a trusted proxy, so the door can count the client before
+/// admitting the socket. Gives up (empty) at `wait`, at a head longer
+/// than 8 KiB, or when the peer closes: the request is then parsed, and
+/// refused, as usual.
+pub async fn peek_forwarded_for(stream: &tokio::net::TcpStream, wait: Duration) -> Vec<String> {
+    let mut buf = vec![0u8; PEEK_HEAD_BYTES];
+    let read_ahead = async {
+        let mut seen = 0;
+        loop {
+            let n = match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return 0,
+                Ok(n) => n,
+            };
+            if n == buf.len() || buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                return n;
+            }
+            if n == seen {
+                // Part of a head: peeking again returns the same bytes at
+                // once, so wait a little for the rest.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            seen = n;
+        }
+    };
+    let n = tokio::time::timeout(wait, read_ahead).await.unwrap_or(0);
+    forwarded_for_of(&buf[..n])
+}
+
+/// `X-Forwarded-For` header values of a request head, in order.
+fn forwarded_for_of(head: &[u8]) -> Vec<String> {
+    let head = String::from_utf8_lossy(head);
+    head.split("\r\n")
+        .skip(1)
+        .take_while(|line| !line.is_empty())
+        .filter_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.trim()
+                .eq_ignore_ascii_case("x-forwarded-for")
+                .then(|| value.trim().to_owned())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_is_read_from_the_head_only() {
+        let head = b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.2.3.4, 5.6.7.8\r\n\
+                     x-forwarded-for:9.9.9.9\r\n\r\nX-Forwarded-For: 6.6.6.6\r\n";
+        assert_eq!(forwarded_for_of(head), ["1.2.3.4, 5.6.7.8", "9.9.9.9"]);
+        assert!(forwarded_for_of(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").is_empty());
+        assert!(forwarded_for_of(b"").is_empty());
+    }
 }

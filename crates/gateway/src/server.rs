@@ -172,7 +172,16 @@ impl Server {
             tokio::spawn(async move {
                 // In the socket's own task: admission may wait a moment
                 // for an evicted socket's slot, and accepting goes on.
-                let ticket = match node.door.admit(permit, peer.ip()).await {
+                // Behind a trusted proxy the client is named in the
+                // request: read it ahead, so the door counts the client
+                // (not the proxy) before anyone is evicted for it.
+                let forwarded = if node.door.is_trusted(peer.ip()) {
+                    http::peek_forwarded_for(&stream, node.config.connect_timeout).await
+                } else {
+                    Vec::new()
+                };
+                let forwarded: Vec<&str> = forwarded.iter().map(String::as_str).collect();
+                let ticket = match node.door.admit(permit, peer.ip(), &forwarded).await {
                     Ok(t) => t,
                     Err(why) => {
                         node.metrics.refused(why);

@@ -367,6 +367,73 @@ fn unidentified_sockets_are_capped_per_source_address() {
     assert_eq!(status, "HTTP/1.1 503", "the header of an untrusted peer");
 }
 
+/// Behind a trusted proxy, a client over its own cap is refused at the
+/// door without evicting anyone: the proxy's request head is read ahead
+/// for the client's address. (The client used to be counted only at the
+/// upgrade, after its socket had already pushed the oldest one out.)
+#[test]
+fn a_client_behind_the_proxy_cannot_evict_others() {
+    let mut args = vec![
+        "--max-pending-connections",
+        "6",
+        "--max-pending-per-ip",
+        "2",
+        "--trusted-proxy",
+        "127.0.0.3",
+    ];
+    args.extend(API_ARGS);
+    let gw = Gateway::start(&args);
+    let api = gw.api.unwrap();
+    let api_metric = |name: &str| {
+        let (_, text) = http_raw(api, "GET", "/metrics", None, "");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+    };
+    let upgrade = |client: &str| {
+        use std::io::Write;
+        let mut s = tcp_from(&gw, "127.0.0.3");
+        write!(
+            s,
+            "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Protocol: chat.v1\r\nX-Forwarded-For: {client}\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = [0u8; 12];
+        let status = match std::io::Read::read_exact(&mut s, &mut head) {
+            Ok(()) => String::from_utf8_lossy(&head).into_owned(),
+            Err(_) => "closed".into(),
+        };
+        (status, s)
+    };
+    let mut held = Vec::new();
+    for i in 1..=4 {
+        let (status, s) = upgrade(&format!("198.51.100.{i}"));
+        assert_eq!(status, "HTTP/1.1 101", "client {i}");
+        held.push(s);
+    }
+    for _ in 0..2 {
+        let (status, s) = upgrade("203.0.113.9");
+        assert_eq!(status, "HTTP/1.1 101");
+        held.push(s);
+    }
+    // The pool is full; the hostile client keeps asking.
+    for _ in 0..5 {
+        let (status, _) = upgrade("203.0.113.9");
+        assert_ne!(status, "HTTP/1.1 101");
+    }
+    assert_eq!(
+        api_metric("chat_connections_evicted_total"),
+        0.0,
+        "a client over its cap pushed others out"
+    );
+    assert_eq!(api_metric("chat_connections_refused_source_total"), 5.0);
+    let (_, health) = http_raw(api, "GET", "/health", None, "");
+    assert!(health.contains("\"pending\":6"), "{health}");
+    drop(held);
+}
+
 /// Before Identify no frame larger than the largest legal request (a
 /// resuming Identify, ~148 KiB) is read: a 200 KiB frame closes with 4103
 /// instead of being read whole (1 MiB was allowed).
