@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use chatgate_protocol::close::{ClientAction, action_for};
 use chatgate_protocol::payload::*;
-use chatgate_protocol::{ClientFrame, ServerFrame};
+use chatgate_protocol::{ClientFrame, Codec, SUBPROTOCOL, ServerFrame};
 
 use crate::raw::{Incoming, RawConnection, RawError};
 
@@ -31,6 +31,9 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// Give up after this many consecutive failed attempts. Default 20.
     pub max_attempts: u32,
+    /// TLS settings for a `wss://` URL. Default: Mozilla's roots; build
+    /// others (a private CA) with [`chatgate_protocol::tls::client_config`].
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl ClientConfig {
@@ -43,6 +46,7 @@ impl ClientConfig {
             backoff_base: Duration::from_millis(250),
             backoff_max: Duration::from_secs(30),
             max_attempts: 20,
+            tls: None,
         }
     }
 }
@@ -347,7 +351,13 @@ impl Driver {
 
     /// Connects and identifies (resuming when `resume`); returns at Ready.
     async fn open(&mut self, resume: bool) -> Result<(RawConnection, Ready), ClientError> {
-        let mut conn = RawConnection::connect(&self.config.url).await?;
+        let mut conn = RawConnection::connect_tls(
+            &self.config.url,
+            Codec::default(),
+            Some(SUBPROTOCOL),
+            self.config.tls.clone(),
+        )
+        .await?;
         let resume = match (resume, self.session_id) {
             (true, Some(session_id)) => {
                 let positions = self

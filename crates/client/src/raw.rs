@@ -1,5 +1,6 @@
 //! One WebSocket speaking `chat.v1` frames, with no policy of its own.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -9,7 +10,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use chatgate_protocol::{ClientFrame, Codec, SUBPROTOCOL, ServerFrame};
 
@@ -38,6 +39,9 @@ pub enum RawError {
     /// A text message from the server (never valid in v1).
     #[error("unexpected text message")]
     Text,
+    /// TLS settings could not be built (a bad CA file).
+    #[error("{0}")]
+    Tls(#[from] chatgate_protocol::tls::TlsError),
 }
 
 /// A connected socket.
@@ -59,6 +63,18 @@ impl RawConnection {
         codec: Codec,
         subprotocol: Option<&str>,
     ) -> Result<Self, RawError> {
+        Self::connect_tls(url, codec, subprotocol, None).await
+    }
+
+    /// Opens `url`; a `wss://` URL is verified with `tls` (default:
+    /// Mozilla's roots, see [`chatgate_protocol::tls`]). A `ws://` URL
+    /// never uses TLS, and a `wss://` one never goes without.
+    pub async fn connect_tls(
+        url: &str,
+        codec: Codec,
+        subprotocol: Option<&str>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, RawError> {
         let mut req = url.into_client_request()?;
         if let Some(v) = subprotocol.and_then(|p| HeaderValue::from_str(p).ok()) {
             req.headers_mut().insert("Sec-WebSocket-Protocol", v);
@@ -67,7 +83,18 @@ impl RawConnection {
             .read_buffer_size(16 * 1024)
             .write_buffer_size(0)
             .max_message_size(Some(codec.config().max_frame_bytes.max(1 << 20) * 2));
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(config), true).await?;
+        let connector = if req.uri().scheme_str() == Some("wss") {
+            let tls = match tls {
+                Some(tls) => tls,
+                None => chatgate_protocol::tls::client_config(None)?,
+            };
+            Some(Connector::Rustls(tls))
+        } else {
+            None
+        };
+        let (ws, _) =
+            tokio_tungstenite::connect_async_tls_with_config(req, Some(config), true, connector)
+                .await?;
         Ok(RawConnection { ws, codec })
     }
 

@@ -66,8 +66,10 @@ use crate::{
 /// Settings for [`RedisStreamsFanout`].
 #[derive(Debug, Clone)]
 pub struct RedisFanoutConfig {
-    /// `redis://host:port/db`.
+    /// `redis://host:port/db`, or `rediss://` for TLS.
     pub url: String,
+    /// TLS settings for a `rediss://` URL (default: Mozilla's roots).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Key prefix, so several deployments (or tests) can share a Redis.
     /// Default `chat`.
     pub namespace: String,
@@ -110,6 +112,7 @@ impl RedisFanoutConfig {
     pub fn new(url: impl Into<String>, node_id: impl Into<String>) -> Self {
         RedisFanoutConfig {
             url: url.into(),
+            tls: None,
             namespace: "chat".into(),
             node_id: node_id.into(),
             partitions: 16,
@@ -330,10 +333,45 @@ fn err(e: impl std::fmt::Display) -> FanoutError {
     FanoutError::Unavailable(e.to_string())
 }
 
+/// `url` as a client configuration. A `rediss://` URL gets TLS with
+/// `tls` (default: Mozilla's roots, see [`chatgate_protocol::tls`]), and
+/// nothing else: never plaintext.
+pub fn redis_config(
+    url: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Config, FanoutError> {
+    let Some(rest) = url.strip_prefix("rediss") else {
+        return Config::from_url(url).map_err(err);
+    };
+    // Parsed as plain `redis`, then given this workspace's TLS settings
+    // (fred's own default would read the host's CA store, which slim
+    // images lack).
+    let mut config = Config::from_url(&format!("redis{rest}")).map_err(err)?;
+    let tls = match tls {
+        Some(tls) => tls.clone(),
+        None => chatgate_protocol::tls::client_config(None).map_err(err)?,
+    };
+    config.tls = Some(fred::types::config::TlsConnector::from((*tls).clone()).into());
+    Ok(config)
+}
+
+/// Starts `client`'s connection task (it reconnects by itself, first
+/// connect included) and gives it a moment; a Redis down at start does
+/// not hold start-up: commands wait for the connection up to their
+/// timeout, and `/readyz` says not ready until the reader reads.
+pub async fn start_connecting(client: &Client) {
+    let _task = client.connect();
+    let _ = tokio::time::timeout(START_PROBE, client.wait_for_connect()).await;
+}
+
 /// A fred client configured for this engine. `blocking` clients get no
 /// command timeout (a BLOCK read is long by design).
-pub fn redis_client(url: &str, command_timeout: Option<Duration>) -> Result<Client, FanoutError> {
-    let config = Config::from_url(url).map_err(err)?;
+pub fn redis_client(
+    url: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    command_timeout: Option<Duration>,
+) -> Result<Client, FanoutError> {
+    let config = redis_config(url, tls)?;
     let mut builder = Builder::from_config(config);
     builder
         .with_connection_config(|c| {
@@ -341,7 +379,9 @@ pub fn redis_client(url: &str, command_timeout: Option<Duration>) -> Result<Clie
             c.internal_command_timeout = Duration::from_secs(2);
             c.max_command_attempts = 1;
         })
-        .with_config(|c| c.fail_fast = true)
+        // A Redis unreachable at the first connect is retried like a lost
+        // connection (`fail_fast` would give up on it for good).
+        .with_config(|c| c.fail_fast = false)
         .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
     if let Some(t) = command_timeout {
         builder.with_performance_config(|p| p.default_command_timeout = t);
@@ -356,10 +396,14 @@ impl RedisStreamsFanout {
         codec: Codec,
         sink: Arc<dyn LocalDelivery>,
     ) -> Result<RedisStreamsFanout, FanoutError> {
-        let client = redis_client(&config.url, Some(Duration::from_secs(2)))?;
-        let _ = client.init().await;
-        let reader_client = redis_client(&config.url, None)?;
-        let _ = reader_client.init().await;
+        let client = redis_client(
+            &config.url,
+            config.tls.as_ref(),
+            Some(Duration::from_secs(2)),
+        )?;
+        start_connecting(&client).await;
+        let reader_client = redis_client(&config.url, config.tls.as_ref(), None)?;
+        start_connecting(&reader_client).await;
         let waiters: Arc<Waiters> = Arc::new(DashMap::new());
         let stats = Arc::new(FanoutStats::default());
         // Entries name their publishing process, not only its node: the
@@ -386,8 +430,17 @@ impl RedisStreamsFanout {
             waiters: waiters.clone(),
             stats: stats.clone(),
         };
-        let start_ids = reader.current_ids().await;
-        let known = reader.incarnations().await.ok();
+        // Bounded: the reader's connection has no command timeout (its
+        // reads block by design), and a Redis unreachable at start must
+        // not hold the node's start-up; the reader starts over by itself.
+        let start_ids = tokio::time::timeout(START_PROBE, reader.current_ids())
+            .await
+            .ok()
+            .flatten();
+        let known = match tokio::time::timeout(START_PROBE, reader.incarnations()).await {
+            Ok(Ok(known)) => Some(known),
+            _ => None,
+        };
         let reader = tokio::spawn(reader.run(start_ids, known));
         Ok(RedisStreamsFanout {
             instance,
@@ -813,6 +866,10 @@ impl Fanout for RedisStreamsFanout {
         })
     }
 }
+
+/// How long start-up asks Redis for the partitions' positions before
+/// leaving it to the reader (Redis unreachable at start).
+const START_PROBE: Duration = Duration::from_secs(2);
 
 /// How long a publish whose reply was lost waits for this node's reader
 /// to find the event anyway (see `publish`).

@@ -1008,14 +1008,11 @@ impl Jwks {
     }
 }
 
-/// rustls on *ring*: built with the C compiler alone, where aws-lc-rs
-/// (rustls' default) also wants cmake and takes far longer. rustls 0.23.48 deprecates it for lacking post-quantum key
-/// exchange, which keeps recorded traffic secret from a future quantum
-/// computer; a JWKS is public keys only, and its authenticity rests on
-/// the server certificate's signature either way.
-#[allow(deprecated)]
+/// The workspace's TLS provider (see [`chatgate_protocol::tls::provider`]):
+/// a JWKS is public keys only, and its authenticity rests on the server
+/// certificate's signature either way.
 fn tls_provider() -> rustls::crypto::CryptoProvider {
-    rustls::crypto::ring::default_provider()
+    chatgate_protocol::tls::provider()
 }
 
 /// Lets one refetch through per interval.

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -123,6 +124,11 @@ pub struct Config {
     /// the events' sizes; a node further behind than that loses entries
     /// (its members reload, `chat_fanout_overruns` counts it).
     pub stream_partition_max_bytes: u64,
+    /// TLS settings for the backends (Postgres with `sslmode=require`,
+    /// Redis with `rediss://`): Mozilla's roots plus the CA in
+    /// `tls_ca_file` when set. Built (and its file read) at load, so a
+    /// bad file stops the start instead of a backend connect.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Share the listening port with other gateway processes on this host
     /// (SO_REUSEPORT): several processes, each under its open-files limit,
     /// serve one port. Default off.
@@ -186,6 +192,7 @@ impl Default for Config {
             redis_namespace: "chat".into(),
             stream_partitions: 16,
             stream_partition_max_bytes: 64 << 20,
+            tls: None,
             reuse_port: false,
             auth: AuthConfig::default(),
             room_policies: Policies::default(),
@@ -376,6 +383,10 @@ pub struct Overrides {
     /// Bytes each Redis delivery stream may hold.
     #[arg(long, env = "CHAT_STREAM_PARTITION_MAX_BYTES")]
     pub stream_partition_max_bytes: Option<u64>,
+    /// PEM file of a CA to trust for Postgres and Redis TLS, besides
+    /// Mozilla's roots.
+    #[arg(long, env = "CHAT_TLS_CA_FILE")]
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// Share the port with other processes (SO_REUSEPORT).
     #[arg(long, env = "CHAT_REUSE_PORT", num_args = 0..=1, default_missing_value = "true")]
     pub reuse_port: Option<bool>,
@@ -438,6 +449,7 @@ struct FileConfig {
     redis_namespace: Option<String>,
     stream_partitions: Option<u32>,
     stream_partition_max_bytes: Option<u64>,
+    tls_ca_file: Option<std::path::PathBuf>,
     reuse_port: Option<bool>,
     threads: Option<usize>,
     room_policies: Option<Vec<String>>,
@@ -587,6 +599,17 @@ impl Config {
                 .stream_partition_max_bytes
                 .or(file.stream_partition_max_bytes)
                 .unwrap_or(d.stream_partition_max_bytes),
+            tls: match o.tls_ca_file.as_ref().or(file.tls_ca_file.as_ref()) {
+                None => None,
+                Some(path) => {
+                    let pem = std::fs::read(path)
+                        .with_context(|| format!("reading tls_ca_file {}", path.display()))?;
+                    Some(
+                        chatgate_protocol::tls::client_config(Some(&pem))
+                            .with_context(|| format!("tls_ca_file {}", path.display()))?,
+                    )
+                }
+            },
             reuse_port: o.reuse_port.or(file.reuse_port).unwrap_or(d.reuse_port),
             threads: o.threads.or(file.threads).unwrap_or(d.threads),
             room_policies: {
@@ -658,6 +681,9 @@ impl Config {
 
     /// Refuses settings that are unsafe or cannot work.
     pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(url) = &self.database_url {
+            chatgate_storage::pg::check_url_tls(url)?;
+        }
         if !self.listen.ip().is_loopback() {
             let weak = self.auth.weak_secrets();
             if weak.contains(&1) {

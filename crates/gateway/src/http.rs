@@ -1,5 +1,6 @@
 //! HTTP/1.1 on the gateway port: `GET /ws` upgrades to WebSocket,
-//! `GET /health` and `GET /metrics` serve operators, anything else 404.
+//! `GET /health`, `/livez`, `/readyz` and `/metrics` serve operators,
+//! anything else 404.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -69,6 +70,8 @@ pub async fn route(
     let mut response = match (req.method(), req.uri().path()) {
         (&Method::GET, "/ws") => upgrade(node, req, shutdown, &socket),
         (&Method::GET, "/health") => health_response(&node),
+        (&Method::GET, "/livez") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => ready_response(&node, *shutdown.borrow()),
         (&Method::GET, "/metrics") => metrics_response(&node),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };
@@ -226,6 +229,28 @@ pub fn rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+fn fanout_up(node: &Node) -> bool {
+    node.fanout_stats()
+        .map(|s| s.connected.load(std::sync::atomic::Ordering::Relaxed))
+        .unwrap_or(true)
+}
+
+/// Store, cache and fan-out all answering.
+fn backends_up(node: &Node) -> bool {
+    node.store_up() && node.cache_degraded() != Some(true) && fanout_up(node)
+}
+
+/// `/readyz`: 200 while this node should get new clients (backends up,
+/// not draining), else 503. Liveness is `/livez`: a node waiting for a
+/// backend is alive, and restarting it would not bring the backend back.
+pub fn ready_response(node: &Node, draining: bool) -> Response<Body> {
+    match (draining, backends_up(node)) {
+        (false, true) => text(StatusCode::OK, "ready\n"),
+        (true, _) => unavailable("draining\n"),
+        (false, false) => unavailable("a backend is unreachable (see /health)\n"),
+    }
+}
+
 /// `/health`: status and backends as JSON (public and API port).
 pub fn health_response(node: &Node) -> Response<Body> {
     let store = if node.store_up() { "ok" } else { "degraded" };
@@ -234,11 +259,8 @@ pub fn health_response(node: &Node) -> Response<Body> {
         Some(false) => serde_json::json!({ "engine": "redis", "status": "ok" }),
         Some(true) => serde_json::json!({ "engine": "redis", "status": "degraded" }),
     };
-    let fanout_up = node
-        .fanout_stats()
-        .map(|s| s.connected.load(std::sync::atomic::Ordering::Relaxed))
-        .unwrap_or(true);
-    let degraded = !node.store_up() || node.cache_degraded() == Some(true) || !fanout_up;
+    let fanout_up = fanout_up(node);
+    let degraded = !backends_up(node);
     let cluster = node
         .cluster
         .as_ref()

@@ -4,6 +4,8 @@
 //! # Layout
 //! - [`config`]: settings, their defaults and why; file + env + flags.
 //! - [`server`]: listener, accept loop, graceful shutdown.
+//! - [`starting`]: what the port answers while start-up waits for its
+//!   backends (alive, not ready).
 //! - [`admission`]: who gets a socket before Identify: one descriptor
 //!   budget, a pending pool apart from sessions, per-address caps.
 //! - [`http`]: `/ws` upgrade, `/health`, `/metrics`.
@@ -39,6 +41,7 @@ pub mod outbox;
 pub mod policy;
 pub mod server;
 pub mod session;
+pub mod starting;
 pub mod users;
 
 pub use config::Config;

@@ -1,5 +1,6 @@
 //! `chatgate`: run the gateway, or mint a development token.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,7 +10,8 @@ use tracing_subscriber::EnvFilter;
 use chatgate_gateway::admin::AdminServer;
 use chatgate_gateway::auth::{Claims, Verifier, unix_now};
 use chatgate_gateway::config::{Config, Overrides};
-use chatgate_gateway::{Node, Server};
+use chatgate_gateway::starting::{self, Progress};
+use chatgate_gateway::{Node, Server, server};
 
 #[derive(Parser)]
 #[command(
@@ -163,10 +165,24 @@ fn serve(config: Config, limits: Option<std::io::Result<(u64, u64)>>) -> anyhow:
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async move {
-        let node = Node::build(config).await?;
-        let server = Server::bind(node.clone())
-            .await
-            .context("binding the listen address")?;
+        // Signals first: a SIGTERM while waiting for backends ends the
+        // wait; one right after the readiness line drains.
+        let mut signals = Signals::install()?;
+        // The port is bound before the backends are reached, and answers
+        // (alive, not ready) while they are awaited.
+        let listener = server::bind_listener(&config).context("binding the listen address")?;
+        let addr = listener.local_addr()?;
+        println!("chatgate starting on http://{addr}");
+        let progress = Progress::new();
+        let build = build_when_reachable(config, progress.clone());
+        let node = tokio::select! {
+            node = starting::serve_until(&listener, progress, build) => node,
+            () = signals.wait() => {
+                tracing::info!("signal received while starting; exiting");
+                return Ok(());
+            }
+        };
+        let server = Server::on(node.clone(), listener);
         let addr = server.local_addr()?;
         tracing::info!(
             %addr,
@@ -200,9 +216,6 @@ fn serve(config: Config, limits: Option<std::io::Result<(u64, u64)>>) -> anyhow:
             }
             (None, _) => None,
         };
-        // Signal handlers are installed before the readiness line: a
-        // SIGTERM right after it must drain, not kill the process.
-        let signals = Signals::install()?;
         // Scripts and tests wait for this line.
         println!("chatgate listening on http://{addr} (WebSocket at ws://{addr}/ws)");
         let handle = server.shutdown_handle();
@@ -220,6 +233,31 @@ fn serve(config: Config, limits: Option<std::io::Result<(u64, u64)>>) -> anyhow:
     Ok(())
 }
 
+/// Builds the node, retrying with backoff (0.5 s doubling to 10 s) for as
+/// long as a backend cannot be reached: an orchestrator that starts the
+/// gateway before its database gets a gateway that waits, says what for
+/// (log and `/health`), and serves once it can.
+async fn build_when_reachable(config: Config, progress: Arc<Progress>) -> Arc<Node> {
+    let mut wait = Duration::from_millis(500);
+    loop {
+        let attempt = tokio::time::timeout(BUILD_ATTEMPT, Node::build(config.clone())).await;
+        let failure = match attempt {
+            Ok(Ok(node)) => return node,
+            Ok(Err(e)) => e,
+            Err(_) => anyhow::anyhow!("reaching the backends took over {BUILD_ATTEMPT:?}"),
+        };
+        // The outermost context names the step, never an address or a
+        // credential: that is what /health shows. The log has it all.
+        progress.failed(failure.to_string());
+        tracing::warn!(error = %format!("{failure:#}"), retry_in = ?wait, "waiting for backends");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// How long one attempt to reach the backends may take.
+const BUILD_ATTEMPT: Duration = Duration::from_secs(60);
+
 /// SIGTERM and SIGINT, registered up front.
 struct Signals {
     term: tokio::signal::unix::Signal,
@@ -235,7 +273,7 @@ impl Signals {
         })
     }
 
-    async fn wait(mut self) {
+    async fn wait(&mut self) {
         tokio::select! {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}

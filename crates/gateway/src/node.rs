@@ -84,6 +84,7 @@ impl Node {
             Some(url) => {
                 let mut pg = PgConfig::new(url.clone());
                 pg.pool_size = config.db_pool_size;
+                pg.tls = config.tls.clone();
                 let pg: Arc<dyn Store> = Arc::new(connect_pg(pg).await?);
                 match &config.redis_url {
                     None => (pg, None),
@@ -92,6 +93,7 @@ impl Node {
                             CachedStore::connect(pg, {
                                 let mut c = CacheConfig::new(url.clone());
                                 c.namespace = config.redis_namespace.clone();
+                                c.tls = config.tls.clone();
                                 c
                             })
                             .await
@@ -147,6 +149,7 @@ impl Node {
                 }
                 let mut rc = RedisFanoutConfig::new(url.clone(), config.node_id.clone());
                 rc.namespace = config.redis_namespace.clone();
+                rc.tls = config.tls.clone();
                 rc.partitions = config.stream_partitions;
                 rc.partition_max_bytes = config.stream_partition_max_bytes;
                 rc.recovery_window = config.recovery_window;
@@ -300,20 +303,12 @@ pub fn codec_for(config: &Config) -> Codec {
     })
 }
 
-/// Connects to Postgres, retrying for up to 30 s so a gateway started
-/// alongside its database (compose, systemd) waits for it.
+/// Connects to Postgres (and applies migrations).
 async fn connect_pg(config: PgConfig) -> anyhow::Result<PgStore> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut wait = Duration::from_millis(100);
-    loop {
-        match PgStore::connect(config.clone()).await {
-            Ok(store) => return Ok(store),
-            Err(e) if e.retryable() && Instant::now() < deadline => {
-                tracing::warn!(error = %e, "database not reachable yet; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => return Err(anyhow::anyhow!(e)).context("connecting to the database"),
-        }
-    }
+    // One attempt: start-up retries the whole build with backoff (and
+    // says what it waits for), see `chatgate`'s `build_when_reachable`.
+    PgStore::connect(config)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
+        .context("connecting to the database")
 }

@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::config::Config;
 use crate::http;
 use crate::node::Node;
 
@@ -94,18 +95,29 @@ impl ShutdownHandle {
     }
 }
 
+/// Binds the configured address, before the node exists: the port
+/// answers while start-up waits for backends ([`crate::starting`]).
+pub fn bind_listener(config: &Config) -> std::io::Result<TcpListener> {
+    // A deep backlog absorbs connection bursts (thousands per second when
+    // a fleet of clients reconnects at once).
+    listen(config.listen, config.reuse_port, 4096)
+}
+
 impl Server {
     /// Binds the configured address.
     pub async fn bind(node: Arc<Node>) -> anyhow::Result<Server> {
-        // A deep backlog absorbs connection bursts (thousands per second
-        // when a fleet of clients reconnects at once).
-        let listener = listen(node.config.listen, node.config.reuse_port, 4096)?;
+        let listener = bind_listener(&node.config)?;
+        Ok(Server::on(node, listener))
+    }
+
+    /// A server for `node` on a listener bound earlier.
+    pub fn on(node: Arc<Node>, listener: TcpListener) -> Server {
         let (shutdown_tx, _) = watch::channel(false);
-        Ok(Server {
+        Server {
             node,
             listener,
             shutdown_tx,
-        })
+        }
     }
 
     /// The bound address (useful with port 0).

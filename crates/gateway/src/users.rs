@@ -244,7 +244,7 @@ mod tests {
     async fn a_connect_cancelled_while_redis_answers_counts_nothing() {
         let url = std::env::var("CHAT_TEST_REDIS_URL")
             .unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
-        let client = chatgate_fanout::redis::redis_client(&url, Some(Duration::from_secs(2)))
+        let client = chatgate_fanout::redis::redis_client(&url, None, Some(Duration::from_secs(2)))
             .expect("redis client");
         use fred::prelude::ClientLike;
         client.init().await.expect("the test Redis must run");

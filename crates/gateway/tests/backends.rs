@@ -198,3 +198,107 @@ async fn a_send_abandoned_while_storing_can_be_retried() {
     bob.assert_quiet(Duration::from_millis(300), "delivered once")
         .await;
 }
+
+/// A gateway started before its database listens at once, answers that
+/// it is alive but not ready (and what it waits for), and serves as soon
+/// as the database comes up, without a restart. It used to retry for
+/// 30 s without a listener and then exit.
+#[tokio::test]
+async fn a_gateway_started_before_its_database_waits_for_it_and_says_so() {
+    let pg = PrivatePostgres::start();
+    pg.stop();
+    let starting = Gateway::start_waiting(&["--database-url", &pg.url()]);
+    assert_eq!(starting.get("/livez").0, 200, "alive while waiting");
+    let (status, _) = starting.get("/readyz");
+    assert_eq!(status, 503, "not ready without its database");
+    // Until the first attempt failed the step is not known yet.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = starting.get("/health");
+        assert_eq!(status, 503);
+        let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(health["status"], "starting");
+        if health["waiting_for"] == "connecting to the database" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{health}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(starting.get("/ws").0, 503);
+
+    pg.resume();
+    let gw = starting.ready();
+    assert_eq!(gw.get("/readyz").0, 200);
+    assert_eq!(gw.health()["backends"]["store"]["engine"], "postgres");
+    let mut alice = user(&gw, "alice").await;
+    join(&mut alice, &["late"]).await;
+    assert!(matches!(
+        alice.request(3, send_frame("late", "m1", "hello")).await,
+        ServerFrame::MessageSent(_)
+    ));
+    // A store outage after start-up: alive, not ready, then ready again.
+    pg.stop();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while gw.get("/readyz").0 != 503 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still ready without its database"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(gw.get("/livez").0, 200);
+    pg.resume();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while gw.get("/readyz").0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "not ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// SIGTERM while waiting for a backend ends the process at once (an
+/// orchestrator giving up on a start must not wait out a retry loop).
+#[tokio::test]
+async fn a_gateway_waiting_for_its_backends_stops_on_sigterm() {
+    let pg = PrivatePostgres::start();
+    pg.stop();
+    let mut starting = Gateway::start_waiting(&["--database-url", &pg.url()]);
+    assert_eq!(starting.get("/livez").0, 200);
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &starting.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let status = starting.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{status:?}");
+}
+
+/// A cluster node started while Redis is down serves at once (alive, not
+/// ready) and joins the cluster when Redis comes up; it used to sit
+/// without a listener and without a log line.
+#[tokio::test]
+async fn a_cluster_node_started_before_redis_becomes_ready_when_it_comes() {
+    let mut redis = PrivateRedis::start();
+    redis.kill();
+    let url = redis.url();
+    let starting =
+        Gateway::start_waiting(&["--cluster", "--node-id", "early", "--redis-url", &url]);
+    assert_eq!(starting.get("/livez").0, 200);
+    let gw = starting.ready();
+    assert_eq!(gw.get("/readyz").0, 503, "ready without Redis");
+    redis.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while gw.get("/readyz").0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "{}", gw.health());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let other = Gateway::start(&["--cluster", "--node-id", "late", "--redis-url", &url]);
+    let mut alice = user(&gw, "alice").await;
+    let mut bob = user(&other, "bob").await;
+    join(&mut alice, &["early"]).await;
+    join(&mut bob, &["early"]).await;
+    assert!(matches!(
+        alice.request(3, send_frame("early", "m1", "hello")).await,
+        ServerFrame::MessageSent(_)
+    ));
+    assert!(matches!(bob.expect().await.1, ServerFrame::NewMessage(_)));
+}

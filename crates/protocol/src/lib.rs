@@ -17,6 +17,8 @@
 //!   cluster script that assigns them.
 //! - [`error_code`]: codes carried in `Error` frames.
 //! - `token` (feature `token`): HS256 access tokens.
+//! - `tls` (feature `tls`): the TLS client settings every component uses
+//!   (rustls on ring, Mozilla's roots plus an operator's CA).
 //! - `compress`, `wire` (private): capped raw DEFLATE, and serde helpers
 //!   that keep decoding from allocating on a peer's say-so.
 //!
@@ -37,6 +39,8 @@ pub mod limits;
 pub mod opcode;
 pub mod payload;
 pub mod template;
+#[cfg(feature = "tls")]
+pub mod tls;
 #[cfg(feature = "token")]
 pub mod token;
 mod wire;

@@ -36,8 +36,10 @@ use crate::{Store, StoreError};
 /// Settings for [`CachedStore`].
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
-    /// `redis://host:port/db` URL.
+    /// `redis://host:port/db` URL, or `rediss://` for TLS.
     pub url: String,
+    /// TLS settings for a `rediss://` URL (default: Mozilla's roots).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Entry lifetime. Default 5 minutes.
     pub ttl: Duration,
     /// Per-command timeout. Default 250 ms: a cache slower than that is
@@ -55,6 +57,7 @@ impl CacheConfig {
     pub fn new(url: impl Into<String>) -> Self {
         CacheConfig {
             url: url.into(),
+            tls: None,
             ttl: Duration::from_secs(300),
             command_timeout: Duration::from_millis(250),
             open_circuit_for: Duration::from_secs(5),
@@ -120,6 +123,23 @@ pub struct CachedStore {
     stats: Arc<CacheStats>,
 }
 
+/// `url` as a client configuration; `rediss://` gets TLS with `tls`
+/// (default: Mozilla's roots), never plaintext. (The fan-out has the same
+/// rule; the crates do not depend on each other.)
+fn redis_config(url: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Config, StoreError> {
+    let internal = |e: &dyn std::fmt::Display| StoreError::Internal(e.to_string());
+    let Some(rest) = url.strip_prefix("rediss") else {
+        return Config::from_url(url).map_err(|e| internal(&e));
+    };
+    let mut config = Config::from_url(&format!("redis{rest}")).map_err(|e| internal(&e))?;
+    let tls = match tls {
+        Some(tls) => tls.clone(),
+        None => chatgate_protocol::tls::client_config(None).map_err(|e| internal(&e))?,
+    };
+    config.tls = Some(fred::types::config::TlsConnector::from((*tls).clone()).into());
+    Ok(config)
+}
+
 impl CachedStore {
     /// Connects to Redis (reconnecting by itself later) and wraps `inner`.
     /// A Redis that is down at start is not an error: the cache starts
@@ -128,8 +148,7 @@ impl CachedStore {
         inner: Arc<dyn Store>,
         config: CacheConfig,
     ) -> Result<CachedStore, StoreError> {
-        let redis_config =
-            Config::from_url(&config.url).map_err(|e| StoreError::Internal(e.to_string()))?;
+        let redis_config = redis_config(&config.url, config.tls.as_ref())?;
         let timeout = config.command_timeout;
         let redis = Builder::from_config(redis_config)
             .with_performance_config(|p| p.default_command_timeout = timeout)
@@ -138,11 +157,14 @@ impl CachedStore {
                 c.internal_command_timeout = Duration::from_secs(2);
                 c.max_command_attempts = 1;
             })
-            .with_config(|c| c.fail_fast = true)
+            // Down at start: retried like a lost connection, never given
+            // up on (`fail_fast` would leave the cache off for good).
+            .with_config(|c| c.fail_fast = false)
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
             .build()
             .map_err(|e| StoreError::Internal(e.to_string()))?;
-        let _connection_task = redis.init().await;
+        let _connection_task = redis.connect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), redis.wait_for_connect()).await;
         Ok(CachedStore {
             inner,
             redis,

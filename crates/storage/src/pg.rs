@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::config::SslMode;
 use tokio_postgres::{NoTls, Row};
 
 use chatgate_protocol::payload::ReactionCount;
@@ -41,6 +42,9 @@ pub struct PgConfig {
     pub timeout: Duration,
     /// Server-side statement timeout. Default 5 s.
     pub statement_timeout: Duration,
+    /// TLS settings for `sslmode=require` (default: Mozilla's roots; see
+    /// [`chatgate_protocol::tls`]).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl PgConfig {
@@ -51,8 +55,47 @@ impl PgConfig {
             pool_size: 16,
             timeout: Duration::from_secs(2),
             statement_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
+}
+
+/// The URL with `sslmode=verify-full` or `verify-ca` read as `require`
+/// (tokio-postgres knows only disable/prefer/require; with rustls,
+/// `require` verifies the chain and the host name: `verify-full`), and
+/// an explicit `sslmode=prefer` refused: it would fall back to plaintext
+/// where TLS fails, and a URL that asks for TLS must get it or fail.
+fn tls_url(url: &str) -> Result<String, StoreError> {
+    check_url_tls(url)?;
+    Ok(rewrite_tls(url))
+}
+
+/// Refuses a database URL whose TLS mode could fall back to plaintext
+/// (`sslmode=prefer`), so configuration checks can stop a start early.
+pub fn check_url_tls(url: &str) -> Result<(), StoreError> {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    if query.split('&').any(|p| p == "sslmode=prefer") {
+        return Err(StoreError::Internal(
+            "sslmode=prefer may fall back to plaintext: use sslmode=require \
+             (TLS, certificate verified) or sslmode=disable"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+fn rewrite_tls(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let params: Vec<&str> = query
+        .split('&')
+        .map(|p| match p {
+            "sslmode=verify-full" | "sslmode=verify-ca" => "sslmode=require",
+            other => other,
+        })
+        .collect();
+    format!("{base}?{}", params.join("&"))
 }
 
 /// The Postgres [`Store`].
@@ -257,8 +300,7 @@ fn pool_error(e: PoolError) -> StoreError {
 impl PgStore {
     /// Connects, applies pending migrations and returns the store.
     pub async fn connect(config: PgConfig) -> Result<PgStore, StoreError> {
-        let mut pg: tokio_postgres::Config = config
-            .url
+        let mut pg: tokio_postgres::Config = tls_url(&config.url)?
             .parse()
             .map_err(|e: tokio_postgres::Error| StoreError::Internal(e.to_string()))?;
         pg.connect_timeout(config.timeout);
@@ -267,13 +309,22 @@ impl PgStore {
             "{existing} -c statement_timeout={}",
             config.statement_timeout.as_millis()
         ));
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        // TLS exactly when the URL requires it (the default, `prefer`
+        // unwritten, stays plaintext as before).
+        let manager = if pg.get_ssl_mode() == SslMode::Require {
+            let tls = match &config.tls {
+                Some(tls) => tls.clone(),
+                None => chatgate_protocol::tls::client_config(None)
+                    .map_err(|e| StoreError::Internal(e.to_string()))?,
+            };
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+            Manager::from_config(pg, tls, manager_config)
+        } else {
+            Manager::from_config(pg, NoTls, manager_config)
+        };
         let pool = Pool::builder(manager)
             .max_size(config.pool_size)
             .wait_timeout(Some(config.timeout))
@@ -787,5 +838,28 @@ impl Store for PgStore {
             None
         };
         Ok(Page { messages, next })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_modes_that_verify_are_required_and_prefer_is_refused() {
+        assert_eq!(tls_url("postgres://h/db").unwrap(), "postgres://h/db");
+        assert_eq!(
+            tls_url("postgres://h/db?sslmode=verify-full&x=1").unwrap(),
+            "postgres://h/db?sslmode=require&x=1"
+        );
+        assert_eq!(
+            tls_url("postgres://h/db?a=b&sslmode=verify-ca").unwrap(),
+            "postgres://h/db?a=b&sslmode=require"
+        );
+        assert!(tls_url("postgres://h/db?sslmode=prefer").is_err());
+        assert_eq!(
+            tls_url("postgres://h/db?sslmode=disable").unwrap(),
+            "postgres://h/db?sslmode=disable"
+        );
     }
 }

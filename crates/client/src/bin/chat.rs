@@ -27,6 +27,10 @@ struct Cli {
     /// Access token (`chatgate token --user NAME` prints one).
     #[arg(long, env = "CHAT_TOKEN", hide_env_values = true)]
     token: String,
+    /// PEM file of a CA to trust for `wss://` besides Mozilla's roots (a
+    /// private CA, a test certificate).
+    #[arg(long, env = "CHAT_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -78,7 +82,12 @@ fn show(m: &Message) {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let (client, mut events) = Client::connect(ClientConfig::new(&cli.url, &cli.token))
+    let mut config = ClientConfig::new(&cli.url, &cli.token);
+    if let Some(path) = &cli.ca_file {
+        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        config.tls = Some(chatgate_protocol::tls::client_config(Some(&pem))?);
+    }
+    let (client, mut events) = Client::connect(config)
         .await
         .with_context(|| format!("connecting to {}", cli.url))?;
     match cli.command {

@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)] // shared by several test files
 
 pub mod hooked;
+pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -37,6 +38,16 @@ impl Gateway {
     }
 
     pub fn start_on(listen: &str, args: &[&str]) -> Gateway {
+        Self::start_waiting_on(listen, args).ready()
+    }
+
+    /// Starts the gateway and returns at its "starting" line: the port is
+    /// bound, the backends perhaps not reached yet.
+    pub fn start_waiting(args: &[&str]) -> Starting {
+        Self::start_waiting_on("127.0.0.1:0", args)
+    }
+
+    fn start_waiting_on(listen: &str, args: &[&str]) -> Starting {
         let mut child = Command::new(env!("CARGO_BIN_EXE_chatgate"))
             .arg("--listen")
             .arg(listen)
@@ -46,28 +57,31 @@ impl Gateway {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn chatgate");
+        // Lines go through a thread, so every wait on them is bounded (a
+        // gateway that never gets ready fails its test, not hangs it), and
+        // stdout is drained for as long as the process writes.
         let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        let mut reader = BufReader::new(stdout);
-        let mut api = None;
-        loop {
-            line.clear();
-            reader.read_line(&mut line).unwrap();
-            match line.strip_prefix("chatgate server API on http://") {
-                Some(at) => api = Some(at.trim().parse().unwrap()),
-                None => break,
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let _ = tx.send(line);
             }
-        }
-        // Keep draining so a later write to stdout never hits a closed pipe.
-        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        });
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("no starting line from the gateway: {e}"));
         let addr = line
-            .split("http://")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .strip_prefix("chatgate starting on http://")
+            .unwrap_or_else(|| panic!("expected the starting line, got {line:?}"))
+            .trim()
             .parse()
             .unwrap();
-        Gateway { child, addr, api }
+        Starting {
+            child: Some(child),
+            lines,
+            addr,
+        }
     }
 
     /// Calls a server API method with `key`; returns (status, JSON body).
@@ -188,6 +202,75 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A gateway process between its "starting" and "listening" lines.
+pub struct Starting {
+    /// Taken by [`Starting::ready`]; killed on drop otherwise.
+    child: Option<Child>,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// The bound port (answering `/livez`, `/readyz`, `/health`).
+    pub addr: SocketAddr,
+}
+
+impl Starting {
+    /// Waits for the "listening" line (the node is built and serving).
+    pub fn ready(mut self) -> Gateway {
+        let addr = self.addr;
+        let mut api = None;
+        let line = loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(90))
+                .unwrap_or_else(|e| panic!("the gateway at {addr} never got ready: {e}"));
+            match line.strip_prefix("chatgate server API on http://") {
+                Some(at) => api = Some(at.trim().parse().unwrap()),
+                None => break line,
+            }
+        };
+        assert!(
+            line.starts_with(&format!("chatgate listening on http://{addr}")),
+            "expected the listening line, got {line:?}"
+        );
+        let Some(child) = self.child.take() else {
+            unreachable!("taken only here")
+        };
+        Gateway { child, addr, api }
+    }
+
+    /// This process's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Waits up to `limit` for the process to exit; its status, if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// One GET on the starting port: (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_raw(self.addr, "GET", path, None, "")
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -484,8 +567,11 @@ fn pg_bin(name: &str) -> String {
 /// can take its address between a stop and a start (or before the first).
 pub struct PrivatePostgres {
     pub dir: std::path::PathBuf,
-    /// The socket's number (part of its file name; not a TCP port).
+    /// The socket's number (part of its file name; not a TCP port unless
+    /// started with [`PrivatePostgres::start_tls`]).
     pub port: u16,
+    /// Server options for TLS on 127.0.0.1:`port` ([`PrivatePostgres::start_tls`]).
+    tls: Option<String>,
 }
 
 impl PrivatePostgres {
@@ -514,7 +600,66 @@ impl PrivatePostgres {
                 .status()
                 .unwrap();
         }
-        let pg = PrivatePostgres { dir, port: 5432 };
+        let pg = PrivatePostgres {
+            dir,
+            port: 5432,
+            tls: None,
+        };
+        pg.init();
+        pg.resume();
+        pg
+    }
+
+    /// A private server that also listens on TCP (127.0.0.1, a free port)
+    /// with TLS, presenting `ca`'s server certificate.
+    pub fn start_tls(ca: &tls::TestCa) -> PrivatePostgres {
+        let dir = private_dir("pg");
+        // The server reads its key only if it owns it, mode 0600.
+        for (from, to) in [(&ca.cert, "server.pem"), (&ca.key, "server.key")] {
+            std::fs::copy(from, dir.join(to)).unwrap();
+        }
+        Command::new("chmod")
+            .arg("600")
+            .arg(dir.join("server.key"))
+            .status()
+            .unwrap();
+        if is_root() {
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .unwrap();
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let tls = format!(
+            "-c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            dir.join("server.pem").display(),
+            dir.join("server.key").display()
+        );
+        let pg = PrivatePostgres {
+            dir,
+            port,
+            tls: Some(tls),
+        };
+        pg.init();
+        pg.resume();
+        pg
+    }
+
+    /// The TCP URL that requires TLS (for [`PrivatePostgres::start_tls`]).
+    pub fn tls_url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=require",
+            self.port
+        )
+    }
+
+    fn init(&self) {
+        let pg = self;
         let data = pg.dir.join("data");
         let data = data.to_str().unwrap();
         assert!(
@@ -522,8 +667,6 @@ impl PrivatePostgres {
                 .success(),
             "initdb failed"
         );
-        pg.resume();
-        pg
     }
 
     pub fn url(&self) -> String {
@@ -546,8 +689,12 @@ impl PrivatePostgres {
     /// Starts (again) and waits until it accepts connections.
     pub fn resume(&self) {
         let data = self.dir.join("data");
+        let listen = self
+            .tls
+            .clone()
+            .unwrap_or_else(|| "-c listen_addresses=''".into());
         let opts = format!(
-            "-p {} -k {} -c listen_addresses='' -c fsync=off",
+            "-p {} -k {} {listen} -c fsync=off",
             self.port,
             self.dir.display()
         );
@@ -603,8 +750,12 @@ impl Drop for PrivatePostgres {
 pub struct PrivateRedis {
     pub child: Child,
     pub port: u16,
+    /// The TLS port, when started with [`PrivateRedis::start_tls`].
+    pub tls_port: Option<u16>,
     dir: std::path::PathBuf,
     durable: bool,
+    /// Further redis-server arguments (TLS), kept for restarts.
+    extra: Vec<String>,
 }
 
 impl PrivateRedis {
@@ -619,22 +770,53 @@ impl PrivateRedis {
         Self::launch(true)
     }
 
+    /// A throwaway Redis that also serves TLS (with `ca`'s server
+    /// certificate) on [`PrivateRedis::tls_port`].
+    pub fn start_tls(ca: &tls::TestCa) -> PrivateRedis {
+        Self::launch_with(false, Some(ca))
+    }
+
     fn launch(durable: bool) -> PrivateRedis {
+        Self::launch_with(durable, None)
+    }
+
+    fn launch_with(durable: bool, ca: Option<&tls::TestCa>) -> PrivateRedis {
         let dir = private_dir("redis");
-        let mut failures = Vec::new();
-        for _ in 0..10 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
+        let free_port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
                 .unwrap()
-                .port();
-            match Self::spawn(port, &dir, durable) {
+                .port()
+        };
+        let mut failures = Vec::new();
+        for _ in 0..10 {
+            let port = free_port();
+            let tls_port = ca.map(|_| free_port());
+            let extra: Vec<String> = match (ca, tls_port) {
+                (Some(ca), Some(tls_port)) => vec![
+                    "--tls-port".into(),
+                    tls_port.to_string(),
+                    "--tls-cert-file".into(),
+                    ca.cert.display().to_string(),
+                    "--tls-key-file".into(),
+                    ca.key.display().to_string(),
+                    "--tls-ca-cert-file".into(),
+                    ca.ca.display().to_string(),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                ],
+                _ => Vec::new(),
+            };
+            match Self::spawn(port, &dir, durable, &extra) {
                 Ok(child) => {
                     return PrivateRedis {
                         child,
                         port,
+                        tls_port,
                         dir,
                         durable,
+                        extra,
                     };
                 }
                 Err(e) => failures.push(e),
@@ -645,7 +827,12 @@ impl PrivateRedis {
 
     /// Runs redis-server on `port` and waits until it is the one that
     /// answers there; on failure the child is gone and the error says why.
-    fn spawn(port: u16, dir: &std::path::Path, durable: bool) -> Result<Child, String> {
+    fn spawn(
+        port: u16,
+        dir: &std::path::Path,
+        durable: bool,
+        extra: &[String],
+    ) -> Result<Child, String> {
         let aof = if durable { "yes" } else { "no" };
         let log = dir.join("redis.log");
         let mut child = Command::new("redis-server")
@@ -662,6 +849,7 @@ impl PrivateRedis {
             .arg(dir)
             .arg("--logfile")
             .arg(&log)
+            .args(extra)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server");
@@ -691,7 +879,7 @@ impl PrivateRedis {
         // someone else now is an error here, not a silent wrong server.
         let mut failures = Vec::new();
         for _ in 0..5 {
-            match Self::spawn(self.port, &self.dir, self.durable) {
+            match Self::spawn(self.port, &self.dir, self.durable, &self.extra) {
                 Ok(child) => {
                     self.child = child;
                     return;

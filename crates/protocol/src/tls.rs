@@ -1,0 +1,78 @@
+//! TLS client settings every chatgate component uses: the native client
+//! (`wss://`), and the gateway towards Postgres (`sslmode=require`) and
+//! Redis (`rediss://`). Feature `tls`.
+//!
+//! One stack for the whole workspace: rustls on *ring* (built with a C
+//! compiler alone). Certificates are verified against Mozilla's roots
+//! (bundled: the runtime image has no CA store) plus, when given, the
+//! operator's own CA (a private PKI, a test CA). Parsing only; callers
+//! read the file.
+
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+/// Why TLS settings could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The extra CA is not PEM, or holds no certificate.
+    #[error("CA certificates: {0}")]
+    Ca(String),
+    /// rustls refused the settings.
+    #[error("TLS settings: {0}")]
+    Settings(String),
+}
+
+/// rustls on *ring*: built with the C compiler alone, where aws-lc-rs
+/// (rustls' default) also wants cmake and takes far longer to build.
+/// rustls 0.23.48 deprecates it for lacking post-quantum key exchange
+/// (X25519MLKEM768), which keeps recorded traffic secret from a future
+/// quantum computer: today's certificates and key exchange are sound, and
+/// the backends usually sit in a private network; moving to aws-lc-rs is
+/// one function away when the build may need cmake.
+#[allow(deprecated)]
+pub fn provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// Client settings trusting Mozilla's roots and the certificates in
+/// `extra_ca_pem` (PEM, one or more `CERTIFICATE` blocks).
+pub fn client_config(extra_ca_pem: Option<&[u8]>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = extra_ca_pem {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| TlsError::Ca(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(TlsError::Ca("no CERTIFICATE block found".into()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| TlsError::Ca(e.to_string()))?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Settings(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_that_is_not_pem_is_refused() {
+        assert!(client_config(None).is_ok());
+        assert!(matches!(
+            client_config(Some(b"not a certificate")),
+            Err(TlsError::Ca(_))
+        ));
+        let garbled = b"-----BEGIN CERTIFICATE-----\n%%%%\n-----END CERTIFICATE-----\n";
+        assert!(client_config(Some(garbled)).is_err());
+    }
+}
