@@ -1,6 +1,7 @@
 //! HTTP/1.1 on the gateway port: `GET /ws` upgrades to WebSocket,
 //! `GET /health`, `/livez`, `/readyz` and `/metrics` serve operators,
-//! anything else 404.
+//! `GET /` the chat page
+//! (and `/dev/token` its development sign-in), anything else 404.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ use chatgate_protocol::limits::MAX_CLIENT_FRAME_BYTES;
 use crate::admission::Ticket;
 use crate::connection;
 use crate::node::Node;
+use crate::page;
 use crate::server::MAX_REQUESTS_PER_CONNECTION;
 
 type Body = Full<Bytes>;
@@ -73,6 +75,10 @@ pub async fn route(
         (&Method::GET, "/livez") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => ready_response(&node, *shutdown.borrow()),
         (&Method::GET, "/metrics") => metrics_response(&node),
+        (&Method::GET, "/dev/token") => page::dev_token(&node, req.uri().query()),
+        (&Method::GET, path) => {
+            page::asset(path).unwrap_or_else(|| text(StatusCode::NOT_FOUND, "not found\n"))
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };
     if served >= MAX_REQUESTS_PER_CONNECTION && response.status() != StatusCode::SWITCHING_PROTOCOLS

@@ -9,6 +9,8 @@
 //! - [`admission`]: who gets a socket before Identify: one descriptor
 //!   budget, a pending pool apart from sessions, per-address caps.
 //! - [`http`]: `/ws` upgrade, `/health`, `/metrics`.
+//! - [`page`]: the chat page at `/` (built into the binary) and its
+//!   development sign-in.
 //! - [`connection`]: the per-connection task (framing and dispatch only).
 //! - [`session`]: request rules: identify, join, send, history... no I/O.
 //! - [`outbox`]: the bounded per-connection queue (shed, then 4001).
@@ -38,6 +40,7 @@ pub mod hub;
 pub mod metrics;
 pub mod node;
 pub mod outbox;
+pub mod page;
 pub mod policy;
 pub mod server;
 pub mod session;

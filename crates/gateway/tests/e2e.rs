@@ -1056,3 +1056,57 @@ fn a_low_soft_open_files_limit_is_raised_to_the_hard_one() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn the_chat_page_is_served_and_signs_in_with_development_tokens_only_locally() {
+    let gw = Gateway::start(&[]);
+    let (status, page) = gw.get("/");
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("/app.js"),
+        "the page loads its script: {page}"
+    );
+    assert_eq!(gw.get("/app.js").0, 200);
+    assert_eq!(gw.get("/app.css").0, 200);
+    assert_eq!(gw.get("/app.js.map").0, 404);
+
+    let (status, body) = gw.get("/dev/token?name=Ada%20L");
+    assert_eq!(status, 200, "{body}");
+    let issued: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(issued["user"], "Ada L");
+    let mut raw = RawConnection::connect(&gw.url()).await.unwrap();
+    let token = issued["token"].as_str().unwrap().to_owned();
+    raw.send(
+        1,
+        &ClientFrame::Identify(Identify {
+            token,
+            resume: None,
+        }),
+    )
+    .await
+    .unwrap();
+    match next_frame(&mut raw).await {
+        (1, ServerFrame::Ready(r)) => {
+            assert_eq!(r.user_id, "Ada L");
+            assert_eq!(r.user_name, "Ada L");
+        }
+        other => panic!("expected Ready, got {other:?}"),
+    }
+    for bad in [
+        "",
+        "?name=",
+        "?name=%20%20",
+        "?name=a%E2%80%AEb",
+        "?name=%0A",
+    ] {
+        assert_eq!(gw.get(&format!("/dev/token{bad}")).0, 400, "{bad}");
+    }
+    let long = "x".repeat(33);
+    assert_eq!(gw.get(&format!("/dev/token?name={long}")).0, 400);
+
+    // With a real secret nobody can sign in through the page's shortcut.
+    let secret = "a-real-secret-of-more-than-32-bytes-0123456789";
+    let real = Gateway::start(&["--token-secret", secret]);
+    assert_eq!(real.get("/dev/token?name=ada").0, 404);
+    assert_eq!(real.get("/").0, 200);
+}
