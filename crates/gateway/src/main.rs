@@ -172,7 +172,7 @@ fn serve(config: Config, limits: Option<std::io::Result<(u64, u64)>>) -> anyhow:
         // (alive, not ready) while they are awaited.
         let listener = server::bind_listener(&config).context("binding the listen address")?;
         let addr = listener.local_addr()?;
-        println!("chatgate starting on http://{addr}");
+        announce(format_args!("chatgate starting on http://{addr}"));
         let progress = Progress::new();
         let build = build_when_reachable(config, progress.clone());
         let node = tokio::select! {
@@ -207,7 +207,7 @@ fn serve(config: Config, limits: Option<std::io::Result<(u64, u64)>>) -> anyhow:
                     .with_context(|| format!("binding the server API address {at}"))?;
                 let addr = admin.local_addr()?;
                 tracing::info!(%addr, "server API listening");
-                println!("chatgate server API on http://{addr}");
+                announce(format_args!("chatgate server API on http://{addr}"));
                 Some(admin)
             }
             (Some(_), None) => {
@@ -217,7 +217,9 @@ fn serve(config: Config, limits: Option<std::io::Result<(u64, u64)>>) -> anyhow:
             (None, _) => None,
         };
         // Scripts and tests wait for this line.
-        println!("chatgate listening on http://{addr} (WebSocket at ws://{addr}/ws)");
+        announce(format_args!(
+            "chatgate listening on http://{addr} (WebSocket at ws://{addr}/ws)"
+        ));
         let handle = server.shutdown_handle();
         if let Some(admin) = admin {
             tokio::spawn(admin.run(handle.subscribe()));
@@ -231,6 +233,15 @@ fn serve(config: Config, limits: Option<std::io::Result<(u64, u64)>>) -> anyhow:
     })?;
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(())
+}
+
+/// One line on stdout for scripts and tests to wait for. A closed stdout
+/// (the reader went away) is no reason to stop serving: `println!` would
+/// panic there.
+fn announce(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
 /// Builds the node, retrying with backoff (0.5 s doubling to 10 s) for as

@@ -1029,10 +1029,14 @@ fn a_low_soft_open_files_limit_is_raised_to_the_hard_one() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // The "listening" line: the node is built (the "starting" one comes
+    // before it, while backends are reached).
+    let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    while !line.starts_with("chatgate listening") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "no listening line");
+    }
     let addr: std::net::SocketAddr = line
         .split("http://")
         .nth(1)

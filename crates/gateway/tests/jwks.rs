@@ -521,7 +521,10 @@ async fn a_gateway_takes_identity_provider_tokens() {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
-    lines.read_line(&mut line).unwrap();
+    while !line.starts_with("chatgate listening") {
+        line.clear();
+        assert!(lines.read_line(&mut line).unwrap() > 0, "no listening line");
+    }
     let addr = line
         .split("http://")
         .nth(1)
