@@ -1,13 +1,11 @@
-// Large messages travel compressed (PROTOCOL.md §3): the gateway deflates
-// payloads over its threshold (1 KiB by default) and sets bit 0 of the
-// frame's flags byte; the page's client inflates them with
-// DecompressionStream. The test reads the raw frames from Chromium's side
-// of the WebSocket to check that compressed frames were really used.
-//
-// Only the server compresses: the library sends its frames uncompressed
-// (a sender's SHOULD; client frames are at most a 16 KiB body), so the
-// way "back" is a large message sent by the other page, and a history
-// page carrying both.
+// Large messages travel compressed both ways (PROTOCOL.md §3): a sender
+// deflates a payload over 1 KiB (raw DEFLATE) when that makes it smaller
+// and sets bit 0 of the frame's flags byte. The page's client compresses
+// its Send with CompressionStream and the gateway inflates it; the gateway
+// compresses the NewMessage and HistoryPage it sends and the other page
+// inflates them with DecompressionStream. The test reads the raw frames
+// from Chromium's side of the WebSocket to check that compressed frames
+// were really used, in each direction.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { bodies, joinRoom, launch, openChat, pageServer, sendText, startGateway, stopGateway, uniq, waitForCount } from './harness.js';
@@ -45,7 +43,7 @@ function bigBody(who) {
   return `${uniq()}\n${lines.join('\n')}`;
 }
 
-test('a message over 1 KiB round-trips compressed, live both ways and in history', { timeout: 60000 }, async (t) => {
+test('a message over 1 KiB travels compressed: sent by the page, delivered by the gateway, and in history', { timeout: 60000 }, async (t) => {
   const g = await startGateway();
   const server = await pageServer(g);
   t.after(async () => {
@@ -79,9 +77,18 @@ test('a message over 1 KiB round-trips compressed, live both ways and in history
     assert.equal(news[0].flags & COMPRESSED, COMPRESSED, `${name}: the compressed flag is set`);
     assert.ok(news[0].size < bytes / 2, `${name}: ${news[0].size} bytes on the wire for ${bytes} bytes of text`);
   }
-  // The sends carried the text (uncompressed: the client does not compress).
-  for (const [f, body] of [[fa, fromA], [fb, fromB]]) {
-    assert.ok(f.some((x) => x.dir == 'sent' && x.opcode == SEND && x.size > Buffer.byteLength(body)));
+  // Each page sent its message as one compressed Send, far smaller than the text.
+  for (const [f, name] of [[fa, 'alice'], [fb, 'bob']]) {
+    const sends = f.filter((x) => x.dir == 'sent' && x.opcode == SEND);
+    assert.equal(sends.length, 1, `${name}: one Send`);
+    assert.equal(sends[0].flags & COMPRESSED, COMPRESSED, `${name}: the Send's compressed flag is set`);
+    assert.ok(sends[0].size < bytes / 2, `${name}: ${sends[0].size} bytes sent for ${bytes} bytes of text`);
+  }
+  // Small frames stay uncompressed.
+  for (const f of [fa, fb]) {
+    const small = f.filter((x) => x.dir == 'sent' && x.opcode != SEND);
+    assert.ok(small.length >= 2, 'Identify and Join sent');
+    assert.ok(small.every((x) => (x.flags & COMPRESSED) == 0 && x.size < 1030), JSON.stringify(small));
   }
 
   // A page joining later loads both from history, in one compressed HistoryPage.

@@ -87,13 +87,14 @@ test('a gateway restart (SIGTERM, PostgreSQL keeps history) while one page keeps
 // Chromium's offline emulation does not close an open WebSocket: its frames
 // are held in both directions and delivered when the network comes back
 // (and `navigator.onLine` turns false, firing `offline`). Left at that, a
-// short outage would only test that buffering. The gateway here runs with
-// 1 s heartbeats and a 1.5 s timeout, so the page's client notices the
-// silent connection within 2.5 s, drops it and shows `offline`; its
-// reconnect attempts fail while offline (new connections are refused by the
-// emulation), and the `online` event makes it reconnect at once and resume,
-// the replay bringing exactly what it missed. The test checks that this
-// path was taken: a second WebSocket, and the states ready → offline → ready.
+// short outage would only test that buffering. The page's client shows
+// `offline` at the `offline` event and probes the socket with a heartbeat;
+// the gateway here runs with a 1.5 s heartbeat timeout, so the unanswered
+// probe gives the socket up after 1.5 s. Reconnect attempts fail while
+// offline (new connections are refused by the emulation), and the `online`
+// event makes it reconnect at once and resume, the replay bringing exactly
+// what it missed. The test checks that this path was taken: a second
+// WebSocket, and the states ready → offline → ready.
 test('an offline page resumes and shows exactly the messages it missed', { timeout: 60000 }, async (t) => {
   const g = await startGateway();
   const server = await pageServer(g);
@@ -194,4 +195,59 @@ test('past the recovery window the page reloads the gap from history, without du
   assert.equal(new Set(ids).size, ids.length, 'no message twice');
   const sa = await states(a);
   assert.ok(after_(sa, 'ready', after_(sa, 'offline')) > 0, `${sa}`);
+});
+
+// With the gateway's default-like heartbeats (20 s), a silent network would
+// be noticed only after the interval plus the timeout. The `offline` event
+// says it at once, and `online` brings the session back at once: the
+// client gives up the socket its probe found quiet and resumes on a new one
+// (or, should the held frames answer the probe first, keeps it).
+test('offline shows at once and online recovers at once, without waiting for the heartbeat', { timeout: 60000 }, async (t) => {
+  const g = await startGateway({ heartbeat: [20000, 20000] });
+  const server = await pageServer(g);
+  t.after(async () => {
+    server.close();
+    await stopGateway(g);
+  });
+  const room = `public:flaky-${uniq()}`;
+  const a = await openChat(browser, server.url, `away-${uniq()}`);
+  const b = await openChat(browser, server.url, `talker-${uniq()}`);
+  await joinRoom(a, room);
+  await joinRoom(b, room);
+  await recordStates(a);
+  let sockets = 0;
+  a.on('websocket', () => sockets++);
+  const tag = `f${uniq()}`;
+  await sendText(b, `${tag} before`);
+  await waitForCount(a, room, `${tag} before`, 1);
+
+  await a.context().setOffline(true);
+  await a.waitForFunction(() => document.getElementById('state').dataset.state == 'offline', null, { timeout: 2000 });
+  const missed = [];
+  for (let i = 1; i <= 3; i++) {
+    missed.push(`${tag} missed ${i}`);
+    await sendText(b, missed[i - 1]);
+  }
+  await sendText(a, `${tag} written offline`);
+  await a.waitForTimeout(2000);
+  assert.equal(await a.locator('#state').getAttribute('data-state'), 'offline');
+  assert.deepEqual((await bodies(a, room)).filter((x) => x.includes(' missed ')), [], 'nothing arrived while offline');
+  assert.equal(await a.locator(`.log[data-room="${room}"] li.msg.own`).getAttribute('data-status'), 'pending');
+
+  await a.context().setOffline(false);
+  const t0 = Date.now();
+  await waitForCount(a, room, `${tag} missed`, missed.length, 5000);
+  await a.waitForSelector(`.log[data-room="${room}"] li.msg.own[data-status=sent]`, { timeout: 5000 });
+  await a.waitForFunction(() => document.getElementById('state').dataset.state == 'ready', null, { timeout: 5000 });
+  const took = Date.now() - t0;
+  assert.ok(took < 5000, `back after ${took} ms`);
+  await waitForCount(b, room, `${tag} written offline`, 1);
+  await a.waitForTimeout(300);
+  assert.deepEqual((await bodies(a, room)).filter((x) => x.startsWith(tag)), [`${tag} before`, ...missed, `${tag} written offline`]);
+  assert.deepEqual((await bodies(b, room)).filter((x) => x == `${tag} written offline`), [`${tag} written offline`]);
+  const sa = await states(a);
+  const off = after_(sa, 'offline');
+  assert.ok(off >= 0 && after_(sa, 'ready', off) > off, `ready → offline → ready: ${sa}`);
+  assert.ok(sockets <= 1, `${sockets} new WebSockets`);
+  t.diagnostic(`offline → online: back in ${took} ms, ${sockets} new WebSocket(s), states ${sa.join(' → ')}`);
 });

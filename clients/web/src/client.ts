@@ -1,7 +1,7 @@
 // ChatClient: one session over one WebSocket at a time, kept alive across
 // reconnects by resuming with per-room positions (PROTOCOL.md §9).
 import {
-  ChatError, decode, encode, MAX_FRAME,
+  ChatError, compress, decode, encode, MAX_FRAME,
   type AttachmentInput, type ClientFrames, type Cursor, type ErrorBody, type Frame,
   type HistoryPage, type MessageSent, type NewMessage, type Reacted, type Reaction, type Ready,
   type RoomPosition, type RoomResume, type UserTyping,
@@ -10,8 +10,9 @@ import {
 /**
  * `connecting`: before the first Ready. `ready`: a session is open.
  * `reconnecting`: it dropped and the client is getting it back (requests
- * queue meanwhile). `offline`: the same, while the browser says it has no
- * network (the `online` event brings it back at once). `closed`: for good:
+ * queue meanwhile). `offline`: the browser says it has no network (its
+ * `offline` event sets it at once; the `online` event reconnects at once).
+ * `closed`: for good:
  * `close()`, or a close code that says not to reconnect (4100–4199; §8
  * decides by range, so a code a newer server adds is handled too).
  */
@@ -64,7 +65,8 @@ export interface ClientOptions {
   maxDelay?: number;
 }
 
-interface Req { t: keyof ClientFrames; d: any; res: (v: any) => void; rej: (e: any) => void; tm?: any; n?: number }
+// `w`: the socket the request was last written to.
+interface Req { t: keyof ClientFrames; d: any; res: (v: any) => void; rej: (e: any) => void; tm?: any; n?: number; w?: WebSocket }
 
 // Error codes not worth retrying unchanged (§7): invalid_request,
 // not_in_room, not_found, too_many_rooms, forbidden. Anything else,
@@ -95,14 +97,18 @@ export class ChatClient {
   private _pend = new Map<number, Req>();
   private _ls: { [K in keyof ClientEvents]?: Set<(e: ClientEvents[K]) => void> } = {};
   private _q: Promise<void> = Promise.resolve();
+  private _sq: Promise<unknown> = this._q;
   private _try = 0;
   private _hb: any;
   private _dead: any;
   private _rt: any;
+  private _soon = 0;
+  private _pr = 0;
   private _hid = false;
   private _run = false;
   private _wait: [(r: Ready) => void, (e: ChatError) => void][] = [];
   private _typ = new Map<string, number>();
+  private _tt = new Map<string, any>();
 
   constructor(options: ClientOptions) {
     this._o = options;
@@ -126,8 +132,7 @@ export class ChatClient {
     if (!this._run) {
       this._run = true;
       this._set(this.session ? 'reconnecting' : 'connecting');
-      g.window?.addEventListener('online', this._wake);
-      g.document?.addEventListener('visibilitychange', this._vis);
+      this._listen('add');
       this._open();
     }
     return p;
@@ -157,6 +162,8 @@ export class ChatClient {
    * without risking a second copy.
    */
   send(room: string, body: string, attachments: AttachmentInput[] = [], clientMsgId = uuid()): Promise<MessageSent> {
+    clearTimeout(this._tt.get(room)); // the message ends the typing: no late Typing after it
+    this._tt.delete(room);
     return this._req('Send', { room, client_msg_id: clientMsgId, body, attachments });
   }
 
@@ -167,15 +174,20 @@ export class ChatClient {
 
   /**
    * Says the user is typing. Fire and forget, at most once per 3 s per
-   * room (the indicator outlives that), and dropped while disconnected:
-   * a stale "typing" is worse than none.
+   * room (the indicator outlives that): a call within 3 s of the last
+   * Typing sends one more when the 3 s are over (one, however many calls),
+   * so typing that goes on is reported. Dropped while disconnected, a
+   * late one too: a stale "typing" is worse than none. `send` to the room
+   * cancels a late one.
    */
   typing(room: string): void {
-    const now = Date.now();
-    if (this.state == 'ready' && !(now - this._typ.get(room)! < 3000)) {
+    const wait = (this._typ.get(room) ?? -3e3) + 3e3 - Date.now();
+    if (this.state != 'ready') return;
+    if (wait <= 0) {
       this._send('Typing', { room });
-      this._typ.set(room, now);
-    }
+      this._typ.set(room, Date.now());
+    } else if (!this._tt.has(room))
+      this._tt.set(room, setTimeout(() => (this._tt.delete(room), this.typing(room)), wait));
   }
 
   /** One page of history, newest first; pass `page.next` as `before` for older ones. */
@@ -217,13 +229,30 @@ export class ChatClient {
     return (this._rid = (this._rid % 0xffffffff) + 1); // 1..2^32-1, never 0
   }
 
+  /**
+   * Encodes now (so §6 faults throw to the caller), compresses when large
+   * (§3). Compression is async, so frames go out through one queue, in the
+   * order they were made; a frame for a socket given up meanwhile is dropped
+   * (unanswered requests are written again after the next Ready).
+   */
   private _send<K extends keyof ClientFrames>(t: K, d: ClientFrames[K], rid = 0) {
-    this._ws!.send(encode(t, d as any, rid, this.session?.max_frame_bytes ?? MAX_FRAME) as Uint8Array<ArrayBuffer>);
+    const ws = this._ws;
+    const b = encode(t, d as any, rid, this.session?.max_frame_bytes ?? MAX_FRAME);
+    this._sq = this._sq
+      .then(() => compress(b))
+      .then((z) => ws && ws == this._ws && ws.send(z as Uint8Array<ArrayBuffer>))
+      .catch(() => {}); // a socket that cannot send is noticed by the heartbeat
+  }
+
+  /** Writes every pending request not yet written to the current socket. */
+  private _flush() {
+    for (const [id, r] of this._pend) if (r.w != this._ws) this._write(id, r);
   }
 
   private _write(rid: number, r: Req) {
     try {
       this._send(r.t, r.d, rid);
+      r.w = this._ws;
     } catch (e) {
       this._pend.delete(rid);
       return r.rej(e);
@@ -235,7 +264,7 @@ export class ChatClient {
   }
 
   private async _open() {
-    this._rt = 0;
+    this._rt = this._soon = 0;
     const o = this._o;
     let token: string;
     try {
@@ -290,6 +319,7 @@ export class ChatClient {
   private _lost(ws: WebSocket | undefined, code: number, reason: string) {
     if (ws != this._ws || this.state == 'closed') return;
     this._ws = undefined;
+    this._pr = 0;
     clearInterval(this._hb);
     clearTimeout(this._dead);
     this._dead = 0;
@@ -300,19 +330,25 @@ export class ChatClient {
     if (code >= 4100 && code <= 4199) return this._stop(code, reason);
     this._set(g.navigator?.onLine === false ? 'offline' : this.session ? 'reconnecting' : 'connecting');
     // 4000 (node draining) and 4005 (streams lost) mean come back at once,
-    // with jitter only; everything else backs off exponentially.
+    // with jitter only; everything else backs off exponentially. The
+    // network back or the page visible during this attempt: try again now.
     const step = Math.min(this._o.maxDelay ?? 5e3, (this._o.minDelay ?? 1e3) * 2 ** this._try++);
-    this._rt = setTimeout(() => this._open(), code == 4000 || code == 4005 ? Math.random() * 500 : step * (0.5 + Math.random() / 2));
+    this._rt = setTimeout(
+      () => this._open(),
+      this._soon ? 0 : code == 4000 || code == 4005 ? Math.random() * 500 : step * (0.5 + Math.random() / 2),
+    );
   }
 
   private _stop(code: number, reason: string) {
     this._ws = undefined;
     this._run = false;
+    this._pr = 0;
     clearInterval(this._hb);
     clearTimeout(this._dead);
     clearTimeout(this._rt);
-    g.window?.removeEventListener('online', this._wake);
-    g.document?.removeEventListener('visibilitychange', this._vis);
+    this._tt.forEach(clearTimeout);
+    this._tt.clear();
+    this._listen('remove');
     const e = new ChatError('closed', reason || `closed (${code})`, code);
     for (const r of this._pend.values()) clearTimeout(r.tm), r.rej(e);
     this._pend.clear();
@@ -321,10 +357,38 @@ export class ChatClient {
     this._emit('closed', { code, reason });
   }
 
-  /** Network back, or the tab visible again: probe a live socket, or skip the backoff wait. */
+  private _listen(how: 'add' | 'remove') {
+    for (const [t, e, f] of [[g.window, 'online', this._wake], [g.window, 'offline', this._off], [g.document, 'visibilitychange', this._vis]])
+      t?.[how + 'EventListener'](e, f);
+  }
+
+  /**
+   * Network back, or the tab visible again: probe a live socket; or give up
+   * a socket that went quiet offline; or skip the backoff wait; or, while
+   * an attempt is under way, try again at once should it fail.
+   */
   private _wake = () => {
-    if (this.state == 'ready') this._beat();
+    if (this.state == 'ready') return this._beat();
+    this._soon = 1;
+    if (this._pr) this._drop(this._ws!, 'network changed');
     else if (this._rt) clearTimeout(this._rt), this._open();
+  };
+
+  /**
+   * The browser says the network is gone: say `offline` now, and probe the
+   * socket instead of closing it (a flaky network may still carry it): an
+   * answer within the heartbeat timeout brings `ready` back on the same
+   * socket; no answer, or the network coming back first, and it is replaced.
+   * Requests wait meanwhile.
+   */
+  private _off = () => {
+    if (this.state == 'ready') {
+      const ws = this._ws!;
+      clearTimeout(this._dead);
+      this._dead = setTimeout(() => this._drop(ws, 'offline'), this.session!.heartbeat_timeout_ms);
+      this._send('Heartbeat', {}, (this._pr = this._id()));
+    }
+    this._set('offline');
   };
 
   private _vis = () => {
@@ -359,8 +423,7 @@ export class ChatClient {
     const req = rid ? this._pend.get(rid) : undefined;
     if (type == 'Ready') {
       clearTimeout(this._dead);
-      this._dead = 0;
-      this._try = 0;
+      this._dead = this._try = this._soon = 0;
       this.session = d;
       for (const r of d.rooms) pos.set(r.room, [r.epoch, r.seq]);
       this._hb = setInterval(() => this._beat(), d.heartbeat_interval_ms);
@@ -369,10 +432,15 @@ export class ChatClient {
       for (const w of this._wait.splice(0)) w[0](d);
       // Everything unanswered goes out again with its request id and, for
       // Sends, its client_msg_id: the server answers a repeat as a duplicate.
-      for (const [id, r] of this._pend) this._write(id, r);
-      return;
+      return this._flush();
     }
-    if (type == 'HeartbeatAck') clearTimeout(this._dead), (this._dead = 0);
+    // While an offline probe is out, only its answer counts: an earlier
+    // one may have been on its way before the network went.
+    if (type == 'HeartbeatAck' && (!this._pr || rid == this._pr)) {
+      clearTimeout(this._dead);
+      this._dead = 0;
+      if (this._pr) (this._pr = 0), this._set('ready'), this._flush();
+    }
     if (type == 'Joined')
       for (const r of d.rooms) {
         // Events after the joined position may precede Joined (§9.5): never move back.

@@ -173,9 +173,9 @@ const enc = new TextEncoder();
 /**
  * Encodes one frame. Client frames are checked against §6 first (a
  * `ChatError` of kind `invalid_request`), so a bad request fails here with
- * a reason instead of costing a round trip. Never compresses: every
- * client payload the limits allow is far under 1 MiB, and receivers must
- * accept uncompressed frames.
+ * a reason instead of costing a round trip. Never compresses: pass the
+ * result to {@link compress} for that (compression is async, this is not).
+ * `max` caps the uncompressed frame.
  */
 export function encode<K extends FrameName>(type: K, data: AllFrames[K], rid = 0, max = MAX_FRAME): Uint8Array {
   const op = CODE[type];
@@ -311,16 +311,15 @@ function body(u: Uint8Array, p: Uint8Array): Frame {
 }
 
 /**
- * Inflates a raw-DEFLATE payload with the platform's DecompressionStream,
- * reading chunk by chunk and cancelling as soon as the output passes `cap`
- * (§3: a 1 KiB bomb must not become 1 MiB in memory first).
+ * Runs `b` through a (de)compression stream of the platform, reading chunk
+ * by chunk and cancelling as soon as the output passes `cap` (§3: a 1 KiB
+ * bomb must not become 1 MiB in memory first).
  */
-async function inflate(b: Uint8Array, cap: number): Promise<Uint8Array> {
-  const ds = new DecompressionStream('deflate-raw');
-  const w = ds.writable.getWriter();
-  w.write(b as Uint8Array<ArrayBuffer>).catch(() => {});
+async function flate(s: GenericTransformStream, b: Uint8Array, cap: number): Promise<Uint8Array> {
+  const w = s.writable.getWriter();
+  w.write(b).catch(() => {});
   w.close().catch(() => {});
-  const r = ds.readable.getReader();
+  const r = s.readable.getReader();
   const parts: Uint8Array[] = [];
   let n = 0;
   for (;;) {
@@ -344,6 +343,26 @@ async function inflate(b: Uint8Array, cap: number): Promise<Uint8Array> {
 }
 
 /**
+ * Compresses an encoded frame for sending (§3): a payload over 1,024 bytes
+ * is deflated (raw DEFLATE, the platform's `CompressionStream`) and flagged,
+ * if that makes it smaller. Otherwise, or where the platform has no
+ * `CompressionStream`, the frame comes back unchanged. Never throws.
+ */
+export async function compress(frame: Uint8Array): Promise<Uint8Array> {
+  const n = frame.length - 6;
+  if (n > 1024 && !frame[1] && typeof CompressionStream != 'undefined')
+    try {
+      const z = await flate(new CompressionStream('deflate-raw'), frame.subarray(6), n - 1);
+      const o = new Uint8Array(6 + z.length);
+      o.set(frame.subarray(0, 6));
+      o.set(z, 6);
+      o[1] = 1;
+      return o;
+    } catch {}
+  return frame;
+}
+
+/**
  * Decodes one WebSocket message. `fromServer` picks the direction whose
  * opcodes are legal (§2); `max` is the frame cap, which also caps the
  * decompressed payload. Async because decompression is; everything else
@@ -355,5 +374,5 @@ export async function decode(input: ArrayBuffer | ArrayBufferView, fromServer = 
     : new Uint8Array(input);
   if (u.length > max) fail('frame_too_large');
   const p = u.subarray(6);
-  return body(u, head(u, fromServer) ? await inflate(p, max) : p);
+  return body(u, head(u, fromServer) ? await flate(new DecompressionStream('deflate-raw'), p, max) : p);
 }

@@ -7,11 +7,11 @@
  * - {@link encode} / {@link decode}: the bare codec, exported for tools,
  *   tests and anyone speaking the protocol over another transport.
  *
- * No runtime dependencies: WebSocket, DecompressionStream, TextEncoder and
- * crypto are the platform's (in Node, pass the `ws` package's WebSocket).
+ * No runtime dependencies: WebSocket, (De)CompressionStream, TextEncoder
+ * and crypto are the platform's (in Node, pass the `ws` package's WebSocket).
  * @packageDocumentation
  */
 export { ChatClient } from './client.js';
 export type { ClientEvents, ClientOptions, State, WebSocketLike } from './client.js';
-export { ChatError, decode, encode, MAX_FRAME } from './codec.js';
+export { ChatError, compress, decode, encode, MAX_FRAME } from './codec.js';
 export type * from './codec.js';

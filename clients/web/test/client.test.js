@@ -16,19 +16,30 @@ const msg = (room, seq, o = {}) => ({
   body: `m${seq}`, attachments: [], reactions: [], created_at_ms: 1764316800000, ...o,
 });
 
-/** A fake socket; `script(sock, frame)` answers each client frame. */
-function fake(script, { refuse = 0 } = {}) {
+/**
+ * A fake socket; `script(sock, frame)` answers each client frame, in the
+ * order they were written. `wire` keeps the raw frames. The first `refuse`
+ * sockets fail; `opening(n)` may instead give socket n (from 1) an opening
+ * time and whether it opens: `[ms, ok]`.
+ */
+function fake(script, { refuse = 0, opening } = {}) {
   const socks = [];
   class FakeWS {
     constructor(url, proto) {
-      Object.assign(this, { url, proto, frames: [], closed: false });
+      Object.assign(this, { url, proto, frames: [], wire: [], closed: false, read: Promise.resolve() });
       socks.push(this);
-      setTimeout(() => (socks.length <= refuse ? this.drop(1006) : this.onopen?.()), 1);
+      const [ms, ok] = opening?.(socks.length) ?? [1, socks.length > refuse];
+      setTimeout(() => (this.closed ? 0 : ok ? this.onopen?.() : this.drop(1006)), ms);
     }
-    async send(b) {
-      const f = await decode(b, false);
-      this.frames.push(f);
-      script(this, f);
+    send(b) {
+      if (this.closed) return;
+      const bytes = Uint8Array.from(b);
+      this.wire.push(bytes);
+      this.read = this.read.then(async () => {
+        const f = await decode(bytes, false);
+        this.frames.push(f);
+        script(this, f);
+      });
     }
     close(code = 1005) {
       if (!this.closed) (this.closed = true), setTimeout(() => this.onclose?.({ code, reason: '' }), 1);
@@ -65,6 +76,7 @@ afterEach(() => {
   for (const c of made.splice(0)) c.close();
   delete globalThis.window;
   delete globalThis.document;
+  delete globalThis.navigator;
 });
 const until = async (cond, ms = 3000) => {
   for (const end = Date.now() + ms; !cond(); await sleep(5)) if (Date.now() > end) throw new Error('timed out');
@@ -308,4 +320,196 @@ test('a malformed URL stops at once with a typed error', async () => {
   const c = client(WebSocket, { url: 'not a url' });
   await assert.rejects(c.connect(), { kind: 'closed' });
   assert.equal(c.state, 'closed');
+});
+
+/** A body of about `n` bytes that compresses well and differs per call. */
+const big = (tag, n = 4000) => `${tag} ${'the quick brown fox jumps over the lazy dog. '.repeat(Math.ceil(n / 45))}`;
+
+test('large frames go out compressed, every frame in the order it was made, re-sends after a reconnect too', async () => {
+  let acks = false;
+  const { FakeWS, socks } = fake((s, f) => {
+    basic([{ room: 'r', epoch: 1, seq: 0 }])(s, f);
+    if (f.type === 'Send' && acks)
+      s.push('MessageSent', { room: 'r', message_id: f.rid, epoch: 1, seq: f.rid, created_at_ms: 1, duplicate: false }, f.rid);
+  });
+  const c = client(FakeWS, { minDelay: 20, maxDelay: 40 });
+  await c.connect();
+  const bodies = [big('one'), 'two', big('three', 16000), 'four', big('five')];
+  const sent = bodies.map((b) => c.send('r', b)); // written at once, compressed one after another
+  c.typing('r');
+  const s0 = socks[0];
+  await until(() => s0.frames.length === 7);
+  const order = (s) => s.frames.slice(1).map((f) => (f.type === 'Send' ? f.data.body : f.type));
+  assert.deepEqual(order(s0), [...bodies, 'Typing']);
+  const sizes = (s) => s.wire.slice(1).map((w) => [w[0], w[1], w.length]);
+  for (const [i, [op, flags, size]] of sizes(s0).entries()) {
+    const long = i < 5 && bodies[i].length > 1024;
+    assert.equal(flags, long ? 1 : 0, `frame ${i}: compressed only when large`);
+    if (long) assert.ok(size < bodies[i].length / 4, `frame ${i}: ${size} bytes for ${bodies[i].length}`);
+    assert.equal(op, i < 5 ? 5 : 6);
+  }
+  // The socket drops unanswered: the next one resumes and writes them again, same order, same ids.
+  acks = true;
+  s0.drop(1006);
+  const acked = await Promise.all(sent);
+  const s1 = socks[1];
+  assert.equal(s1.frames[0].type, 'Identify');
+  assert.deepEqual(order(s1), bodies);
+  assert.deepEqual(s1.frames.slice(1).map((f) => f.rid), s0.frames.slice(1, 6).map((f) => f.rid));
+  assert.deepEqual(sizes(s1).map((x) => x[1]), [1, 0, 1, 0, 1]);
+  assert.deepEqual(acked.map((a) => a.message_id), s0.frames.slice(1, 6).map((f) => BigInt(f.rid)));
+});
+
+test('a large request made while reconnecting waits for Identify and goes out compressed after Ready', async () => {
+  const { FakeWS, socks } = fake((s, f) => {
+    basic()(s, f);
+    if (f.type === 'Join') s.push('Joined', { rooms: f.data.rooms.map((room) => ({ room, epoch: 1, seq: 0 })) }, f.rid);
+  });
+  const c = client(FakeWS, { minDelay: 20, maxDelay: 40 });
+  await c.connect();
+  socks[0].drop(1006);
+  const rooms = Array.from({ length: 100 }, (_, i) => `public:room-number-${String(i).padStart(3, '0')}`);
+  const joined = await c.join(rooms); // a payload of 3 KB
+  assert.equal(joined.rooms.length, 100);
+  const s1 = socks[1];
+  assert.deepEqual(s1.frames.map((f) => f.type), ['Identify', 'Join']);
+  assert.equal(s1.wire[1][1], 1, 'compressed');
+  // The resume names all 100 rooms: the Identify is large too, and compressed.
+  socks[1].drop(1006);
+  await until(() => socks.length === 3 && socks[2].frames.length >= 1);
+  assert.equal(socks[2].frames[0].data.resume.positions.length, 100);
+  assert.equal(socks[2].wire[0][1], 1);
+});
+
+test('offline: the state says so at once; an unanswered probe gives the socket up; online reconnects at once', async () => {
+  globalThis.window = new EventTarget();
+  globalThis.navigator = { onLine: true };
+  let answer = true;
+  const { FakeWS, socks } = fake((s, f) => {
+    if (f.type === 'Identify') s.push('Ready', ready([{ room: 'r', epoch: 1, seq: 0 }], { heartbeat_timeout_ms: 300 }), f.rid);
+    if (f.type === 'Heartbeat' && answer) s.push('HeartbeatAck', { server_time_ms: 1 }, f.rid);
+    if (f.type === 'Send') s.push('MessageSent', { room: 'r', message_id: 1, epoch: 1, seq: 1, created_at_ms: 1, duplicate: false }, f.rid);
+  });
+  const c = client(FakeWS, { minDelay: 60000, maxDelay: 60000 });
+  await c.connect();
+  answer = false;
+  navigator.onLine = false;
+  const t0 = Date.now();
+  window.dispatchEvent(new Event('offline'));
+  assert.equal(c.state, 'offline', 'at once, not after the heartbeat timeout');
+  socks[0].push('HeartbeatAck', { server_time_ms: 1 }); // an older heartbeat's answer, late: not the probe's
+  const sent = c.send('r', 'written offline'); // waits
+  await until(() => socks[0].frames.some((f) => f.type === 'Heartbeat'));
+  const probe = socks[0].frames.find((f) => f.type === 'Heartbeat');
+  assert.ok(probe.rid > 0, 'the probe has its own request id');
+  await sleep(100);
+  assert.equal(c.state, 'offline');
+  await until(() => socks[0].closed, 2000);
+  assert.ok(Date.now() - t0 >= 280, 'given up after the heartbeat timeout');
+  assert.equal(c.state, 'offline');
+  assert.equal(socks[0].frames.filter((f) => f.type === 'Send').length, 0, 'nothing written to a socket in doubt');
+  await sleep(50);
+  assert.equal(socks.length, 1, 'backing off (60 s)');
+  navigator.onLine = true;
+  window.dispatchEvent(new Event('online'));
+  assert.equal((await sent).seq, 1n);
+  assert.equal(c.state, 'ready');
+  assert.equal(socks.length, 2);
+  assert.deepEqual(socks[1].frames.map((f) => f.type), ['Identify', 'Send']);
+
+  // Online again before the probe's deadline: the quiet socket is replaced at once.
+  answer = false;
+  navigator.onLine = false;
+  window.dispatchEvent(new Event('offline'));
+  await sleep(30);
+  navigator.onLine = true;
+  const t1 = Date.now();
+  window.dispatchEvent(new Event('online'));
+  await until(() => c.state === 'ready' && socks.length === 3);
+  assert.ok(Date.now() - t1 < 250, `${Date.now() - t1} ms`);
+  assert.ok(socks[1].closed);
+});
+
+test('offline: a probe answered keeps the socket (a flaky network), and what waited goes out on it', async () => {
+  globalThis.window = new EventTarget();
+  globalThis.navigator = { onLine: true };
+  const { FakeWS, socks } = fake((s, f) => {
+    basic([{ room: 'r', epoch: 1, seq: 0 }])(s, f);
+    if (f.type === 'History') s.push('HistoryPage', { room: 'r', messages: [], next: null }, f.rid);
+  });
+  const c = client(FakeWS, { minDelay: 60000, maxDelay: 60000 });
+  const states = [];
+  c.on('state', (x) => states.push(x));
+  await c.connect();
+  navigator.onLine = false;
+  window.dispatchEvent(new Event('offline'));
+  assert.equal(c.state, 'offline');
+  const page = c.history('r'); // waits for the probe's answer
+  assert.deepEqual((await page).messages, []);
+  assert.equal(c.state, 'ready');
+  assert.deepEqual(states, ['ready', 'offline', 'ready']);
+  assert.equal(socks.length, 1);
+  assert.deepEqual(socks[0].frames.map((f) => f.type), ['Identify', 'Heartbeat', 'History']);
+  await sleep(1200); // past the probe's deadline (heartbeat_timeout_ms 1000): answered, so nothing is dropped
+  assert.equal(socks.length, 1);
+});
+
+test('online or the page visible during a connect attempt: if it fails, the next one is at once', async () => {
+  globalThis.window = new EventTarget();
+  globalThis.document = Object.assign(new EventTarget(), { visibilityState: 'visible' });
+  // Sockets 2 and 4 take 100 ms to fail; the others open.
+  const { FakeWS, socks } = fake(basic(), { opening: (n) => (n === 2 || n === 4 ? [100, false] : [1, true]) });
+  const c = client(FakeWS, { minDelay: 60000, maxDelay: 60000 });
+  await c.connect();
+  socks[0].drop(1006); // backing off for 30–60 s
+  await sleep(20);
+  window.dispatchEvent(new Event('online')); // skips the wait: socket 2, which will fail
+  assert.equal(socks.length, 2);
+  await sleep(30);
+  window.dispatchEvent(new Event('online')); // during that attempt
+  await until(() => c.state === 'ready' && socks.length === 3, 1000);
+
+  socks[2].drop(1006);
+  document.visibilityState = 'hidden';
+  document.dispatchEvent(new Event('visibilitychange'));
+  document.visibilityState = 'visible';
+  document.dispatchEvent(new Event('visibilitychange')); // socket 4, which will fail
+  assert.equal(socks.length, 4);
+  await sleep(30);
+  document.visibilityState = 'hidden';
+  document.dispatchEvent(new Event('visibilitychange'));
+  document.visibilityState = 'visible';
+  document.dispatchEvent(new Event('visibilitychange')); // during that attempt
+  await until(() => c.state === 'ready' && socks.length === 5, 1000);
+
+  // Without a wake, a failed attempt backs off as usual.
+  socks[4].drop(1006);
+  await sleep(300);
+  assert.equal(socks.length, 5);
+});
+
+test('typing: a call within 3 s of the last Typing sends one more when they are over; a message cancels it', async () => {
+  const { FakeWS, socks } = fake(basic());
+  const c = client(FakeWS);
+  await c.connect();
+  const s = socks[0];
+  const t0 = Date.now();
+  c.typing('r');
+  c.typing('s');
+  await sleep(100);
+  c.typing('r');
+  c.typing('s');
+  await sleep(100);
+  c.typing('r'); // still one late Typing for r
+  c.send('s', 'done typing').catch(() => {}); // s: the message ends it, no late Typing (never answered here)
+  const typing = () => s.frames.filter((f) => f.type === 'Typing').map((f) => f.data.room);
+  await until(() => typing().length === 3, 4000);
+  const late = Date.now() - t0;
+  assert.deepEqual(typing(), ['r', 's', 'r']);
+  assert.ok(late >= 2990 && late < 3400, `late Typing after ${late} ms`);
+  await sleep(300);
+  assert.deepEqual(typing(), ['r', 's', 'r'], 'one late Typing, none for s');
+  c.typing('r'); // within 3 s of the late one: waits again
+  await sleep(50);
+  assert.equal(typing().length, 3);
 });

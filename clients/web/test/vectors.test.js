@@ -4,7 +4,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
-import { ChatError, decode, encode } from '../dist/chatgate.js';
+import { ChatError, compress, decode, encode } from '../dist/chatgate.js';
 
 const DIR = new URL('../../../proto-spec/vectors/', import.meta.url);
 const BIG = '\u0000big:';
@@ -81,10 +81,13 @@ for (const name of index.vectors) {
     if (v.canonical) {
       assert.equal(toHex(encode(type, payload, v.request_id)), v.hex, 'canonical re-encode');
     } else {
-      // Compressed: our own (uncompressed) encoding must decode to the same frame.
-      const again = await decode(encode(type, f.data, f.rid), fromServer);
-      same(again.data, payload, type);
-      assert.equal(again.rid, v.request_id);
+      // Compressed: our own encoding, plain and compressed, must decode to the same frame.
+      const plain = encode(type, f.data, f.rid);
+      for (const b of [plain, await compress(plain)]) {
+        const again = await decode(b, fromServer);
+        same(again.data, payload, type);
+        assert.equal(again.rid, v.request_id);
+      }
     }
     if (v.flattened) {
       assert.equal(f.flat.length, v.flattened.length);
@@ -171,4 +174,53 @@ test('strings round-trip byte for byte, a leading BOM included', async () => {
   const body = '\uFEFFhi \u{1F44B}';
   const b = encode('UserTyping', { room: 'r', user_id: body });
   assert.equal((await decode(b)).data.user_id, body);
+});
+
+test('compress: payloads over 1,024 bytes go out deflated and flagged, only when smaller', async () => {
+  const { inflateRawSync, deflateRawSync } = await import('node:zlib');
+  // Send payload = room (2) + client_msg_id (2) + body (3 + n) + attachments (1) = n + 8 bytes.
+  const send = (n, rid = 7) => encode('Send', { room: 'r', client_msg_id: 'c', body: 'a'.repeat(n), attachments: [] }, rid);
+  const at = send(1016);
+  assert.equal(at.length - 6, 1024);
+  assert.equal(await compress(at), at, 'a payload of exactly 1,024 bytes is left alone');
+  const over = send(1017, 0x01020304);
+  const z = await compress(over);
+  assert.equal(z[1], 1, 'compressed flag');
+  assert.deepEqual([...z.subarray(0, 6)], [5, 1, 4, 3, 2, 1], 'opcode and request id kept');
+  assert.ok(z.length < over.length / 10, `${z.length} bytes`);
+  // Raw DEFLATE, exactly the payload: what the gateway inflates.
+  assert.deepEqual(inflateRawSync(z.subarray(6)), Buffer.from(over.subarray(6)));
+  const back = await decode(z, false);
+  assert.equal(back.rid, 0x01020304);
+  assert.equal(back.data.body, 'a'.repeat(1017));
+
+  // The largest legal Send inflates within the gateway's cap for a Send payload (41,042 bytes).
+  const max = encode('Send', {
+    room: 'r'.repeat(128), client_msg_id: 'c'.repeat(64), body: '\u{1F600}'.repeat(4096),
+    attachments: new Array(10).fill({ url: `https://x.example/${'u'.repeat(2030)}`, name: 'n'.repeat(255), mime: 'm'.repeat(127), size: 2n ** 64n - 1n }),
+  }, 1);
+  assert.ok(max.length - 6 <= 41042, `${max.length - 6} bytes`);
+  const zmax = await compress(max);
+  assert.equal(zmax[1], 1);
+  assert.equal((await decode(zmax, false, 41042 + 6)).data.body, '\u{1F600}'.repeat(4096));
+
+  // Incompressible: deflate would not make it smaller, so it goes as it is.
+  const noise = encode('Batch', { frames: [Uint8Array.from({ length: 3000 }, () => (Math.random() * 256) | 0)] });
+  assert.ok(deflateRawSync(noise.subarray(6)).length >= noise.length - 6);
+  assert.equal(await compress(noise), noise);
+  // Already compressed: left alone.
+  assert.equal(await compress(z), z);
+});
+
+test('compress without CompressionStream sends uncompressed', async () => {
+  const d = Object.getOwnPropertyDescriptor(globalThis, 'CompressionStream');
+  delete globalThis.CompressionStream;
+  try {
+    assert.equal(typeof CompressionStream, 'undefined');
+    const big = encode('Send', { room: 'r', client_msg_id: 'c', body: 'a'.repeat(5000), attachments: [] }, 1);
+    assert.equal(await compress(big), big);
+  } finally {
+    Object.defineProperty(globalThis, 'CompressionStream', d);
+  }
+  assert.equal(typeof CompressionStream, 'function');
 });
