@@ -16,6 +16,9 @@ pub struct Metrics {
     registry: Registry,
     /// Open WebSocket sessions (upgraded, identified or not).
     pub connections: IntGauge,
+    /// `max_connections`: sessions this process admits (from its
+    /// open-files limit and memory unless set), for capacity alerts.
+    pub max_connections: IntGauge,
     /// Sessions accepted since start.
     pub connections_total: IntCounter,
     /// Upgrades refused because the process was at `max_connections`.
@@ -196,6 +199,11 @@ impl Metrics {
         }
         Metrics {
             connections: gauge(r, "connections", "Open WebSocket sessions"),
+            max_connections: gauge(
+                r,
+                "max_connections",
+                "Sessions this process admits (max_connections)",
+            ),
             connections_total: counter(r, "connections_total", "WebSocket sessions accepted"),
             refused_overload: counter(
                 r,

@@ -131,6 +131,9 @@ impl Node {
             .await
             .context("setting up token verification")?;
         let metrics = Arc::new(Metrics::new());
+        metrics
+            .max_connections
+            .set(i64::try_from(config.max_connections).unwrap_or(i64::MAX));
         let codec = codec_for(&config);
         let rooms = Arc::new(Rooms::new(
             store.clone(),
