@@ -31,7 +31,7 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// Give up after this many consecutive failed attempts. Default 20.
     pub max_attempts: u32,
-    /// TLS settings for a `wss://` URL. Default: Mozilla's roots; build
+    /// TLS settings for a `wss://` URL. Default: Mozilla's and the system's roots; build
     /// others (a private CA) with [`chatgate_protocol::tls::client_config`].
     pub tls: Option<Arc<rustls::ClientConfig>>,
 }

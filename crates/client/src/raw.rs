@@ -67,7 +67,7 @@ impl RawConnection {
     }
 
     /// Opens `url`; a `wss://` URL is verified with `tls` (default:
-    /// Mozilla's roots, see [`chatgate_protocol::tls`]). A `ws://` URL
+    /// Mozilla's and the system's roots, see [`chatgate_protocol::tls`]). A `ws://` URL
     /// never uses TLS, and a `wss://` one never goes without.
     pub async fn connect_tls(
         url: &str,

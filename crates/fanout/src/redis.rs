@@ -68,7 +68,7 @@ use crate::{
 pub struct RedisFanoutConfig {
     /// `redis://host:port/db`, or `rediss://` for TLS.
     pub url: String,
-    /// TLS settings for a `rediss://` URL (default: Mozilla's roots).
+    /// TLS settings for a `rediss://` URL (default: Mozilla's and the system's roots).
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Key prefix, so several deployments (or tests) can share a Redis.
     /// Default `chat`.
@@ -334,7 +334,7 @@ fn err(e: impl std::fmt::Display) -> FanoutError {
 }
 
 /// `url` as a client configuration. A `rediss://` URL gets TLS with
-/// `tls` (default: Mozilla's roots, see [`chatgate_protocol::tls`]), and
+/// `tls` (default: Mozilla's and the system's roots, see [`chatgate_protocol::tls`]), and
 /// nothing else: never plaintext.
 pub fn redis_config(
     url: &str,

@@ -125,7 +125,7 @@ pub struct Config {
     /// (its members reload, `chat_fanout_overruns` counts it).
     pub stream_partition_max_bytes: u64,
     /// TLS settings for the backends (Postgres with `sslmode=require`,
-    /// Redis with `rediss://`): Mozilla's roots plus the CA in
+    /// Redis with `rediss://`): Mozilla's and the system's roots plus the CA in
     /// `tls_ca_file` when set. Built (and its file read) at load, so a
     /// bad file stops the start instead of a backend connect.
     pub tls: Option<Arc<rustls::ClientConfig>>,
@@ -384,7 +384,7 @@ pub struct Overrides {
     #[arg(long, env = "CHAT_STREAM_PARTITION_MAX_BYTES")]
     pub stream_partition_max_bytes: Option<u64>,
     /// PEM file of a CA to trust for Postgres and Redis TLS, besides
-    /// Mozilla's roots.
+    /// Mozilla's and the system's roots.
     #[arg(long, env = "CHAT_TLS_CA_FILE")]
     pub tls_ca_file: Option<std::path::PathBuf>,
     /// Share the port with other processes (SO_REUSEPORT).

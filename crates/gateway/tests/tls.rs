@@ -79,7 +79,7 @@ async fn clients_connect_over_wss_and_verify_the_server() {
     .unwrap();
     assert_eq!(got, "over TLS");
 
-    // Mozilla's roots alone do not vouch for the test CA: refused.
+    // Neither Mozilla's nor the system's roots vouch for the test CA: refused.
     let refused = RawConnection::connect_tls(&url, Codec::default(), Some(SUBPROTOCOL), None).await;
     let why = refused.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(

@@ -18,7 +18,7 @@
 //! - [`error_code`]: codes carried in `Error` frames.
 //! - `token` (feature `token`): HS256 access tokens.
 //! - `tls` (feature `tls`): the TLS client settings every component uses
-//!   (rustls on ring, Mozilla's roots plus an operator's CA).
+//!   (rustls on ring, Mozilla's and the system's roots plus an operator's CA).
 //! - `compress`, `wire` (private): capped raw DEFLATE, and serde helpers
 //!   that keep decoding from allocating on a peer's say-so.
 //!

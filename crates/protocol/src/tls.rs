@@ -4,9 +4,10 @@
 //!
 //! One stack for the whole workspace: rustls on *ring* (built with a C
 //! compiler alone). Certificates are verified against Mozilla's roots
-//! (bundled: the runtime image has no CA store) plus, when given, the
-//! operator's own CA (a private PKI, a test CA). Parsing only; callers
-//! read the file.
+//! (bundled: the runtime image has no CA store), the system's roots when
+//! it has a store (a CA an organisation installed there is trusted as by
+//! every other program), and, when given, the operator's own CA (a
+//! private PKI, a test CA). Callers read the operator's file.
 
 use std::sync::Arc;
 
@@ -37,11 +38,15 @@ pub fn provider() -> rustls::crypto::CryptoProvider {
     rustls::crypto::ring::default_provider()
 }
 
-/// Client settings trusting Mozilla's roots and the certificates in
-/// `extra_ca_pem` (PEM, one or more `CERTIFICATE` blocks).
+/// Client settings trusting Mozilla's roots, the system's, and the
+/// certificates in `extra_ca_pem` (PEM, one or more `CERTIFICATE` blocks).
 pub fn client_config(extra_ca_pem: Option<&[u8]>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    // A store that is missing or holds unreadable entries adds what it
+    // can: the bundled roots stand either way.
+    let system = rustls_native_certs::load_native_certs();
+    let _ = roots.add_parsable_certificates(system.certs);
     if let Some(pem) = extra_ca_pem {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
             .collect::<Result<_, _>>()

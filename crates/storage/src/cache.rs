@@ -38,7 +38,7 @@ use crate::{Store, StoreError};
 pub struct CacheConfig {
     /// `redis://host:port/db` URL, or `rediss://` for TLS.
     pub url: String,
-    /// TLS settings for a `rediss://` URL (default: Mozilla's roots).
+    /// TLS settings for a `rediss://` URL (default: Mozilla's and the system's roots).
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Entry lifetime. Default 5 minutes.
     pub ttl: Duration,
@@ -124,7 +124,7 @@ pub struct CachedStore {
 }
 
 /// `url` as a client configuration; `rediss://` gets TLS with `tls`
-/// (default: Mozilla's roots), never plaintext. (The fan-out has the same
+/// (default: Mozilla's and the system's roots), never plaintext. (The fan-out has the same
 /// rule; the crates do not depend on each other.)
 fn redis_config(url: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Config, StoreError> {
     let internal = |e: &dyn std::fmt::Display| StoreError::Internal(e.to_string());

@@ -42,7 +42,7 @@ pub struct PgConfig {
     pub timeout: Duration,
     /// Server-side statement timeout. Default 5 s.
     pub statement_timeout: Duration,
-    /// TLS settings for `sslmode=require` (default: Mozilla's roots; see
+    /// TLS settings for `sslmode=require` (default: Mozilla's and the system's roots; see
     /// [`chatgate_protocol::tls`]).
     pub tls: Option<Arc<rustls::ClientConfig>>,
 }

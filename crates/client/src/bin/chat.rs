@@ -27,7 +27,7 @@ struct Cli {
     /// Access token (`chatgate token --user NAME` prints one).
     #[arg(long, env = "CHAT_TOKEN", hide_env_values = true)]
     token: String,
-    /// PEM file of a CA to trust for `wss://` besides Mozilla's roots (a
+    /// PEM file of a CA to trust for `wss://` besides Mozilla's and the system's roots (a
     /// private CA, a test certificate).
     #[arg(long, env = "CHAT_CA_FILE")]
     ca_file: Option<std::path::PathBuf>,
