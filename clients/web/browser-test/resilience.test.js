@@ -23,6 +23,29 @@ const ownStatuses = (page, room) =>
 /** Index of `want` in `list` at or after `from`; -1 when absent. */
 const after_ = (list, want, from = 0) => list.indexOf(want, from);
 
+/**
+ * A gateway started with `options`, and two pages in a new room named
+ * after `prefix`: `a` (the one that goes away; its states recorded and its
+ * new WebSockets counted in `opened.count`) and `b` (the one that talks).
+ */
+async function awayAndTalker(t, options, prefix) {
+  const g = await startGateway(options);
+  const server = await pageServer(g);
+  t.after(async () => {
+    server.close();
+    await stopGateway(g);
+  });
+  const room = `public:${prefix}-${uniq()}`;
+  const a = await openChat(browser, server.url, `away-${uniq()}`);
+  const b = await openChat(browser, server.url, `talker-${uniq()}`);
+  await joinRoom(a, room);
+  await joinRoom(b, room);
+  await recordStates(a);
+  const opened = { count: 0 };
+  a.on('websocket', () => opened.count++);
+  return { room, a, b, opened };
+}
+
 test('a gateway restart (SIGTERM, PostgreSQL keeps history) while one page keeps sending', { timeout: 90000 }, async (t) => {
   let g = await startGateway({ database: true });
   const server = await pageServer(g); // the same URL after the restart: same port
@@ -96,20 +119,7 @@ test('a gateway restart (SIGTERM, PostgreSQL keeps history) while one page keeps
 // what it missed. The test checks that this path was taken: a second
 // WebSocket, and the states ready → offline → ready.
 test('an offline page resumes and shows exactly the messages it missed', { timeout: 60000 }, async (t) => {
-  const g = await startGateway();
-  const server = await pageServer(g);
-  t.after(async () => {
-    server.close();
-    await stopGateway(g);
-  });
-  const room = `public:offline-${uniq()}`;
-  const a = await openChat(browser, server.url, `away-${uniq()}`);
-  const b = await openChat(browser, server.url, `talker-${uniq()}`);
-  await joinRoom(a, room);
-  await joinRoom(b, room);
-  await recordStates(a);
-  let sockets = 0;
-  a.on('websocket', () => sockets++);
+  const { room, a, b, opened } = await awayAndTalker(t, {}, 'offline');
 
   const tag = `o${uniq()}`;
   await sendText(b, `${tag} before`);
@@ -146,7 +156,7 @@ test('an offline page resumes and shows exactly the messages it missed', { timeo
   const sa = await states(a);
   const off = after_(sa, 'offline');
   assert.ok(off >= 0 && after_(sa, 'ready', off) > off, `ready → offline → ready: ${sa}`);
-  assert.equal(sockets, 1, 'one new WebSocket after the outage (the resume)');
+  assert.equal(opened.count, 1, 'one new WebSocket after the outage (the resume)');
 });
 
 // The same outage, but longer than the gateway's recovery window (1 s
@@ -154,18 +164,7 @@ test('an offline page resumes and shows exactly the messages it missed', { timeo
 // page must load the gap from history. More than one history page (50)
 // was missed, so it pages back until it meets what it already shows.
 test('past the recovery window the page reloads the gap from history, without duplicates', { timeout: 60000 }, async (t) => {
-  const g = await startGateway({ args: ['--recovery-window-secs', '1'] });
-  const server = await pageServer(g);
-  t.after(async () => {
-    server.close();
-    await stopGateway(g);
-  });
-  const room = `public:gap-${uniq()}`;
-  const a = await openChat(browser, server.url, `away-${uniq()}`);
-  const b = await openChat(browser, server.url, `talker-${uniq()}`);
-  await joinRoom(a, room);
-  await joinRoom(b, room);
-  await recordStates(a);
+  const { room, a, b } = await awayAndTalker(t, { args: ['--recovery-window-secs', '1'] }, 'gap');
 
   const tag = `g${uniq()}`;
   await sendText(b, `${tag} before`);
@@ -203,20 +202,7 @@ test('past the recovery window the page reloads the gap from history, without du
 // client gives up the socket its probe found quiet and resumes on a new one
 // (or, should the held frames answer the probe first, keeps it).
 test('offline shows at once and online recovers at once, without waiting for the heartbeat', { timeout: 60000 }, async (t) => {
-  const g = await startGateway({ heartbeat: [20000, 20000] });
-  const server = await pageServer(g);
-  t.after(async () => {
-    server.close();
-    await stopGateway(g);
-  });
-  const room = `public:flaky-${uniq()}`;
-  const a = await openChat(browser, server.url, `away-${uniq()}`);
-  const b = await openChat(browser, server.url, `talker-${uniq()}`);
-  await joinRoom(a, room);
-  await joinRoom(b, room);
-  await recordStates(a);
-  let sockets = 0;
-  a.on('websocket', () => sockets++);
+  const { room, a, b, opened } = await awayAndTalker(t, { heartbeat: [20000, 20000] }, 'flaky');
   const tag = `f${uniq()}`;
   await sendText(b, `${tag} before`);
   await waitForCount(a, room, `${tag} before`, 1);
@@ -248,6 +234,6 @@ test('offline shows at once and online recovers at once, without waiting for the
   const sa = await states(a);
   const off = after_(sa, 'offline');
   assert.ok(off >= 0 && after_(sa, 'ready', off) > off, `ready → offline → ready: ${sa}`);
-  assert.ok(sockets <= 1, `${sockets} new WebSockets`);
-  t.diagnostic(`offline → online: back in ${took} ms, ${sockets} new WebSocket(s), states ${sa.join(' → ')}`);
+  assert.ok(opened.count <= 1, `${opened.count} new WebSockets`);
+  t.diagnostic(`offline → online: back in ${took} ms, ${opened.count} new WebSocket(s), states ${sa.join(' → ')}`);
 });

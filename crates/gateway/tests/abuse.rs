@@ -384,12 +384,6 @@ fn a_client_behind_the_proxy_cannot_evict_others() {
     args.extend(API_ARGS);
     let gw = Gateway::start(&args);
     let api = gw.api.unwrap();
-    let api_metric = |name: &str| {
-        let (_, text) = http_raw(api, "GET", "/metrics", None, "");
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
-            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
-    };
     let upgrade = |client: &str| {
         use std::io::Write;
         let mut s = tcp_from(&gw, "127.0.0.3");
@@ -424,11 +418,11 @@ fn a_client_behind_the_proxy_cannot_evict_others() {
         assert_ne!(status, "HTTP/1.1 101");
     }
     assert_eq!(
-        api_metric("chat_connections_evicted_total"),
+        gw.api_metric("chat_connections_evicted_total"),
         0.0,
         "a client over its cap pushed others out"
     );
-    assert_eq!(api_metric("chat_connections_refused_source_total"), 5.0);
+    assert_eq!(gw.api_metric("chat_connections_refused_source_total"), 5.0);
     let (_, health) = http_raw(api, "GET", "/health", None, "");
     assert!(health.contains("\"pending\":6"), "{health}");
     drop(held);
@@ -680,12 +674,6 @@ async fn a_full_pending_pool_lets_a_real_client_in() {
     // Counters read on the server API's own listener: a probe on the
     // public port would take (or make) room in the pool itself.
     let api = gw.api.unwrap();
-    let api_metric = |name: &str| {
-        let (_, text) = http_raw(api, "GET", "/metrics", None, "");
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
-            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
-    };
     let mut silent = Vec::new();
     for i in 0..16 {
         let from = format!("127.0.0.{}", 10 + i / 2);
@@ -700,12 +688,12 @@ async fn a_full_pending_pool_lets_a_real_client_in() {
         assert!(std::time::Instant::now() < deadline, "{health}");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert_eq!(api_metric("chat_connections_evicted_total"), 0.0);
+    assert_eq!(gw.api_metric("chat_connections_evicted_total"), 0.0);
     let mut real = user(&gw, "real").await;
     assert!(real.alive().await);
-    assert_eq!(api_metric("chat_connections_refused_pending_total"), 0.0);
+    assert_eq!(gw.api_metric("chat_connections_refused_pending_total"), 0.0);
     assert_eq!(
-        api_metric("chat_connections_evicted_total"),
+        gw.api_metric("chat_connections_evicted_total"),
         1.0,
         "one silent socket made room for the real client"
     );

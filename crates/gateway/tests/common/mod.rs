@@ -160,11 +160,14 @@ impl Gateway {
 
     /// Value of one metric line (exact name with labels), 0 if absent.
     pub fn metric(&self, name: &str) -> f64 {
-        let (_, text) = self.get("/metrics");
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-            .map(|v| v.trim().parse().unwrap())
-            .unwrap_or(0.0)
+        metric_in(&self.get("/metrics").1, name)
+    }
+
+    /// A metric read on the server API's listener: a probe on the public
+    /// port would take (or make) room in the pending pool itself.
+    pub fn api_metric(&self, name: &str) -> f64 {
+        let api = self.api.expect("started with API_ARGS");
+        metric_in(&http_raw(api, "GET", "/metrics", None, "").1, name)
     }
 
     /// Polls `/health` until `check` holds (or panics after 20 s).
@@ -276,6 +279,14 @@ impl Drop for Starting {
 
 /// A token that lets `user` join every room (`rooms: ["*"]`): what the
 /// tests of everything but authorization use.
+/// The value of `name` in a Prometheus text page (0 when absent).
+pub fn metric_in(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
 /// One HTTP/1.1 request; returns (status, body as JSON, or as a JSON
 /// string when it is not JSON).
 pub fn http_call(
