@@ -9,7 +9,7 @@
 //! | key | what |
 //! |---|---|
 //! | `{ns}:{p<N>}:events` | delivery stream of partition N, capped by entries and by bytes |
-//! | `{ns}:{p<N>}:bytes` | what the delivery stream's entries hold, in bytes (its fields) |
+//! | `{ns}:{p<N>}:size` | hash: `bytes` the delivery stream's entries hold (their fields), `len` its length as last seen |
 //! | `{ns}:{p<N>}:trimmed` | id of the newest entry trimmed off the delivery stream |
 //! | `{ns}:{p<N>}:room:<room>:epoch` | the room stream's epoch |
 //! | `{ns}:{p<N>}:room:<room>:seq` | last sequence number |
@@ -133,42 +133,58 @@ impl RedisFanoutConfig {
 /// in one go, so a stream at its cap pays for a trim once per ~1.5% of
 /// its size, not once per entry; the entry just added is never trimmed.
 /// Every entry's size is counted the same way when added and when
-/// trimmed (the lengths of its field names and values), so the count
-/// neither drifts up (which would trim entries nobody needs trimmed)
-/// nor down.
+/// trimmed (the lengths of its field names and values), and the stream's
+/// length is kept beside it: entries added or removed by something else
+/// (a node of an earlier version in a rolling upgrade, an operator's
+/// XTRIM) show as a length that differs, and are counted at the average
+/// entry size (exact again once they are trimmed or the stream empties).
+/// No scan of the stream ever: every call costs the same.
 const PARTITION_APPEND: &str = r#"
-local function partition_append(stream, sizekey, trimmedkey, maxlen, maxbytes, fields)
-  local id = redis.call('XADD', stream, '*', unpack(fields))
+local function entry_size(fields)
   local size = 0
   for i = 1, #fields do size = size + #fields[i] end
-  local bytes = redis.call('INCRBY', sizekey, size)
+  return size
+end
+local function partition_append(stream, sizekey, trimmedkey, maxlen, maxbytes, fields)
+  local id = redis.call('XADD', stream, '*', unpack(fields))
+  local size = entry_size(fields)
   local len = redis.call('XLEN', stream)
-  if bytes <= maxbytes and len <= maxlen then return id end
-  local lowbytes = maxbytes - math.floor(maxbytes / 64)
-  local lowlen = maxlen - math.floor(maxlen / 64)
-  local trimmed
-  local done = false
-  while not done and (bytes > lowbytes or len > lowlen) do
-    local batch = redis.call('XRANGE', stream, '-', '+', 'COUNT', 64)
-    local ids = {}
-    for _, e in ipairs(batch) do
-      if e[1] == id or (bytes <= lowbytes and len <= lowlen) then
-        done = true
-        break
-      end
-      local s = 0
-      for _, v in ipairs(e[2]) do s = s + #v end
-      bytes = bytes - s
-      len = len - 1
-      ids[#ids + 1] = e[1]
-    end
-    if #ids == 0 then break end
-    redis.call('XDEL', stream, unpack(ids))
-    trimmed = ids[#ids]
+  local kept = redis.call('HMGET', sizekey, 'bytes', 'len')
+  local bytes = (tonumber(kept[1]) or 0) + size
+  local known = (tonumber(kept[2]) or 0) + 1
+  if len == 1 then
+    bytes = size
+  elseif len ~= known then
+    -- Entries added or removed by something else (a node of an earlier
+    -- version, an operator's XTRIM): counted at the average size kept.
+    local average = (known > 1) and ((bytes - size) / (known - 1)) or size
+    bytes = math.max(size, math.floor(bytes + (len - known) * average))
   end
-  if bytes < 0 then bytes = 0 end
-  redis.call('SET', sizekey, bytes)
-  if trimmed then redis.call('SET', trimmedkey, trimmed) end
+  if bytes > maxbytes or len > maxlen then
+    local lowbytes = maxbytes - math.floor(maxbytes / 64)
+    local lowlen = maxlen - math.floor(maxlen / 64)
+    local trimmed
+    local done = false
+    while not done and (bytes > lowbytes or len > lowlen) do
+      local batch = redis.call('XRANGE', stream, '-', '+', 'COUNT', 64)
+      local ids = {}
+      for _, e in ipairs(batch) do
+        if e[1] == id or (bytes <= lowbytes and len <= lowlen) then
+          done = true
+          break
+        end
+        bytes = bytes - entry_size(e[2])
+        len = len - 1
+        ids[#ids + 1] = e[1]
+      end
+      if #ids == 0 then break end
+      redis.call('XDEL', stream, unpack(ids))
+      trimmed = ids[#ids]
+    end
+    if len == 1 or bytes < size then bytes = size end
+    if trimmed then redis.call('SET', trimmedkey, trimmed) end
+  end
+  redis.call('HSET', sizekey, 'bytes', bytes, 'len', len)
   return id
 end
 "#;
@@ -340,13 +356,13 @@ pub fn redis_config(
     url: &str,
     tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<Config, FanoutError> {
-    let Some(rest) = url.strip_prefix("rediss") else {
-        return Config::from_url(url).map_err(err);
-    };
-    // Parsed as plain `redis`, then given this workspace's TLS settings
-    // (fred's own default would read the host's CA store, which slim
-    // images lack).
-    let mut config = Config::from_url(&format!("redis{rest}")).map_err(err)?;
+    let (wants_tls, plain) = chatgate_protocol::tls::redis_url(url).map_err(err)?;
+    let mut config = Config::from_url(&plain).map_err(err)?;
+    if !wants_tls {
+        return Ok(config);
+    }
+    // This workspace's TLS settings, not fred's default (which reads the
+    // host's CA store only, and slim images lack one).
     let tls = match tls {
         Some(tls) => tls.clone(),
         None => chatgate_protocol::tls::client_config(None).map_err(err)?,
@@ -472,7 +488,7 @@ impl RedisStreamsFanout {
         let ns = &self.config.namespace;
         [
             partition_key(ns, p),
-            partition_side_key(ns, p, "bytes"),
+            partition_side_key(ns, p, "size"),
             partition_side_key(ns, p, "trimmed"),
         ]
     }

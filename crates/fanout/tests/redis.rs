@@ -489,7 +489,7 @@ async fn stream_contents(client: &fred::prelude::Client, key: &str) -> (Vec<Stri
 /// needs, one that drifted down would let the stream grow.
 #[tokio::test]
 async fn delivery_streams_are_bounded_by_bytes_and_count_exactly() {
-    use fred::prelude::KeysInterface;
+    use fred::prelude::HashesInterface;
     let ns = format!("t{:x}", rand::rng().random::<u64>());
     let rec = Arc::new(Recorder::default());
     let mut config = RedisFanoutConfig::new(redis_url(), "a");
@@ -501,7 +501,7 @@ async fn delivery_streams_are_bounded_by_bytes_and_count_exactly() {
         .await
         .unwrap();
     let stream = format!("{ns}:{{p0}}:events");
-    let size_key = format!("{ns}:{{p0}}:bytes");
+    let size_key = format!("{ns}:{{p0}}:size");
     let mut last = None;
     for i in 0..40 {
         let room = format!("big-{}", i % 4);
@@ -516,7 +516,7 @@ async fn delivery_streams_are_bounded_by_bytes_and_count_exactly() {
         a.control(&room, Bytes::from_static(b"ctl")).await.unwrap();
     }
     let (ids, bytes) = stream_contents(a.client(), &stream).await;
-    let kept: u64 = a.client().get(&size_key).await.unwrap();
+    let kept: u64 = a.client().hget(&size_key, "bytes").await.unwrap();
     assert_eq!(kept, bytes, "the kept size is what the stream holds");
     assert!(bytes <= 200_000, "{bytes} bytes over the cap");
     assert!(bytes > 150_000, "trimmed far below the cap: {bytes}");
@@ -545,7 +545,7 @@ async fn delivery_streams_are_bounded_by_bytes_and_count_exactly() {
             .unwrap();
     }
     let (ids, bytes) = stream_contents(a.client(), &stream).await;
-    let kept: u64 = a.client().get(&size_key).await.unwrap();
+    let kept: u64 = a.client().hget(&size_key, "bytes").await.unwrap();
     assert_eq!(kept, bytes);
     assert!(ids.len() <= 1_000, "{} entries over the cap", ids.len());
     assert!(ids.len() > 900, "{}", ids.len());
@@ -581,4 +581,79 @@ async fn a_stream_trimmed_past_what_a_node_read_is_counted() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("no overrun counted");
+}
+
+/// Entries added or removed by something else (a node of an earlier
+/// version in a rolling upgrade, an operator's XTRIM or DEL) are noticed
+/// by the stream's length and counted at the average size, so the byte
+/// cap keeps holding roughly and the stream is never emptied for a wrong
+/// count; once the stream empties the count is exact again.
+#[tokio::test]
+async fn entries_added_or_removed_behind_the_count_are_accounted_for() {
+    use fred::prelude::{HashesInterface, KeysInterface, StreamsInterface};
+    use fred::types::Value;
+    let ns = format!("t{:x}", rand::rng().random::<u64>());
+    let mut config = RedisFanoutConfig::new(redis_url(), "a");
+    config.namespace = ns.clone();
+    config.partitions = 1;
+    config.partition_maxlen = 100_000;
+    config.partition_max_bytes = 200_000;
+    let a = RedisStreamsFanout::connect(config, Codec::default(), Arc::new(Recorder::default()))
+        .await
+        .unwrap();
+    let stream = format!("{ns}:{{p0}}:events");
+    let size_key = format!("{ns}:{{p0}}:size");
+    let kept = async || -> u64 { a.client().hget(&size_key, "bytes").await.unwrap() };
+    for i in 0..150 {
+        a.control("r", Bytes::from(noise(i, 1_000))).await.unwrap();
+    }
+    // Trimmed behind the count's back (an operator's XTRIM).
+    let _: Value = a
+        .client()
+        .xtrim(&stream, ("MAXLEN", "=", 20_i64))
+        .await
+        .unwrap();
+    for i in 0..100 {
+        a.control("r", Bytes::from(noise(1_000 + i, 1_000)))
+            .await
+            .unwrap();
+    }
+    let (ids, bytes) = stream_contents(a.client(), &stream).await;
+    assert_eq!(ids.len(), 120, "nothing trimmed for a count that was wrong");
+    assert_eq!(kept().await, bytes);
+
+    // Entries added uncounted (an earlier version's XADD): counted at
+    // the average size, the cap holds.
+    for i in 0..200 {
+        let _: Value = a
+            .client()
+            .xadd(
+                &stream,
+                false,
+                None,
+                "*",
+                vec![("x", noise(2_000 + i, 1_000))],
+            )
+            .await
+            .unwrap();
+    }
+    for i in 0..100 {
+        a.control("r", Bytes::from(noise(3_000 + i, 1_000)))
+            .await
+            .unwrap();
+    }
+    let (ids, bytes) = stream_contents(a.client(), &stream).await;
+    let k = kept().await;
+    assert!(
+        bytes <= 205_000,
+        "{bytes} bytes over the cap ({} entries)",
+        ids.len()
+    );
+    assert!(k.abs_diff(bytes) < 5_000, "kept {k}, holds {bytes}");
+
+    // The stream deleted, the count left: the next entry sets it right.
+    let _: i64 = a.client().del(&stream).await.unwrap();
+    a.control("r", Bytes::from_static(b"x")).await.unwrap();
+    let (ids, bytes) = stream_contents(a.client(), &stream).await;
+    assert_eq!((ids.len(), kept().await), (1, bytes));
 }

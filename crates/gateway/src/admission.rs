@@ -17,10 +17,13 @@
 //!   new sockets per second (`new_connections_per_ip`). IPv6 addresses
 //!   count by /64, what one host usually holds. Behind a proxy listed in
 //!   `trusted_proxies`, the address is the one the proxy appends to
-//!   `X-Forwarded-For`, read from the first request's head *before* the
-//!   socket is admitted, so a client over its caps behind the proxy is
-//!   refused without evicting anyone; the header from anyone else is
-//!   ignored.
+//!   `X-Forwarded-For`, read from the first request's complete head
+//!   *before* the socket is admitted (at most [`MAX_PEEKS`] at a time, for
+//!   [`PEEK_WAIT`] each; beyond, or without a complete head, the upgrade
+//!   attributes it), so a client over its caps behind the proxy is
+//!   refused without evicting anyone. An upgrade naming another client
+//!   than the socket's first request (a proxy reusing its connection)
+//!   moves the count to it. The header from anyone else is ignored.
 //!
 //! When the pending pool is full, the **oldest** unidentified socket is
 //! closed to make room (4004 if it was upgraded): a real client upgrades
@@ -37,6 +40,13 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+/// Trusted proxies' requests read ahead at once, and for how long at
+/// most: a silent socket from a trusted address must not hold descriptors
+/// the door cannot take back.
+pub const MAX_PEEKS: usize = 64;
+/// See [`MAX_PEEKS`].
+pub const PEEK_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a new socket waits for the pending slot an eviction frees.
 const EVICTION_WAIT: Duration = Duration::from_millis(500);
@@ -194,6 +204,10 @@ pub struct Door {
     connections_per_ip: u32,
     new_per_ip: u32,
     trusted: Vec<Cidr>,
+    /// Sockets from trusted proxies whose first request is being read
+    /// ahead (they hold a descriptor permit and nothing the door can
+    /// evict, so only a few at a time).
+    peeks: Arc<Semaphore>,
 }
 
 impl Door {
@@ -211,6 +225,7 @@ impl Door {
             connections_per_ip: config.max_connections_per_ip,
             new_per_ip: config.new_connections_per_ip,
             trusted: config.trusted_proxies.clone(),
+            peeks: Arc::new(Semaphore::new(MAX_PEEKS)),
         })
     }
 
@@ -303,6 +318,13 @@ impl Door {
         !(over_pending || over_open || over_rate)
     }
 
+    /// A permit to read ahead a trusted proxy's request, if fewer than
+    /// [`MAX_PEEKS`] are under way; without one, the socket is admitted
+    /// uncounted and attributed at its upgrade.
+    pub fn peek_permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.peeks.clone().try_acquire_owned().ok()
+    }
+
     /// Whether `peer` is a proxy whose `X-Forwarded-For` is believed.
     pub fn is_trusted(&self, peer: IpAddr) -> bool {
         self.trusted.iter().any(|c| c.contains(peer))
@@ -370,14 +392,36 @@ impl Ticket {
         Eviction(self.slot.clone())
     }
 
-    /// Counts this socket against `client` (for a socket from a trusted
-    /// proxy whose first request did not name one). Does nothing when the
-    /// socket is already counted.
+    /// Counts this socket against `client`, the one its upgrade names
+    /// behind a trusted proxy. A socket counted for another client (a
+    /// proxy reusing its connection for several clients' requests) moves
+    /// to this one; the same client is counted once.
     pub fn attribute(&mut self, client: IpAddr) -> Result<(), Refusal> {
-        if self.source.is_some() {
-            return Ok(());
+        match self.source {
+            Some(key) if key == SourceKey::of(client) => Ok(()),
+            Some(_) => {
+                self.release();
+                self.count(client)
+            }
+            None => self.count(client),
         }
-        self.count(client)
+    }
+
+    /// Gives back what this socket counts against its address.
+    fn release(&mut self) {
+        let Some(key) = self.source.take() else {
+            return;
+        };
+        let mut sources = self.door.sources.lock();
+        if let Some(s) = sources.get_mut(&key) {
+            s.open = s.open.saturating_sub(1);
+            if self.pending.is_some() {
+                s.pending = s.pending.saturating_sub(1);
+            }
+            if s.open == 0 && self.door.new_per_ip == 0 {
+                sources.remove(&key);
+            }
+        }
     }
 
     fn count(&mut self, ip: IpAddr) -> Result<(), Refusal> {
@@ -429,17 +473,7 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         self.slot.done.store(true, Ordering::Relaxed);
-        let Some(key) = self.source else { return };
-        let mut sources = self.door.sources.lock();
-        if let Some(s) = sources.get_mut(&key) {
-            s.open = s.open.saturating_sub(1);
-            if self.pending.is_some() {
-                s.pending = s.pending.saturating_sub(1);
-            }
-            if s.open == 0 && self.door.new_per_ip == 0 {
-                sources.remove(&key);
-            }
-        }
+        self.release();
     }
 }
 
@@ -647,5 +681,29 @@ mod tests {
                 "a refused client evicted someone"
             );
         }
+    }
+
+    /// A proxy may carry several clients' requests on one connection: the
+    /// upgrade's client is the one counted, not the first request's.
+    #[tokio::test]
+    async fn an_upgrade_moves_the_count_to_the_client_it_names() {
+        let d = door(Config {
+            max_connections_per_ip: 1,
+            trusted_proxies: vec![Cidr::parse("10.0.0.1/32").unwrap()],
+            ..Config::default()
+        });
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let second: IpAddr = "192.0.2.60".parse().unwrap();
+        let mut reused = d.admit(permit(&d), proxy, &["192.0.2.50"]).await.unwrap();
+        reused.attribute(second).unwrap();
+        // The first client holds nothing now; the second holds its one.
+        assert!(d.admit(permit(&d), proxy, &["192.0.2.50"]).await.is_ok());
+        assert_eq!(
+            d.admit(permit(&d), proxy, &["192.0.2.60"]).await.err(),
+            Some(Refusal::Source)
+        );
+        reused.attribute(second).unwrap();
+        drop(reused);
+        assert!(d.admit(permit(&d), proxy, &["192.0.2.60"]).await.is_ok());
     }
 }

@@ -684,6 +684,9 @@ impl Config {
         if let Some(url) = &self.database_url {
             chatgate_storage::pg::check_url_tls(url)?;
         }
+        if let Some(url) = &self.redis_url {
+            chatgate_protocol::tls::redis_url(url)?;
+        }
         if !self.listen.ip().is_loopback() {
             let weak = self.auth.weak_secrets();
             if weak.contains(&1) {

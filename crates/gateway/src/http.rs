@@ -75,7 +75,10 @@ pub async fn route(
         (&Method::GET, "/livez") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => ready_response(&node, *shutdown.borrow()),
         (&Method::GET, "/metrics") => metrics_response(&node),
-        (&Method::GET, "/dev/token") => page::dev_token(&node, req.uri().query()),
+        (&Method::GET, "/dev/token") => {
+            let forwarded = req.headers().contains_key("x-forwarded-for");
+            page::dev_token(&node, req.uri().query(), forwarded)
+        }
         (&Method::GET, path) => {
             page::asset(path).unwrap_or_else(|| text(StatusCode::NOT_FOUND, "not found\n"))
         }
@@ -168,8 +171,9 @@ fn upgrade(
     if ticket.eviction().is_evicted() {
         return closing(unavailable("made room for a newer connection\n"));
     }
-    // Behind a trusted proxy whose first request on this socket named no
-    // client (or another one), count the one this upgrade names.
+    // Behind a trusted proxy, the client this upgrade names is counted (a
+    // proxy may have carried another client's request on this socket
+    // first: the count moves to this one).
     let forwarded: Vec<&str> = h
         .get_all("x-forwarded-for")
         .iter()
@@ -309,31 +313,37 @@ const PEEK_HEAD_BYTES: usize = 8 * 1024;
 /// The `X-Forwarded-For` values of the first request on `stream`, read
 /// ahead without consuming it (hyper reads the request afterwards). For
 /// sockets from a trusted proxy, so the door can count the client before
-/// admitting the socket. Gives up (empty) at `wait`, at a head longer
-/// than 8 KiB, or when the peer closes: the request is then parsed, and
-/// refused, as usual.
+/// admitting the socket. Only a complete head counts: at `wait`, at a
+/// head longer than 8 KiB, or when the peer closes, the answer is empty
+/// (a line cut off at the buffer's end could name another address) and
+/// the upgrade attributes the socket instead.
 pub async fn peek_forwarded_for(stream: &tokio::net::TcpStream, wait: Duration) -> Vec<String> {
     let mut buf = vec![0u8; PEEK_HEAD_BYTES];
     let read_ahead = async {
         let mut seen = 0;
         loop {
             let n = match stream.peek(&mut buf).await {
-                Ok(0) | Err(_) => return 0,
+                Ok(0) | Err(_) => return None,
                 Ok(n) => n,
             };
-            if n == buf.len() || buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                return n;
+            if let Some(end) = buf[..n].windows(4).position(|w| w == b"\r\n\r\n") {
+                return Some(end + 4);
+            }
+            if n == buf.len() {
+                return None;
             }
             if n == seen {
                 // Part of a head: peeking again returns the same bytes at
                 // once, so wait a little for the rest.
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             seen = n;
         }
     };
-    let n = tokio::time::timeout(wait, read_ahead).await.unwrap_or(0);
-    forwarded_for_of(&buf[..n])
+    match tokio::time::timeout(wait, read_ahead).await {
+        Ok(Some(head)) => forwarded_for_of(&buf[..head]),
+        _ => Vec::new(),
+    }
 }
 
 /// `X-Forwarded-For` header values of a request head, in order.
@@ -354,6 +364,39 @@ fn forwarded_for_of(head: &[u8]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a complete head names a client: one cut off at the buffer's
+    /// end (a padded request line pushing the header to the boundary)
+    /// could name a prefix of the real address.
+    #[tokio::test]
+    async fn an_incomplete_head_names_nobody() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peek = |head: Vec<u8>| {
+            let listener = &listener;
+            async move {
+                let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+                client.write_all(&head).await.unwrap();
+                let (server, _) = listener.accept().await.unwrap();
+                let got = peek_forwarded_for(&server, Duration::from_millis(300)).await;
+                drop(client);
+                got
+            }
+        };
+        let whole = b"GET /ws HTTP/1.1\r\nX-Forwarded-For: 192.0.2.123\r\n\r\n".to_vec();
+        assert_eq!(peek(whole).await, ["192.0.2.123"]);
+        // The header line cut at the 8 KiB boundary after "192.0.2.12".
+        let mut cut = b"GET /ws?".to_vec();
+        let line = b"\r\nX-Forwarded-For: 192.0.2.12";
+        cut.resize(PEEK_HEAD_BYTES - line.len(), b'p');
+        cut.extend_from_slice(line);
+        cut.extend_from_slice(b"3\r\n\r\n");
+        assert!(peek(cut).await.is_empty());
+        // No end of head within the wait.
+        let open = b"GET /ws HTTP/1.1\r\nX-Forwarded-For: 192.0.2.1\r\n".to_vec();
+        assert!(peek(open).await.is_empty());
+    }
 
     #[test]
     fn forwarded_for_is_read_from_the_head_only() {

@@ -69,16 +69,21 @@ pub fn asset(path: &str) -> Option<Response<Body>> {
     Some(r)
 }
 
-/// Whether this gateway hands out development tokens.
+/// Whether this gateway hands out development tokens: the development
+/// secret on a loopback listener with no proxy in front (a proxy on the
+/// same host would hand them to everyone it serves).
 pub fn dev_tokens_enabled(node: &Node) -> bool {
-    node.config.token_secret == DEV_SECRET && node.config.listen.ip().is_loopback()
+    node.config.token_secret == DEV_SECRET
+        && node.config.listen.ip().is_loopback()
+        && node.config.trusted_proxies.is_empty()
 }
 
 /// `GET /dev/token?name=N`: a token for user `N` named `N`, as JSON
-/// `{"token": ..., "user": ...}`. 404 unless [`dev_tokens_enabled`]; 400
-/// for a missing, blank, too long or hidden-character name.
-pub fn dev_token(node: &Node, query: Option<&str>) -> Response<Body> {
-    if !dev_tokens_enabled(node) {
+/// `{"token": ..., "user": ...}`. 404 unless [`dev_tokens_enabled`] and
+/// the request came straight from the browser (no `X-Forwarded-For`);
+/// 400 for a missing, blank, too long or hidden-character name.
+pub fn dev_token(node: &Node, query: Option<&str>, forwarded: bool) -> Response<Body> {
+    if !dev_tokens_enabled(node) || forwarded {
         return json(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#.into());
     }
     let name = form_urlencoded::parse(query.unwrap_or("").as_bytes())
@@ -120,9 +125,14 @@ fn check_name(name: &str) -> Result<(), &'static str> {
 fn json(status: StatusCode, body: String) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut().insert(
+    let h = r.headers_mut();
+    h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
     );
     r
 }

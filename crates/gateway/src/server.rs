@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admission::PEEK_WAIT;
 use crate::config::Config;
 use crate::http;
 use crate::node::Node;
@@ -187,10 +188,17 @@ impl Server {
                 // Behind a trusted proxy the client is named in the
                 // request: read it ahead, so the door counts the client
                 // (not the proxy) before anyone is evicted for it.
-                let forwarded = if node.door.is_trusted(peer.ip()) {
-                    http::peek_forwarded_for(&stream, node.config.connect_timeout).await
-                } else {
-                    Vec::new()
+                let peek = node
+                    .door
+                    .is_trusted(peer.ip())
+                    .then(|| node.door.peek_permit())
+                    .flatten();
+                let forwarded = match peek {
+                    Some(_permit) => {
+                        let wait = PEEK_WAIT.min(node.config.connect_timeout);
+                        http::peek_forwarded_for(&stream, wait).await
+                    }
+                    None => Vec::new(),
                 };
                 let forwarded: Vec<&str> = forwarded.iter().map(String::as_str).collect();
                 let ticket = match node.door.admit(permit, peer.ip(), &forwarded).await {

@@ -1108,6 +1108,15 @@ async fn the_chat_page_is_served_and_signs_in_with_development_tokens_only_local
     let long = "x".repeat(33);
     assert_eq!(gw.get(&format!("/dev/token?name={long}")).0, 400);
 
+    // Not through a proxy (it would hand tokens to everyone it serves).
+    let (status, _) = http_raw_with(
+        gw.addr,
+        "GET /dev/token?name=ada HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 198.51.100.7\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 404);
+    let proxied = Gateway::start(&["--trusted-proxy", "127.0.0.2"]);
+    assert_eq!(proxied.get("/dev/token?name=ada").0, 404);
+
     // With a real secret nobody can sign in through the page's shortcut.
     let secret = "a-real-secret-of-more-than-32-bytes-0123456789";
     let real = Gateway::start(&["--token-secret", secret]);

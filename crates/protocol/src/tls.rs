@@ -66,9 +66,79 @@ pub fn client_config(extra_ca_pem: Option<&[u8]>) -> Result<Arc<rustls::ClientCo
     Ok(Arc::new(config))
 }
 
+/// Whether a Redis URL asks for TLS, and the URL with the scheme's plain
+/// equivalent (for a parser that is then given TLS settings explicitly).
+/// Schemes are matched without regard to case; a scheme that is not a
+/// known Redis or Valkey one is refused rather than guessed at (a client
+/// library may take an unknown scheme for plain TCP, as it did
+/// `redis+tls://`).
+pub fn redis_url(url: &str) -> Result<(bool, String), TlsError> {
+    let url = url.trim();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(TlsError::Settings(format!("not a Redis URL: {url:?}")));
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    let (family, kind) = match scheme.split_once(['-', '+']) {
+        Some((family, _)) => (family, &scheme[family.len()..]),
+        None => (scheme.as_str(), ""),
+    };
+    let tls = match family {
+        "redis" | "valkey" => false,
+        "rediss" | "valkeys" => true,
+        _ => {
+            return Err(TlsError::Settings(format!(
+                "unknown Redis URL scheme {scheme:?}"
+            )));
+        }
+    };
+    let known = match kind {
+        "" | "-cluster" | "-sentinel" => true,
+        "+unix" => !tls,
+        _ => false,
+    };
+    if !known {
+        return Err(TlsError::Settings(format!(
+            "unknown Redis URL scheme {scheme:?}"
+        )));
+    }
+    Ok((tls, format!("redis{kind}://{rest}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_urls_that_ask_for_tls_are_known_whatever_their_case() {
+        let tls = redis_url;
+        assert_eq!(
+            tls("redis://h:1/0").unwrap(),
+            (false, "redis://h:1/0".into())
+        );
+        assert_eq!(tls("REDISS://h:1").unwrap(), (true, "redis://h:1".into()));
+        assert_eq!(tls("valkeys://h").unwrap(), (true, "redis://h".into()));
+        assert_eq!(
+            tls("rediss-cluster://h?node=x:1").unwrap(),
+            (true, "redis-cluster://h?node=x:1".into())
+        );
+        assert_eq!(
+            tls(" Rediss-Sentinel://h").unwrap(),
+            (true, "redis-sentinel://h".into())
+        );
+        assert_eq!(
+            tls("redis+unix:///s").unwrap(),
+            (false, "redis+unix:///s".into())
+        );
+        for bad in [
+            "redis+tls://h",
+            "rediss+unix:///s",
+            "tls://h",
+            "h:6379",
+            "redis-tls://h",
+        ] {
+            assert!(redis_url(bad).is_err(), "{bad} accepted");
+        }
+    }
 
     #[test]
     fn a_ca_that_is_not_pem_is_refused() {

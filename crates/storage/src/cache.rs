@@ -128,10 +128,11 @@ pub struct CachedStore {
 /// rule; the crates do not depend on each other.)
 fn redis_config(url: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Config, StoreError> {
     let internal = |e: &dyn std::fmt::Display| StoreError::Internal(e.to_string());
-    let Some(rest) = url.strip_prefix("rediss") else {
-        return Config::from_url(url).map_err(|e| internal(&e));
-    };
-    let mut config = Config::from_url(&format!("redis{rest}")).map_err(|e| internal(&e))?;
+    let (wants_tls, plain) = chatgate_protocol::tls::redis_url(url).map_err(|e| internal(&e))?;
+    let mut config = Config::from_url(&plain).map_err(|e| internal(&e))?;
+    if !wants_tls {
+        return Ok(config);
+    }
     let tls = match tls {
         Some(tls) => tls.clone(),
         None => chatgate_protocol::tls::client_config(None).map_err(|e| internal(&e))?,

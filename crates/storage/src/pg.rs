@@ -60,42 +60,106 @@ impl PgConfig {
     }
 }
 
-/// The URL with `sslmode=verify-full` or `verify-ca` read as `require`
-/// (tokio-postgres knows only disable/prefer/require; with rustls,
-/// `require` verifies the chain and the host name: `verify-full`), and
-/// an explicit `sslmode=prefer` refused: it would fall back to plaintext
-/// where TLS fails, and a URL that asks for TLS must get it or fail.
+/// The connection string with `sslmode=verify-full` or `verify-ca` read
+/// as `require` (tokio-postgres knows only disable/prefer/require; with
+/// rustls, `require` verifies the chain and the host name: `verify-full`),
+/// after [`check_url_tls`].
 fn tls_url(url: &str) -> Result<String, StoreError> {
     check_url_tls(url)?;
-    Ok(rewrite_tls(url))
+    let rewrite = |v: &str| match v {
+        "verify-full" | "verify-ca" => "require".to_owned(),
+        other => other.to_owned(),
+    };
+    Ok(map_sslmode(url, rewrite))
 }
 
-/// Refuses a database URL whose TLS mode could fall back to plaintext
-/// (`sslmode=prefer`), so configuration checks can stop a start early.
+/// Refuses a connection string (URL or `key=value` form) whose TLS mode
+/// could fall back to plaintext (`prefer`, `allow`) or is given more than
+/// once (the last would win, silently), then parses it, so configuration
+/// checks stop a start at once rather than retry a typo forever.
 pub fn check_url_tls(url: &str) -> Result<(), StoreError> {
-    let query = url.split_once('?').map_or("", |(_, q)| q);
-    if query.split('&').any(|p| p == "sslmode=prefer") {
-        return Err(StoreError::Internal(
-            "sslmode=prefer may fall back to plaintext: use sslmode=require \
-             (TLS, certificate verified) or sslmode=disable"
-                .into(),
+    let mut modes = Vec::new();
+    map_sslmode(url, |v| {
+        modes.push(v.to_owned());
+        v.to_owned()
+    });
+    let refuse = |why: String| Err(StoreError::Internal(why));
+    if modes.len() > 1 {
+        return refuse(format!(
+            "sslmode is given {} times: give it once",
+            modes.len()
         ));
     }
-    Ok(())
+    if let Some(mode) = modes.first()
+        && matches!(mode.as_str(), "prefer" | "allow")
+    {
+        return refuse(format!(
+            "sslmode={mode} may fall back to plaintext: use sslmode=require \
+             (TLS, certificate verified) or sslmode=disable"
+        ));
+    }
+    let rewritten = map_sslmode(url, |v| match v {
+        "verify-full" | "verify-ca" => "require".to_owned(),
+        other => other.to_owned(),
+    });
+    rewritten
+        .parse::<tokio_postgres::Config>()
+        .map(|_| ())
+        .map_err(|e| StoreError::Internal(format!("database URL: {e}")))
 }
 
-fn rewrite_tls(url: &str) -> String {
-    let Some((base, query)) = url.split_once('?') else {
-        return url.to_owned();
-    };
-    let params: Vec<&str> = query
-        .split('&')
-        .map(|p| match p {
-            "sslmode=verify-full" | "sslmode=verify-ca" => "sslmode=require",
-            other => other,
-        })
-        .collect();
-    format!("{base}?{}", params.join("&"))
+/// `url` with every `sslmode` value (percent-decoded in a URL, unquoted in
+/// the `key=value` form) passed through `f`.
+fn map_sslmode(url: &str, mut f: impl FnMut(&str) -> String) -> String {
+    let lower = url.trim_start().to_ascii_lowercase();
+    if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+        let Some((base, query)) = url.split_once('?') else {
+            return url.to_owned();
+        };
+        let params: Vec<String> = query
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, v)) if percent_decode(k) == "sslmode" => {
+                    format!("sslmode={}", f(&percent_decode(v)))
+                }
+                _ => p.to_owned(),
+            })
+            .collect();
+        format!("{base}?{}", params.join("&"))
+    } else {
+        url.split_whitespace()
+            .map(|t| match t.split_once('=') {
+                Some(("sslmode", v)) => format!("sslmode={}", f(v.trim_matches('\''))),
+                _ => t.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// `%XX` decoded (invalid escapes kept as they are).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied(),
+            bytes.get(i + 2).copied(),
+        ) {
+            (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The Postgres [`Store`].
@@ -849,17 +913,32 @@ mod tests {
     fn tls_modes_that_verify_are_required_and_prefer_is_refused() {
         assert_eq!(tls_url("postgres://h/db").unwrap(), "postgres://h/db");
         assert_eq!(
-            tls_url("postgres://h/db?sslmode=verify-full&x=1").unwrap(),
-            "postgres://h/db?sslmode=require&x=1"
+            tls_url("postgres://h/db?sslmode=verify-full&application_name=x").unwrap(),
+            "postgres://h/db?sslmode=require&application_name=x"
         );
         assert_eq!(
-            tls_url("postgres://h/db?a=b&sslmode=verify-ca").unwrap(),
-            "postgres://h/db?a=b&sslmode=require"
+            tls_url("postgres://h/db?connect_timeout=3&sslmode=verify-ca").unwrap(),
+            "postgres://h/db?connect_timeout=3&sslmode=require"
         );
-        assert!(tls_url("postgres://h/db?sslmode=prefer").is_err());
+        assert_eq!(
+            tls_url("host=h sslmode=verify-full dbname=x").unwrap(),
+            "host=h sslmode=require dbname=x"
+        );
         assert_eq!(
             tls_url("postgres://h/db?sslmode=disable").unwrap(),
             "postgres://h/db?sslmode=disable"
         );
+        for bad in [
+            "postgres://h/db?sslmode=prefer",
+            "postgres://h/db?sslmode=pr%65fer",
+            "postgres://h/db?ssl%6dode=prefer",
+            "postgres://h/db?sslmode=require&sslmode=disable",
+            "host=h sslmode=prefer",
+            "host=h sslmode='allow'",
+            "postgres://h/db?sslmode=bogus",
+            "not a url at all = =",
+        ] {
+            assert!(tls_url(bad).is_err(), "{bad} accepted");
+        }
     }
 }

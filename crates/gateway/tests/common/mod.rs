@@ -301,6 +301,22 @@ pub fn http_call(
     (status, json)
 }
 
+/// A request written as given (`request`: head and body) on its own
+/// connection; returns (status, body).
+pub fn http_raw_with(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
 /// One HTTP/1.1 request on its own connection; returns (status, body).
 pub fn http_raw(
     addr: SocketAddr,
