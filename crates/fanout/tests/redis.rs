@@ -75,7 +75,12 @@ fn seqs(rec: &Recorder, room: &str) -> Vec<u64> {
 }
 
 async fn wait_for(what: &str, check: impl Fn() -> bool) {
-    for _ in 0..500 {
+    wait_for_within(what, Duration::from_secs(5), check).await
+}
+
+async fn wait_for_within(what: &str, limit: Duration, check: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
         if check() {
             return;
         }
@@ -574,13 +579,11 @@ async fn a_stream_trimmed_past_what_a_node_read_is_counted() {
             .unwrap();
     }
     let stats = a.stats().unwrap();
-    for _ in 0..150 {
-        if stats.overruns.load(std::sync::atomic::Ordering::Relaxed) > 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("no overrun counted");
+    // The reader checks every 5 s.
+    wait_for_within("an overrun counted", Duration::from_secs(15), || {
+        stats.overruns.load(std::sync::atomic::Ordering::Relaxed) > 0
+    })
+    .await;
 }
 
 /// Entries added or removed by something else (a node of an earlier
