@@ -10,6 +10,8 @@
 //!   history page latency.
 //! - [`joins`]: join latency in a `members` room, membership answer cold
 //!   and warm, against an open room.
+//! - [`probes`]: what Postgres, Redis and the gateways' store spent per
+//!   action (`--postgres-url`, `--redis-url`, `--metrics-url`).
 //! - [`run`]: coordinator side of `idle`, `fanout`, `ramp`, `chat`:
 //!   phases, gateway sampling (RSS, CPU), summary, JSON, picture, compare.
 //! - [`worker`]: worker processes and exact merging of their histograms.
@@ -20,6 +22,7 @@
 pub mod conn;
 pub mod joins;
 pub mod latency;
+pub mod probes;
 pub mod report;
 pub mod run;
 pub mod scenario;

@@ -38,6 +38,18 @@ struct Cli {
     /// Gateway process ids to sample for RSS and CPU (local runs).
     #[arg(long = "gateway-pid", global = true)]
     gateway_pids: Vec<u32>,
+    /// The gateways' Postgres, to read its CPU (processes on this machine)
+    /// and transactions per action (`chat`).
+    #[arg(long, global = true)]
+    postgres_url: Option<String>,
+    /// The gateways' Redis (`redis://host:port`), to read its CPU, command
+    /// time and bytes out per action (`chat`).
+    #[arg(long, global = true)]
+    redis_url: Option<String>,
+    /// A gateway's `/metrics` URL (repeat per node), to read its store
+    /// statements per action (`chat`).
+    #[arg(long = "metrics-url", global = true)]
+    metrics_urls: Vec<String>,
     /// Print the change against an earlier JSON report.
     #[arg(long, global = true)]
     compare: Option<PathBuf>,
@@ -241,6 +253,11 @@ async fn coordinate_cli(cli: Cli) -> anyhow::Result<()> {
         workers: cli.workers.max(1),
         gateway_pids: cli.gateway_pids.clone(),
         out: cli.out.clone(),
+        probes: chatgate_loadtest::probes::ProbeTargets {
+            postgres: cli.postgres_url.clone(),
+            redis: cli.redis_url.clone(),
+            metrics: cli.metrics_urls.clone(),
+        },
     };
     // The multi-process scenarios write `<scenario>.json` into `--out`
     // themselves (with a picture); these four only have a report.

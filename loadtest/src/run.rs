@@ -10,6 +10,7 @@ use anyhow::bail;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
+use crate::probes::{Actions, ProbeTargets, Probes, phase_cost};
 use crate::report;
 use crate::worker::{Command, Merged, Spec, coordinate};
 
@@ -26,6 +27,8 @@ pub struct Common {
     pub gateway_pids: Vec<u32>,
     /// Where to write `<name>.json` and `<name>.svg`.
     pub out: Option<PathBuf>,
+    /// Postgres, Redis and gateway metrics to read for per-action costs.
+    pub probes: ProbeTargets,
 }
 
 impl Common {
@@ -682,15 +685,22 @@ pub async fn chat(
     think_ms: u64,
 ) -> anyhow::Result<Value> {
     check_limits(connections as usize, common.workers)?;
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
     let spec = common.spec(
         "chat",
-        json!({ "connections": connections, "room_size": room_size, "seconds": seconds, "think_ms": think_ms, "concurrency": 64 }),
+        json!({ "connections": connections, "room_size": room_size, "seconds": seconds, "think_ms": think_ms, "concurrency": 64, "run": run_id }),
     );
     let pids = common.gateway_pids.clone();
+    let probes = Probes::new(common.probes.clone());
     let mut phase = 0;
     let mut go_at = 0u64;
+    let cpu_start = gateway_sample(&pids).1;
+    probes.mark("start");
     let mut cpu0 = 0.0;
-    let mut cpu1 = 0.0;
+    let mut cpu1 = None;
     let mut peak_rss = 0u64;
     let mut drain = Drain::default();
     let merged = coordinate(spec, |t, c| {
@@ -704,12 +714,16 @@ pub async fn chat(
                 phase = 1;
                 go_at = t;
                 cpu0 = cpu;
+                probes.mark("go");
                 Command::Broadcast("go")
             }
             // Every chatter has stopped acting (each counts `finished`
             // once, however it ended): wait for the deliveries.
             1 if t >= go_at + seconds && get("finished") >= get("connected") => {
-                cpu1 = cpu;
+                if cpu1.is_none() {
+                    cpu1 = Some(cpu);
+                    probes.mark("end");
+                }
                 let all_in = get("received") >= get("expected");
                 if drain.over(all_in, get("received"), t >= go_at + seconds + 60) {
                     phase = 2;
@@ -723,6 +737,7 @@ pub async fn chat(
         }
     })
     .await?;
+    let cpu1 = cpu1.unwrap_or(cpu0);
     let get = |k: &str| merged.counters.get(k).copied().unwrap_or(0);
     let lost = get("expected").saturating_sub(get("received"));
     println!(
@@ -770,11 +785,70 @@ pub async fn chat(
             peak_rss as f64 / 1e6
         );
     }
+    // What each phase cost Postgres, Redis and the gateways, per action.
+    let readings = probes.readings().await;
+    let mut costs = serde_json::Map::new();
+    let resumes = get("resumed_ok") + get("resumed_gap");
+    let phases = [
+        (
+            "connect",
+            "start",
+            "go",
+            Actions {
+                total: get("connected"),
+                sends: 0,
+                identifies: get("connected"),
+            },
+            cpu0 - cpu_start,
+        ),
+        (
+            "run",
+            "go",
+            "end",
+            Actions {
+                total: get("send") + get("typing") + get("react") + get("history") + resumes,
+                sends: get("acked"),
+                identifies: resumes,
+            },
+            cpu1 - cpu0,
+        ),
+    ];
+    for (label, from, to, actions, cpu) in phases {
+        if let (Some(a), Some(b)) = (readings.get(from), readings.get(to)) {
+            costs.insert(label.into(), phase_cost(label, a, b, actions, cpu));
+        }
+    }
+    // Returning users: what an Identify costs once the traffic is over,
+    // the first time (caches as the run left them) and again (warm).
+    if common.probes.any() {
+        let users = connections.min(RETURNING_USERS);
+        for label in ["returning", "returning again"] {
+            let cpu_a = gateway_sample(&pids).1;
+            probes.mark("a");
+            let a = probes.readings().await;
+            let opened = reconnect_users(common, run_id, users, room_size).await?;
+            let cpu_b = gateway_sample(&pids).1;
+            probes.mark("b");
+            let b = probes.readings().await;
+            if let (Some(a), Some(b)) = (a.get("a"), b.get("b")) {
+                let actions = Actions {
+                    total: opened,
+                    sends: 0,
+                    identifies: opened,
+                };
+                costs.insert(
+                    label.into(),
+                    phase_cost(label, a, b, actions, cpu_b - cpu_a),
+                );
+            }
+        }
+    }
     for e in &merged.errors {
         println!("error: {e}");
     }
     let report = json!({
         "scenario": "chat",
+        "costs": costs,
         "summary": {
             "connected": get("connected"), "failed": get("failed"), "sends": get("send"), "acked": get("acked"),
             "typing": get("typing"), "reactions": get("react"),
@@ -799,6 +873,46 @@ pub async fn chat(
     let svg = delivery_chart(&format!("chat: {connections} connections"), &merged);
     write_outputs(common, "chat", &report, svg)?;
     Ok(report)
+}
+
+/// Users reconnected after a chat run to price a returning user's Identify.
+const RETURNING_USERS: u64 = 500;
+
+/// Opens and closes a session for each of the first `users` chatters of
+/// run `run` (each lists its room already, so it only identifies), 16 at
+/// a time; returns how many reached Ready.
+async fn reconnect_users(
+    common: &Common,
+    run: u64,
+    users: u64,
+    room_size: u64,
+) -> anyhow::Result<u64> {
+    use crate::conn::{Target, session, source_address};
+    let targets: Vec<Target> = common
+        .urls
+        .iter()
+        .map(|u| Target::parse(u))
+        .collect::<anyhow::Result<_>>()?;
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    let mut tasks = Vec::new();
+    for i in 0..users {
+        let permit = gate.clone().acquire_owned().await?;
+        let target = targets[i as usize % targets.len()].clone();
+        let token = crate::token(&common.secret, &format!("chatter-{run}-{i}"));
+        let room = format!("chat-{}", i / room_size);
+        tasks.push(tokio::spawn(async move {
+            let ok = session(&target, source_address(0), token, &[room])
+                .await
+                .is_ok();
+            drop(permit);
+            ok
+        }));
+    }
+    let mut opened = 0;
+    for t in tasks {
+        opened += u64::from(t.await.unwrap_or(false));
+    }
+    Ok(opened)
 }
 
 /// Prints each summary number of `new` against `old` (same scenario).

@@ -236,7 +236,8 @@ pub async fn coordinate(
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        p.insert("run".into(), run.into());
+        // A caller that needs the run id itself (to name its users) sets it.
+        p.entry("run").or_insert(run.into());
     }
     let mut children = Vec::new();
     let mut controls = Vec::new();

@@ -109,7 +109,9 @@ fn unavailable(body: &'static str) -> Response<Body> {
 
 /// `/metrics`: Prometheus text (served on the public and the API port).
 pub fn metrics_response(node: &Node) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(node.metrics.render())));
+    let mut text = node.metrics.render();
+    crate::metrics::render_statements(&mut text, &node.store.statement_counts());
+    let mut r = Response::new(Full::new(Bytes::from(text)));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

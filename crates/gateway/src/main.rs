@@ -229,7 +229,12 @@ fn serve(config: Config, limits: Option<std::io::Result<(u64, u64)>>) -> anyhow:
             tracing::info!("signal received");
             handle.shutdown();
         });
-        server.run().await
+        let served = server.run().await;
+        // Stream positions the store holds back are written before exiting.
+        if let Err(e) = node.store.flush().await {
+            tracing::warn!(error = %e, "could not write the last stream positions");
+        }
+        served
     })?;
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(())

@@ -377,3 +377,20 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 }
+
+/// Appends the store's statement counters (read from the store at each
+/// scrape rather than mirrored into the registry).
+pub fn render_statements(out: &mut String, counts: &[(&'static str, u64)]) {
+    use std::fmt::Write;
+    if counts.is_empty() {
+        return;
+    }
+    out.push_str("# HELP chat_store_statements_total Statements sent to the store, by kind.\n");
+    out.push_str("# TYPE chat_store_statements_total counter\n");
+    for (name, n) in counts {
+        let _ = writeln!(
+            out,
+            "chat_store_statements_total{{statement=\"{name}\"}} {n}"
+        );
+    }
+}

@@ -309,10 +309,7 @@ impl Session {
         // Taken before anything is read: a removal carried out while this
         // session opens is caught once it has joined the hub (below).
         let removals = node.hub.removal_mark();
-        let stored = match node.store.upsert_user(&user).await {
-            Ok(()) => node.store.memberships(&claims.sub).await,
-            Err(e) => Err(e),
-        };
+        let stored = node.store.identify(&user).await;
         // A store outage must not lock users out: they get a session with
         // the rooms they ask to resume (each still checked), and can join
         // more.
@@ -1381,9 +1378,11 @@ pub(crate) async fn publish_message(
         Err(e) => return Err(SendFailure::NotDelivered(e)),
     };
     // The record is what tells a retry, after the fan-out has forgotten
-    // (past the recovery window), that the message was delivered: worth a
-    // few attempts through a short outage. This task runs off the
-    // connection, so nobody waits on it.
+    // (past the recovery window), that the message was delivered. The
+    // store may hold it to write with its next insert (one commit per
+    // send) and refuses it only when too many wait through an outage:
+    // worth a few attempts. This task runs off the connection, so nobody
+    // waits on it.
     let mut wait = std::time::Duration::from_millis(200);
     for attempt in 1..=RECORD_ATTEMPTS {
         match node.store.set_seq(id, published.epoch, published.seq).await {

@@ -33,6 +33,9 @@ use crate::model::{
 };
 use crate::{Store, StoreError};
 
+/// A cached room list entry: the room and its grant (role, since).
+type RoomRow = (String, Option<(String, u64)>);
+
 /// Settings for [`CachedStore`].
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
@@ -195,6 +198,35 @@ impl CachedStore {
 
     fn profile_key(&self, user: &str) -> String {
         format!("{}:{{u:{user}}}:profile", self.config.namespace)
+    }
+
+    /// The user's cached room list, if any.
+    async fn cached_rooms(&self, user_id: &str) -> Option<Vec<Membership>> {
+        let rows: Vec<RoomRow> =
+            serde_json::from_str(&self.get(&self.rooms_key(user_id)).await?).ok()?;
+        Some(
+            rows.into_iter()
+                .map(|(room, grant)| Membership {
+                    room,
+                    grant: grant.map(|(role, since_ms)| Grant { role, since_ms }),
+                })
+                .collect(),
+        )
+    }
+
+    async fn put_rooms(&self, user_id: &str, list: &[Membership]) {
+        let rows: Vec<RoomRow> = list
+            .iter()
+            .map(|m| {
+                let grant = m.grant.as_ref().map(|g| (g.role.clone(), g.since_ms));
+                (m.room.clone(), grant)
+            })
+            .collect();
+        self.put(
+            &self.rooms_key(user_id),
+            serde_json::json!(rows).to_string(),
+        )
+        .await;
     }
 
     /// Hit/miss/error counters.
@@ -418,33 +450,43 @@ impl Store for CachedStore {
     }
 
     async fn memberships(&self, user_id: &str) -> Result<Vec<Membership>, StoreError> {
-        type Row = (String, Option<(String, u64)>);
-        let key = self.rooms_key(user_id);
-        if let Some(rows) = self
-            .get(&key)
-            .await
-            .and_then(|v| serde_json::from_str::<Vec<Row>>(&v).ok())
-        {
+        if let Some(list) = self.cached_rooms(user_id).await {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(rows
-                .into_iter()
-                .map(|(room, grant)| Membership {
-                    room,
-                    grant: grant.map(|(role, since_ms)| Grant { role, since_ms }),
-                })
-                .collect());
+            return Ok(list);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let list = self.inner.memberships(user_id).await?;
-        let rows: Vec<Row> = list
-            .iter()
-            .map(|m| {
-                let grant = m.grant.as_ref().map(|g| (g.role.clone(), g.since_ms));
-                (m.room.clone(), grant)
-            })
-            .collect();
-        self.put(&key, serde_json::json!(rows).to_string()).await;
+        self.put_rooms(user_id, &list).await;
         Ok(list)
+    }
+
+    /// A returning user with both entries cached costs the database
+    /// nothing; otherwise one round trip answers what is missing.
+    async fn identify(&self, user: &User) -> Result<Vec<Membership>, StoreError> {
+        let key = self.profile_key(&user.id);
+        let profile = serde_json::json!([user.name, user.image]).to_string();
+        let (cached_profile, cached_rooms) =
+            tokio::join!(self.get(&key), self.cached_rooms(&user.id));
+        let known = cached_profile.as_deref() == Some(profile.as_str());
+        match (known, cached_rooms) {
+            (true, Some(list)) => {
+                self.stats.hits.fetch_add(2, Ordering::Relaxed);
+                Ok(list)
+            }
+            (true, None) => {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                let list = self.inner.memberships(&user.id).await?;
+                self.put_rooms(&user.id, &list).await;
+                Ok(list)
+            }
+            (false, _) => {
+                self.stats.misses.fetch_add(2, Ordering::Relaxed);
+                let list = self.inner.identify(user).await?;
+                tokio::join!(self.put(&key, profile), self.put_rooms(&user.id, &list));
+                Ok(list)
+            }
+        }
     }
 
     async fn grant(&self, room: &str, user_id: &str) -> Result<Option<Grant>, StoreError> {
@@ -521,8 +563,17 @@ impl Store for CachedStore {
     }
 
     async fn join(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
+        // Joining rooms the cached list already holds changes nothing
+        // (the store still makes sure, writing nothing): the list stays
+        // cached for the next Identify.
+        let listed = self
+            .cached_rooms(user_id)
+            .await
+            .is_some_and(|list| rooms.iter().all(|r| list.iter().any(|m| &m.room == r)));
         self.inner.join(user_id, rooms).await?;
-        self.invalidate(vec![self.rooms_key(user_id)]).await;
+        if !listed {
+            self.invalidate(vec![self.rooms_key(user_id)]).await;
+        }
         Ok(())
     }
 
@@ -538,6 +589,14 @@ impl Store for CachedStore {
 
     async fn set_seq(&self, message_id: u64, epoch: u64, seq: u64) -> Result<(), StoreError> {
         self.inner.set_seq(message_id, epoch, seq).await
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush().await
+    }
+
+    fn statement_counts(&self) -> Vec<(&'static str, u64)> {
+        self.inner.statement_counts()
     }
 
     async fn react(&self, change: &ReactionChange) -> Result<ReactionOutcome, StoreError> {

@@ -9,7 +9,7 @@
 //! is one query that joins the sender's profile and aggregates
 //! attachments and reactions per message (no query per message).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -166,7 +166,171 @@ fn percent_decode(s: &str) -> String {
 pub struct PgStore {
     exec: Exec,
     inserts: Batcher<NewMessage, Inserted>,
-    seqs: Batcher<(u64, u64, u64), ()>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Ends the task that writes positions no insert carried.
+        self.exec.positions.close();
+    }
+}
+
+/// How long a recorded stream position waits for a message insert to
+/// carry it before it is written alone. A send is acknowledged when it is
+/// delivered, not when its position is written, so nobody waits on this;
+/// at any steady rate of sends the next insert comes much sooner.
+pub const POSITION_DELAY: Duration = Duration::from_millis(250);
+
+/// Positions waiting at most (each ~40 bytes); past it a Postgres outage
+/// refuses new ones (`Unavailable`) instead of growing without bound.
+const MAX_PENDING_POSITIONS: usize = 200_000;
+
+/// Positions one statement carries at most.
+const POSITIONS_PER_STATEMENT: usize = 4 * BATCH_ROWS;
+
+/// Stream positions recorded by [`Store::set_seq`] and not yet written.
+///
+/// Writing each one in its own statement made every send two commits
+/// (the insert, then the position). Instead each rides with the next
+/// message insert, in the same statement, so a send costs one commit; a
+/// position no insert picks up within [`POSITION_DELAY`] is written
+/// alone. Reads that return a position (a retried send's original,
+/// history) see pending ones too, so the delay is invisible to callers.
+/// Positions still pending when the process dies are lost, as one whose
+/// own statement had not committed was before: the record only spares a
+/// retry, past the fan-out's memory, a redelivery.
+#[derive(Default)]
+struct Positions {
+    pending: parking_lot::Mutex<HashMap<u64, PendingPosition>>,
+    wake: tokio::sync::Notify,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PendingPosition {
+    epoch: u64,
+    seq: u64,
+    /// A statement in flight carries it.
+    carried: bool,
+    /// When it was recorded: it is written alone only once
+    /// [`POSITION_DELAY`] has passed.
+    at: tokio::time::Instant,
+}
+
+/// Positions one statement carries, as its array parameters (by id, so
+/// two statements never lock rows in opposite orders). Dropped without
+/// [`Carried::written`] (the statement failed or was abandoned), its
+/// positions wait for the next statement again.
+struct Carried {
+    positions: Arc<Positions>,
+    ids: Vec<i64>,
+    epochs: Vec<i64>,
+    seqs: Vec<i64>,
+    written: bool,
+}
+
+impl Positions {
+    fn add(&self, id: u64, epoch: u64, seq: u64) -> Result<(), StoreError> {
+        let mut pending = self.pending.lock();
+        if pending.len() >= MAX_PENDING_POSITIONS && !pending.contains_key(&id) {
+            return Err(StoreError::Unavailable(
+                "too many stream positions waiting for the database".into(),
+            ));
+        }
+        pending.insert(
+            id,
+            PendingPosition {
+                epoch,
+                seq,
+                carried: false,
+                at: tokio::time::Instant::now(),
+            },
+        );
+        drop(pending);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// The pending position of message `id`, as (epoch, seq).
+    fn get(&self, id: u64) -> Option<(u64, u64)> {
+        self.pending.lock().get(&id).map(|p| (p.epoch, p.seq))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending.lock().is_empty()
+    }
+
+    /// Up to `max` positions no statement carries yet (only those
+    /// recorded before `due`, when given), now carried.
+    fn take(self: &Arc<Self>, max: usize, due: Option<tokio::time::Instant>) -> Carried {
+        let mut taken: Vec<(i64, i64, i64)> = Vec::new();
+        {
+            let mut pending = self.pending.lock();
+            for (id, p) in pending.iter_mut() {
+                if taken.len() == max {
+                    break;
+                }
+                if !p.carried && due.is_none_or(|due| p.at <= due) {
+                    p.carried = true;
+                    let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
+                    taken.push((clamp(*id), clamp(p.epoch), clamp(p.seq)));
+                }
+            }
+        }
+        taken.sort_unstable();
+        let mut carried = Carried {
+            positions: self.clone(),
+            ids: Vec::with_capacity(taken.len()),
+            epochs: Vec::with_capacity(taken.len()),
+            seqs: Vec::with_capacity(taken.len()),
+            written: false,
+        };
+        for (id, epoch, seq) in taken {
+            carried.ids.push(id);
+            carried.epochs.push(epoch);
+            carried.seqs.push(seq);
+        }
+        carried
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+}
+
+impl Carried {
+    /// The statement carrying these committed: they are written.
+    fn written(mut self) {
+        self.written = true;
+    }
+}
+
+impl Drop for Carried {
+    fn drop(&mut self) {
+        if self.ids.is_empty() {
+            return;
+        }
+        let mut pending = self.positions.pending.lock();
+        for (i, id) in self.ids.iter().enumerate() {
+            let id = *id as u64;
+            if let Some(p) = pending.get_mut(&id) {
+                // Recorded again meanwhile with another value: that one
+                // still needs writing.
+                let same = p.epoch as i64 == self.epochs[i] && p.seq as i64 == self.seqs[i];
+                if self.written && same {
+                    pending.remove(&id);
+                } else {
+                    p.carried = false;
+                }
+            }
+        }
+        let left = !self.written;
+        drop(pending);
+        if left {
+            self.positions.wake.notify_one();
+        }
+    }
 }
 
 /// Most rows per group-committed statement.
@@ -178,6 +342,11 @@ const BATCHES_IN_FLIGHT: usize = 4;
 // Rows go in key order: two batches that share keys (concurrent retries)
 // then wait on each other in the same order instead of deadlocking.
 const INSERT_MESSAGES: &str = "
+WITH pos AS (
+    UPDATE messages m SET epoch = v.epoch, seq = v.seq
+    FROM unnest($7::bigint[], $8::bigint[], $9::bigint[]) AS v (id, epoch, seq)
+    WHERE m.id = v.id
+)
 INSERT INTO messages (channel, sender_id, sender_name, sender_image, client_msg_id, body)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
     AS t (channel, sender_id, sender_name, sender_image, client_msg_id, body)
@@ -195,10 +364,16 @@ RETURNING m.id";
 /// deadlock victim. Both statements are idempotent (insert-if-absent,
 /// set to a value), so running one again is safe; the ordering above
 /// makes the insert's deadlock impossible, the update's is left to this.
+/// (Positions carried by an insert are disjoint from every other
+/// statement's, so they add no lock cycle.)
 const DEADLOCK_ATTEMPTS: usize = 3;
 
 const INSERT_MESSAGE: &str = "
-WITH ins AS (
+WITH pos AS (
+    UPDATE messages m SET epoch = v.epoch, seq = v.seq
+    FROM unnest($11::bigint[], $12::bigint[], $13::bigint[]) AS v (id, epoch, seq)
+    WHERE m.id = v.id
+), ins AS (
     INSERT INTO messages (channel, sender_id, sender_name, sender_image, client_msg_id, body)
     VALUES ($1, $2, $3, $4, $5, $6)
     ON CONFLICT (sender_id, client_msg_id) DO NOTHING
@@ -210,6 +385,35 @@ WITH ins AS (
          WITH ORDINALITY AS a (url, name, mime, size, ord)
 )
 SELECT id, (extract(epoch FROM created_at) * 1000)::bigint FROM ins";
+
+/// Creates the user or refreshes a changed profile. An unchanged one
+/// (every reconnect of a returning user) inserts no row and locks none,
+/// so the statement writes nothing and its commit costs no WAL flush.
+const UPSERT_USER: &str = "
+INSERT INTO users (id, name, image)
+SELECT $1, $2, $3
+WHERE NOT EXISTS (
+    SELECT 1 FROM users WHERE id = $1 AND name IS NOT DISTINCT FROM $2 AND image IS NOT DISTINCT FROM $3
+)
+ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, image = EXCLUDED.image, updated_at = now()";
+
+fn memberships_of() -> &'static str {
+    "SELECT channel, role, (extract(epoch FROM granted_at) * 1000)::bigint
+     FROM channel_members WHERE user_id = $1 AND listed ORDER BY channel"
+}
+
+/// What an Identify needs in one round trip: the profile refreshed as
+/// [`UPSERT_USER`] does, and the room list.
+fn identify() -> String {
+    format!("WITH up AS ({UPSERT_USER}) {}", memberships_of())
+}
+
+fn membership_from_row(r: &Row) -> Membership {
+    Membership {
+        room: r.get(0),
+        grant: grant_from(r.get(1), r.get(2)),
+    }
+}
 
 /// The columns every message query selects, in [`message_from_row`] order.
 const MESSAGE_COLUMNS: &str = "
@@ -369,8 +573,15 @@ impl PgStore {
             .map_err(|e: tokio_postgres::Error| StoreError::Internal(e.to_string()))?;
         pg.connect_timeout(config.timeout);
         let existing = pg.get_options().unwrap_or("").to_owned();
+        // Every statement the store sends is keyed by an index. A plan
+        // Postgres caches for a prepared statement while a table is small
+        // (a new deployment's first minutes, before autovacuum analyses
+        // it) scans the whole table and keeps doing so as it grows: the
+        // send insert then took 0.59 ms instead of 0.09. Without
+        // sequential scans the cached plans stay index lookups. The URL's
+        // own options come after, so an operator can still override it.
         pg.options(format!(
-            "{existing} -c statement_timeout={}",
+            "-c enable_seqscan=off {existing} -c statement_timeout={}",
             config.statement_timeout.as_millis()
         ));
         let manager_config = ManagerConfig {
@@ -400,20 +611,16 @@ impl PgStore {
         let exec = Exec {
             pool,
             statements: Arc::new(AtomicU64::new(0)),
+            counts: Arc::new(std::array::from_fn(|_| AtomicU64::new(0))),
+            positions: Arc::new(Positions::default()),
         };
+        tokio::spawn(exec.clone().write_positions_left());
         let store = PgStore {
             inserts: Batcher::spawn(BATCH_ROWS, BATCHES_IN_FLIGHT, {
                 let exec = exec.clone();
                 move |batch| {
                     let exec = exec.clone();
                     async move { exec.insert_messages(batch).await }
-                }
-            }),
-            seqs: Batcher::spawn(BATCH_ROWS, BATCHES_IN_FLIGHT, {
-                let exec = exec.clone();
-                move |batch| {
-                    let exec = exec.clone();
-                    async move { exec.set_seqs(batch).await }
                 }
             }),
             exec,
@@ -432,22 +639,78 @@ impl PgStore {
         self.exec.statements.load(Ordering::Relaxed)
     }
 
+    /// Stream positions recorded and not yet written (see
+    /// [`POSITION_DELAY`]).
+    pub fn positions_pending(&self) -> usize {
+        self.exec.positions.pending.lock().len()
+    }
+
     async fn query(
         &self,
+        stmt: Stmt,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
-        self.exec.query(sql, params).await
+        self.exec.query(stmt, sql, params).await
     }
 }
 
-/// The pool and the statement counter: what the store and its batching
-/// tasks run statements with (clones share both).
+/// The pool and the statement counters: what the store and its batching
+/// tasks run statements with (clones share them).
 #[derive(Clone)]
 struct Exec {
     pool: Pool,
     statements: Arc<AtomicU64>,
+    counts: Arc<[AtomicU64; STATEMENTS.len()]>,
+    positions: Arc<Positions>,
 }
+
+/// Every kind of statement the store sends, counted apart so that an
+/// operator (and the load harness) can see what each chat action costs
+/// the database: `chat_store_statements_total{statement}`.
+#[derive(Debug, Clone, Copy)]
+enum Stmt {
+    Ping,
+    Identify,
+    UpsertUser,
+    Memberships,
+    Join,
+    Leave,
+    Grant,
+    AddMembers,
+    RemoveMembers,
+    Members,
+    CreateRoom,
+    DeleteRoom,
+    InsertMessage,
+    InsertMessages,
+    MessageByKey,
+    SetSeqs,
+    React,
+    History,
+}
+
+/// [`Stmt`]'s names, in its order.
+const STATEMENTS: [&str; 18] = [
+    "ping",
+    "identify",
+    "upsert_user",
+    "memberships",
+    "join",
+    "leave",
+    "grant",
+    "add_members",
+    "remove_members",
+    "members",
+    "create_room",
+    "delete_room",
+    "insert_message",
+    "insert_messages",
+    "message_by_key",
+    "set_seqs",
+    "react",
+    "history",
+];
 
 impl Exec {
     /// Inserts one message, with its attachments, in one statement.
@@ -460,8 +723,10 @@ impl Exec {
             .iter()
             .map(|a| a.size.min(i64::MAX as u64) as i64)
             .collect();
+        let carried = self.positions.take(POSITIONS_PER_STATEMENT, None);
         let rows = self
             .query(
+                Stmt::InsertMessage,
                 INSERT_MESSAGE,
                 &[
                     &msg.room,
@@ -474,9 +739,13 @@ impl Exec {
                     &names,
                     &mimes,
                     &sizes,
+                    &carried.ids,
+                    &carried.epochs,
+                    &carried.seqs,
                 ],
             )
             .await?;
+        carried.written();
         match rows.first() {
             Some(row) => {
                 let id: i64 = row.get(0);
@@ -493,16 +762,18 @@ impl Exec {
 
     async fn query(
         &self,
+        stmt: Stmt,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
-        self.query_attempts(sql, params, 1).await
+        self.query_attempts(stmt, sql, params, 1).await
     }
 
     /// Runs a statement; one Postgres picked as a deadlock victim runs again,
     /// up to `attempts` times in all (for idempotent statements only).
     async fn query_attempts(
         &self,
+        name: Stmt,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
         attempts: usize,
@@ -512,6 +783,7 @@ impl Exec {
             let client = self.pool.get().await.map_err(pool_error)?;
             let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
             self.statements.fetch_add(1, Ordering::Relaxed);
+            self.counts[name as usize].fetch_add(1, Ordering::Relaxed);
             match client.query(&stmt, params).await {
                 Err(e)
                     if attempt < attempts
@@ -528,16 +800,25 @@ impl Exec {
     /// The stored message a retried send's key points at.
     async fn original(&self, msg: &NewMessage) -> Result<Inserted, StoreError> {
         let rows = self
-            .query(&message_by_key(), &[&msg.sender_id, &msg.client_msg_id])
+            .query(
+                Stmt::MessageByKey,
+                &message_by_key(),
+                &[&msg.sender_id, &msg.client_msg_id],
+            )
             .await?;
         let row = rows.first().ok_or_else(|| {
             StoreError::Internal("idempotency conflict without a stored message".into())
         })?;
         let epoch: i64 = row.get(MESSAGE_COLUMN_COUNT);
+        let mut message = message_from_row(row);
+        let mut epoch = epoch.max(0) as u64;
+        if let Some((e, seq)) = self.positions.get(message.id) {
+            (epoch, message.seq) = (e, seq);
+        }
         Ok(Inserted {
-            message: message_from_row(row),
+            message,
             duplicate: true,
-            epoch: epoch.max(0) as u64,
+            epoch,
         })
     }
 
@@ -565,19 +846,35 @@ impl Exec {
             col(|m| &m.client_msg_id),
             col(|m| &m.body),
         );
+        let carried = self.positions.take(POSITIONS_PER_STATEMENT, None);
         let rows = self
             .query_attempts(
+                Stmt::InsertMessages,
                 INSERT_MESSAGES,
-                &[&rooms, &senders, &names, &images, &keys, &bodies],
+                &[
+                    &rooms,
+                    &senders,
+                    &names,
+                    &images,
+                    &keys,
+                    &bodies,
+                    &carried.ids,
+                    &carried.epochs,
+                    &carried.seqs,
+                ],
                 DEADLOCK_ATTEMPTS,
             )
             .await;
         let rows = match rows {
-            Ok(rows) => rows,
+            Ok(rows) => {
+                carried.written();
+                rows
+            }
             // Postgres refused the statement (not the connection): one
             // row it cannot hold must not fail the others' sends, so each
             // row goes again alone and only the bad one fails.
             Err(StoreError::Internal(e)) => {
+                drop(carried);
                 tracing::warn!(error = %e, rows = batch.len(), "batch insert refused; inserting rows one by one");
                 let mut out = Vec::with_capacity(batch.len());
                 for msg in batch {
@@ -605,56 +902,61 @@ impl Exec {
         out
     }
 
-    /// One UPDATE for the whole batch.
-    async fn set_seqs(&self, batch: Vec<(u64, u64, u64)>) -> Vec<Result<(), StoreError>> {
-        if let [(id, epoch, seq)] = batch[..] {
-            let rows = self
-                .query(
-                    "UPDATE messages SET epoch = $2, seq = $3 WHERE id = $1 RETURNING 1",
-                    &[&(id as i64), &(epoch as i64), &(seq as i64)],
-                )
-                .await;
-            return vec![rows.and_then(|r| {
-                if r.is_empty() {
-                    Err(StoreError::NotFound)
-                } else {
-                    Ok(())
-                }
-            })];
-        }
-        let mut rows: Vec<(i64, i64, i64)> = batch
-            .iter()
-            .map(|(id, epoch, seq)| (*id as i64, *epoch as i64, *seq as i64))
-            .collect();
-        rows.sort_unstable();
-        rows.dedup_by_key(|(id, _, _)| *id);
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut epochs = Vec::with_capacity(rows.len());
-        let mut seqs = Vec::with_capacity(rows.len());
-        for (id, epoch, seq) in rows {
-            ids.push(id);
-            epochs.push(epoch);
-            seqs.push(seq);
-        }
-        let done = self
-            .query_attempts(SET_SEQS, &[&ids, &epochs, &seqs], DEADLOCK_ATTEMPTS)
-            .await;
-        match done {
-            Ok(rows) => {
-                let found: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-                batch
-                    .iter()
-                    .map(|(id, _, _)| *id as i64)
-                    .map(|id| {
-                        if found.contains(&id) {
-                            Ok(())
-                        } else {
-                            Err(StoreError::NotFound)
-                        }
-                    })
-                    .collect()
+    /// Writes carried positions in one statement of their own.
+    async fn write_positions(&self, carried: Carried) -> Result<(), StoreError> {
+        self.query_attempts(
+            Stmt::SetSeqs,
+            SET_SEQS,
+            &[&carried.ids, &carried.epochs, &carried.seqs],
+            DEADLOCK_ATTEMPTS,
+        )
+        .await?;
+        carried.written();
+        Ok(())
+    }
+
+    /// Writes what is pending (recorded before `due`, when given), in
+    /// statements of their own.
+    async fn write_all_positions(
+        &self,
+        due: Option<tokio::time::Instant>,
+    ) -> Result<(), StoreError> {
+        loop {
+            let carried = self.positions.take(POSITIONS_PER_STATEMENT, due);
+            if carried.ids.is_empty() {
+                return Ok(());
             }
-            Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+            self.write_positions(carried).await?;
+        }
+    }
+
+    /// The task behind [`POSITION_DELAY`]: once positions wait, gives an
+    /// insert that long to carry them, then writes what is left. Failures
+    /// keep them pending and try again later. Ends with the store.
+    async fn write_positions_left(self) {
+        let mut backoff = POSITION_DELAY;
+        loop {
+            self.positions.wake.notified().await;
+            if self.positions.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            let due = tokio::time::Instant::now() - POSITION_DELAY;
+            match self.write_all_positions(Some(due)).await {
+                Ok(()) => {
+                    backoff = POSITION_DELAY;
+                    // Recorded too recently to write alone: look again.
+                    if !self.positions.is_empty() {
+                        self.positions.wake.notify_one();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not write stream positions; retrying");
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    // Try again even if nothing new is recorded.
+                    self.positions.wake.notify_one();
+                }
+            }
         }
     }
 }
@@ -666,14 +968,13 @@ impl Store for PgStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.query("SELECT 1", &[]).await.map(|_| ())
+        self.query(Stmt::Ping, "SELECT 1", &[]).await.map(|_| ())
     }
 
     async fn upsert_user(&self, user: &User) -> Result<(), StoreError> {
         self.query(
-            "INSERT INTO users (id, name, image) VALUES ($1, $2, $3)
-             ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, image = EXCLUDED.image, updated_at = now()
-             WHERE users.name IS DISTINCT FROM EXCLUDED.name OR users.image IS DISTINCT FROM EXCLUDED.image",
+            Stmt::UpsertUser,
+            UPSERT_USER,
             &[&user.id, &user.name, &user.image],
         )
         .await
@@ -682,29 +983,32 @@ impl Store for PgStore {
 
     async fn memberships(&self, user_id: &str) -> Result<Vec<Membership>, StoreError> {
         let rows = self
+            .query(Stmt::Memberships, memberships_of(), &[&user_id])
+            .await?;
+        Ok(rows.iter().map(membership_from_row).collect())
+    }
+
+    async fn identify(&self, user: &User) -> Result<Vec<Membership>, StoreError> {
+        let rows = self
             .query(
-                "SELECT channel, role, (extract(epoch FROM granted_at) * 1000)::bigint
-                 FROM channel_members WHERE user_id = $1 AND listed ORDER BY channel",
-                &[&user_id],
+                Stmt::Identify,
+                &identify(),
+                &[&user.id, &user.name, &user.image],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| Membership {
-                room: r.get(0),
-                grant: grant_from(r.get(1), r.get(2)),
-            })
-            .collect())
+        Ok(rows.iter().map(membership_from_row).collect())
     }
 
     async fn join(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
         // The user row exists (Identify upserts it). No channels row: a
         // room a client only joins is its list entries, gone once left.
         self.query(
+            Stmt::Join,
             "INSERT INTO channel_members (user_id, channel)
-             SELECT $1, unnest($2::text[])
-             ON CONFLICT (user_id, channel) DO UPDATE SET listed = true
-             WHERE NOT channel_members.listed",
+             SELECT $1, r FROM (SELECT DISTINCT unnest($2::text[]) AS r) x
+             WHERE NOT EXISTS (SELECT 1 FROM channel_members c
+                               WHERE c.user_id = $1 AND c.channel = x.r AND c.listed)
+             ON CONFLICT (user_id, channel) DO UPDATE SET listed = true",
             &[&user_id, &rooms],
         )
         .await
@@ -714,6 +1018,7 @@ impl Store for PgStore {
     async fn leave(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
         // A granted room stays granted (off the list); any other is gone.
         self.query(
+            Stmt::Leave,
             "WITH d AS (DELETE FROM channel_members
                         WHERE user_id = $1 AND channel = ANY($2::text[]) AND role IS NULL)
              UPDATE channel_members SET listed = false
@@ -727,6 +1032,7 @@ impl Store for PgStore {
     async fn grant(&self, room: &str, user_id: &str) -> Result<Option<Grant>, StoreError> {
         let rows = self
             .query(
+                Stmt::Grant,
                 "SELECT role, (extract(epoch FROM granted_at) * 1000)::bigint
                  FROM channel_members WHERE user_id = $1 AND channel = $2 AND role IS NOT NULL",
                 &[&user_id, &room],
@@ -741,6 +1047,7 @@ impl Store for PgStore {
         // One statement: the room, users never seen (named by their id
         // until they connect), then the grants.
         self.query(
+            Stmt::AddMembers,
             "WITH ch AS (INSERT INTO channels (name) VALUES ($1) ON CONFLICT DO NOTHING),
                   u AS (INSERT INTO users (id, name) SELECT DISTINCT x, x FROM unnest($2::text[]) x
                         ON CONFLICT DO NOTHING)
@@ -763,6 +1070,7 @@ impl Store for PgStore {
     ) -> Result<Vec<String>, StoreError> {
         let rows = self
             .query(
+                Stmt::RemoveMembers,
                 "DELETE FROM channel_members WHERE channel = $1 AND user_id = ANY($2::text[])
                  RETURNING user_id",
                 &[&room, &user_ids],
@@ -779,6 +1087,7 @@ impl Store for PgStore {
     ) -> Result<Vec<Member>, StoreError> {
         let rows = self
             .query(
+                Stmt::Members,
                 "SELECT user_id, role, (extract(epoch FROM granted_at) * 1000)::bigint
                  FROM channel_members
                  WHERE channel = $1 AND role IS NOT NULL AND user_id > $2
@@ -802,6 +1111,7 @@ impl Store for PgStore {
     async fn create_room(&self, room: &str) -> Result<bool, StoreError> {
         let rows = self
             .query(
+                Stmt::CreateRoom,
                 "INSERT INTO channels (name) VALUES ($1) ON CONFLICT DO NOTHING RETURNING 1",
                 &[&room],
             )
@@ -813,6 +1123,7 @@ impl Store for PgStore {
         // Reactions and attachments go with their messages.
         let rows = self
             .query(
+                Stmt::DeleteRoom,
                 "WITH m AS (DELETE FROM messages WHERE channel = $1 RETURNING 1),
                       mm AS (DELETE FROM channel_members WHERE channel = $1 RETURNING 1),
                       c AS (DELETE FROM channels WHERE name = $1 RETURNING 1)
@@ -834,7 +1145,19 @@ impl Store for PgStore {
     }
 
     async fn set_seq(&self, message_id: u64, epoch: u64, seq: u64) -> Result<(), StoreError> {
-        self.seqs.submit((message_id, epoch, seq)).await
+        self.exec.positions.add(message_id, epoch, seq)
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.exec.write_all_positions(None).await
+    }
+
+    fn statement_counts(&self) -> Vec<(&'static str, u64)> {
+        STATEMENTS
+            .iter()
+            .zip(self.exec.counts.iter())
+            .map(|(name, n)| (*name, n.load(Ordering::Relaxed)))
+            .collect()
     }
 
     async fn react(&self, change: &ReactionChange) -> Result<ReactionOutcome, StoreError> {
@@ -851,7 +1174,11 @@ impl Store for PgStore {
         };
         let id = change.message_id.min(i64::MAX as u64) as i64;
         let rows = self
-            .query(sql, &[&id, &change.room, &change.user_id, &change.emoji])
+            .query(
+                Stmt::React,
+                sql,
+                &[&id, &change.room, &change.user_id, &change.emoji],
+            )
             .await?;
         let row = rows
             .first()
@@ -877,22 +1204,32 @@ impl Store for PgStore {
         let fetch = limit + 1;
         let rows = match before {
             None => {
-                self.query(&history_newest(), &[&room, &fetch, &since])
+                self.query(Stmt::History, &history_newest(), &[&room, &fetch, &since])
                     .await?
             }
             Some(c) => {
                 let at = c.created_at_ms.min(i64::MAX as u64) as i64;
                 let id = c.message_id.min(i64::MAX as u64) as i64;
-                self.query(&history_before(), &[&room, &at, &id, &fetch, &since])
-                    .await?
+                self.query(
+                    Stmt::History,
+                    &history_before(),
+                    &[&room, &at, &id, &fetch, &since],
+                )
+                .await?
             }
         };
         let more = rows.len() as i64 > limit;
-        let messages: Vec<Message> = rows
+        let mut messages: Vec<Message> = rows
             .iter()
             .take(limit as usize)
             .map(message_from_row)
             .collect();
+        // Positions not written yet are still known here.
+        for m in messages.iter_mut().filter(|m| m.seq == 0) {
+            if let Some((_, seq)) = self.exec.positions.get(m.id) {
+                m.seq = seq;
+            }
+        }
         let next = if more {
             messages.last().map(|m| Cursor {
                 created_at_ms: m.created_at_ms,

@@ -23,6 +23,14 @@ pub trait Store: Send + Sync + 'static {
     /// name, so every Identify refreshes it).
     async fn upsert_user(&self, user: &User) -> Result<(), StoreError>;
 
+    /// What a session needs when it opens: refreshes the user's profile
+    /// (writing nothing when it is unchanged) and returns their room list.
+    /// Engines answer it in one round trip where they can.
+    async fn identify(&self, user: &User) -> Result<Vec<Membership>, StoreError> {
+        self.upsert_user(user).await?;
+        self.memberships(&user.id).await
+    }
+
     /// The user's room list (what a fresh session joins), each with the
     /// application's grant when there is one, ordered by room name.
     async fn memberships(&self, user_id: &str) -> Result<Vec<Membership>, StoreError>;
@@ -73,8 +81,24 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_message(&self, msg: NewMessage) -> Result<Inserted, StoreError>;
 
     /// Records the room stream position (epoch and sequence number) a
-    /// message was published at.
+    /// message was published at. An engine may write it later, with
+    /// other writes (Postgres: with the next message insert, so a send
+    /// costs one commit); reads that return positions see it at once, a
+    /// crash before it is written loses it. `NotFound` when the engine
+    /// can tell the message does not exist.
     async fn set_seq(&self, message_id: u64, epoch: u64, seq: u64) -> Result<(), StoreError>;
+
+    /// Writes whatever the engine holds back (positions), before a clean
+    /// exit.
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Statements sent to the backend so far, by kind (empty for an
+    /// engine without statements), for `chat_store_statements_total`.
+    fn statement_counts(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 
     /// Adds or removes a reaction. `NotFound` when the message is not in
     /// that room.

@@ -277,10 +277,11 @@ async fn concurrent_sends_group_commit_and_stay_idempotent() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
-    assert_eq!(
-        store.set_seq(u64::MAX / 4, 42, 1).await,
-        Err(chatgate_storage::StoreError::NotFound)
-    );
+    // A position for a message that does not exist updates nothing and
+    // fails nobody's insert that carries it.
+    store.set_seq(u64::MAX / 4, 42, 1).await.unwrap();
+    store.flush().await.unwrap();
+    assert_eq!(store.positions_pending(), 0);
     let page = store.history("gc", None, 100, 0).await.unwrap();
     let mut total = page.messages.len();
     for m in &page.messages {
@@ -414,4 +415,179 @@ async fn join_and_leave_churn_leaves_no_rows() {
     };
     assert_eq!(count("channel_members").await, 0);
     assert_eq!(count("channels").await, 1, "only the created room");
+}
+
+/// A raw connection on a test schema, and Postgres's next transaction id:
+/// it advances once per transaction that wrote (read-only ones take none).
+async fn raw(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+async fn next_xid(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The position a message has in the table itself (not a store's view).
+async fn stored_position(client: &tokio_postgres::Client, id: u64) -> (i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT epoch, seq FROM messages WHERE id = $1",
+            &[&(id as i64)],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+fn message(key: &str) -> NewMessage {
+    NewMessage {
+        room: "one-commit".into(),
+        sender_id: "sam".into(),
+        sender_name: "Sam".into(),
+        sender_image: String::new(),
+        client_msg_id: key.into(),
+        body: format!("body {key}"),
+        attachments: vec![],
+    }
+}
+
+#[tokio::test]
+async fn a_send_commits_once_its_position_riding_with_the_next_insert() {
+    let (url, _) = suite::fresh_schema().await;
+    let store = PgStore::connect(PgConfig::new(url.clone())).await.unwrap();
+    let client = raw(&url).await;
+    let first = store.insert_message(message("a")).await.unwrap().message;
+    let xid = next_xid(&client).await;
+    let statements = store.statements();
+    // The send path: record the first message's position, store the next.
+    store.set_seq(first.id, 77, 1).await.unwrap();
+    let second = store.insert_message(message("b")).await.unwrap().message;
+    assert_eq!(store.statements() - statements, 1, "one statement");
+    assert_eq!(next_xid(&client).await - xid, 1, "one writing transaction");
+    assert_eq!(
+        stored_position(&client, first.id).await,
+        (77, 1),
+        "the position is in the table, written with the second insert"
+    );
+    assert_eq!(store.positions_pending(), 0);
+    // Its own position waits for the next insert, yet reads see it.
+    store.set_seq(second.id, 77, 2).await.unwrap();
+    assert_eq!(stored_position(&client, second.id).await, (0, 0));
+    let page = store.history("one-commit", None, 10, 0).await.unwrap();
+    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![2, 1]);
+    let retry = store.insert_message(message("b")).await.unwrap();
+    assert!(retry.duplicate);
+    assert_eq!((retry.epoch, retry.message.seq), (77, 2));
+    // With attachments a message is inserted alone, and carries them too.
+    let mut third = message("c");
+    third.attachments = vec![Attachment {
+        url: "https://cdn.example/c.png".into(),
+        name: "c.png".into(),
+        mime: "image/png".into(),
+        size: 3,
+    }];
+    store.insert_message(third).await.unwrap();
+    assert_eq!(stored_position(&client, second.id).await, (77, 2));
+}
+
+#[tokio::test]
+async fn a_position_no_insert_carries_is_written_alone_and_at_exit() {
+    let (url, _) = suite::fresh_schema().await;
+    let store = PgStore::connect(PgConfig::new(url.clone())).await.unwrap();
+    let client = raw(&url).await;
+    let m = store.insert_message(message("lone")).await.unwrap().message;
+    store.set_seq(m.id, 5, 9).await.unwrap();
+    let started = std::time::Instant::now();
+    while stored_position(&client, m.id).await != (5, 9) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "a pending position was never written"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        started.elapsed() >= chatgate_storage::pg::POSITION_DELAY / 2,
+        "written alone only after waiting for an insert to carry it"
+    );
+    assert_eq!(store.positions_pending(), 0);
+    // What is still pending at a clean exit is written by `flush`.
+    let n = store.insert_message(message("last")).await.unwrap().message;
+    store.set_seq(n.id, 5, 10).await.unwrap();
+    store.flush().await.unwrap();
+    assert_eq!(stored_position(&client, n.id).await, (5, 10));
+}
+
+#[tokio::test]
+async fn a_returning_users_identify_is_one_statement_and_writes_nothing() {
+    let (url, _) = suite::fresh_schema().await;
+    let store = PgStore::connect(PgConfig::new(url.clone())).await.unwrap();
+    let client = raw(&url).await;
+    let mut user = User {
+        id: "rita".into(),
+        name: "Rita".into(),
+        image: String::new(),
+    };
+    assert!(store.identify(&user).await.unwrap().is_empty());
+    store
+        .join("rita", &["lobby".to_owned(), "lobby".to_owned()])
+        .await
+        .unwrap();
+    let xid = next_xid(&client).await;
+    let statements = store.statements();
+    let rooms = store.identify(&user).await.unwrap();
+    assert_eq!(rooms.len(), 1);
+    assert_eq!(rooms[0].room, "lobby");
+    // Joining a room already listed writes nothing either.
+    store.join("rita", &["lobby".to_owned()]).await.unwrap();
+    assert_eq!(store.statements() - statements, 2);
+    assert_eq!(next_xid(&client).await, xid, "nothing was written");
+    // A changed profile is written.
+    user.name = "Rita R.".into();
+    store.identify(&user).await.unwrap();
+    assert_eq!(next_xid(&client).await - xid, 1);
+    let name: String = client
+        .query_one("SELECT name FROM users WHERE id = 'rita'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "Rita R.");
+}
+
+#[tokio::test]
+async fn a_returning_user_with_a_warm_cache_costs_the_database_nothing() {
+    let pg = pg().await;
+    let cached = CachedStore::connect(pg.clone(), CacheConfig::new(redis_url()))
+        .await
+        .unwrap();
+    let user = User {
+        id: format!("warm-{:x}", rand::rng().random::<u32>()),
+        name: "Warm".into(),
+        image: String::new(),
+    };
+    cached.identify(&user).await.unwrap();
+    cached.join(&user.id, &["lobby".to_owned()]).await.unwrap();
+    // The join changed the list: the next Identify reads it once.
+    let statements = pg.statements();
+    let rooms = cached.identify(&user).await.unwrap();
+    assert_eq!(rooms.len(), 1);
+    assert_eq!(pg.statements() - statements, 1);
+    // Warm now: Identify, and joining a listed room again, keep it so.
+    cached.join(&user.id, &["lobby".to_owned()]).await.unwrap();
+    let statements = pg.statements();
+    for _ in 0..3 {
+        assert_eq!(cached.identify(&user).await.unwrap().len(), 1);
+    }
+    assert_eq!(pg.statements() - statements, 0, "answered from Redis");
 }
