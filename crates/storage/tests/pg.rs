@@ -417,8 +417,7 @@ async fn join_and_leave_churn_leaves_no_rows() {
     assert_eq!(count("channels").await, 1, "only the created room");
 }
 
-/// A raw connection on a test schema, and Postgres's next transaction id:
-/// it advances once per transaction that wrote (read-only ones take none).
+/// A raw connection on a test schema.
 async fn raw(url: &str) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
@@ -427,11 +426,30 @@ async fn raw(url: &str) -> tokio_postgres::Client {
     client
 }
 
-async fn next_xid(client: &tokio_postgres::Client) -> i64 {
+/// The transaction that wrote a row's current version and the one that
+/// last locked or deleted it: a statement that neither writes nor locks
+/// the row leaves both alone (the server's transaction counter cannot
+/// tell, other tests share it).
+async fn row_versions(client: &tokio_postgres::Client, table: &str, filter: &str) -> Vec<String> {
+    client
+        .query(
+            &format!(
+                "SELECT xmin::text || '/' || xmax::text FROM {table} WHERE {filter} ORDER BY 1"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn writer_of(client: &tokio_postgres::Client, id: u64) -> String {
     client
         .query_one(
-            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
-            &[],
+            "SELECT xmin::text FROM messages WHERE id = $1",
+            &[&(id as i64)],
         )
         .await
         .unwrap()
@@ -468,13 +486,16 @@ async fn a_send_commits_once_its_position_riding_with_the_next_insert() {
     let store = PgStore::connect(PgConfig::new(url.clone())).await.unwrap();
     let client = raw(&url).await;
     let first = store.insert_message(message("a")).await.unwrap().message;
-    let xid = next_xid(&client).await;
     let statements = store.statements();
     // The send path: record the first message's position, store the next.
     store.set_seq(first.id, 77, 1).await.unwrap();
     let second = store.insert_message(message("b")).await.unwrap().message;
     assert_eq!(store.statements() - statements, 1, "one statement");
-    assert_eq!(next_xid(&client).await - xid, 1, "one writing transaction");
+    assert_eq!(
+        writer_of(&client, first.id).await,
+        writer_of(&client, second.id).await,
+        "one transaction wrote the position and the next message"
+    );
     assert_eq!(
         stored_position(&client, first.id).await,
         (77, 1),
@@ -544,7 +565,13 @@ async fn a_returning_users_identify_is_one_statement_and_writes_nothing() {
         .join("rita", &["lobby".to_owned(), "lobby".to_owned()])
         .await
         .unwrap();
-    let xid = next_xid(&client).await;
+    let versions = || async {
+        (
+            row_versions(&client, "users", "id = 'rita'").await,
+            row_versions(&client, "channel_members", "user_id = 'rita'").await,
+        )
+    };
+    let before = versions().await;
     let statements = store.statements();
     let rooms = store.identify(&user).await.unwrap();
     assert_eq!(rooms.len(), 1);
@@ -552,11 +579,11 @@ async fn a_returning_users_identify_is_one_statement_and_writes_nothing() {
     // Joining a room already listed writes nothing either.
     store.join("rita", &["lobby".to_owned()]).await.unwrap();
     assert_eq!(store.statements() - statements, 2);
-    assert_eq!(next_xid(&client).await, xid, "nothing was written");
+    assert_eq!(versions().await, before, "no row written or locked");
     // A changed profile is written.
     user.name = "Rita R.".into();
     store.identify(&user).await.unwrap();
-    assert_eq!(next_xid(&client).await - xid, 1);
+    assert_ne!(versions().await.0, before.0);
     let name: String = client
         .query_one("SELECT name FROM users WHERE id = 'rita'", &[])
         .await
