@@ -201,17 +201,25 @@ const POSITIONS_PER_STATEMENT: usize = 4 * BATCH_ROWS;
 /// retry, past the fan-out's memory, a redelivery.
 #[derive(Default)]
 struct Positions {
-    pending: parking_lot::Mutex<HashMap<u64, PendingPosition>>,
+    pending: parking_lot::Mutex<HashMap<i64, PendingPosition>>,
+    versions: AtomicU64,
     wake: tokio::sync::Notify,
     closed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct PendingPosition {
-    epoch: u64,
-    seq: u64,
-    /// A statement in flight carries it.
-    carried: bool,
+    epoch: i64,
+    seq: i64,
+    /// Bumped by every record of this id, so a statement carrying an
+    /// older value neither removes nor releases a newer one.
+    version: u64,
+    /// The version a statement in flight carries.
+    carried: Option<u64>,
+    /// A statement carrying it failed (a lock, a deadlock with a room's
+    /// deletion): only the background writer takes it now, so one stuck
+    /// row never fails or stalls other people's sends again.
+    alone: bool,
     /// When it was recorded: it is written alone only once
     /// [`POSITION_DELAY`] has passed.
     at: tokio::time::Instant,
@@ -220,29 +228,46 @@ struct PendingPosition {
 /// Positions one statement carries, as its array parameters (by id, so
 /// two statements never lock rows in opposite orders). Dropped without
 /// [`Carried::written`] (the statement failed or was abandoned), its
-/// positions wait for the next statement again.
+/// positions are left to the background writer.
 struct Carried {
     positions: Arc<Positions>,
     ids: Vec<i64>,
     epochs: Vec<i64>,
     seqs: Vec<i64>,
+    versions: Vec<u64>,
     written: bool,
+}
+
+/// Who takes positions: a message insert leaves those that failed once.
+#[derive(Clone, Copy, PartialEq)]
+enum Taker {
+    Insert,
+    Writer,
 }
 
 impl Positions {
     fn add(&self, id: u64, epoch: u64, seq: u64) -> Result<(), StoreError> {
+        // Ids come from the database (bigint): a larger one names no row.
+        let Ok(id) = i64::try_from(id) else {
+            return Ok(());
+        };
+        let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
         let mut pending = self.pending.lock();
         if pending.len() >= MAX_PENDING_POSITIONS && !pending.contains_key(&id) {
             return Err(StoreError::Unavailable(
                 "too many stream positions waiting for the database".into(),
             ));
         }
+        let version = self.versions.fetch_add(1, Ordering::Relaxed);
+        let carried = pending.get(&id).and_then(|p| p.carried);
         pending.insert(
             id,
             PendingPosition {
-                epoch,
-                seq,
-                carried: false,
+                epoch: clamp(epoch),
+                seq: clamp(seq),
+                version,
+                carried,
+                alone: false,
                 at: tokio::time::Instant::now(),
             },
         );
@@ -253,7 +278,11 @@ impl Positions {
 
     /// The pending position of message `id`, as (epoch, seq).
     fn get(&self, id: u64) -> Option<(u64, u64)> {
-        self.pending.lock().get(&id).map(|p| (p.epoch, p.seq))
+        let id = i64::try_from(id).ok()?;
+        self.pending
+            .lock()
+            .get(&id)
+            .map(|p| (p.epoch as u64, p.seq as u64))
     }
 
     fn is_empty(&self) -> bool {
@@ -262,18 +291,25 @@ impl Positions {
 
     /// Up to `max` positions no statement carries yet (only those
     /// recorded before `due`, when given), now carried.
-    fn take(self: &Arc<Self>, max: usize, due: Option<tokio::time::Instant>) -> Carried {
-        let mut taken: Vec<(i64, i64, i64)> = Vec::new();
+    fn take(
+        self: &Arc<Self>,
+        max: usize,
+        due: Option<tokio::time::Instant>,
+        taker: Taker,
+    ) -> Carried {
+        let mut taken: Vec<(i64, i64, i64, u64)> = Vec::new();
         {
             let mut pending = self.pending.lock();
             for (id, p) in pending.iter_mut() {
                 if taken.len() == max {
                     break;
                 }
-                if !p.carried && due.is_none_or(|due| p.at <= due) {
-                    p.carried = true;
-                    let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
-                    taken.push((clamp(*id), clamp(p.epoch), clamp(p.seq)));
+                let eligible = p.carried.is_none()
+                    && !(p.alone && taker == Taker::Insert)
+                    && due.is_none_or(|due| p.at <= due);
+                if eligible {
+                    p.carried = Some(p.version);
+                    taken.push((*id, p.epoch, p.seq, p.version));
                 }
             }
         }
@@ -283,12 +319,14 @@ impl Positions {
             ids: Vec::with_capacity(taken.len()),
             epochs: Vec::with_capacity(taken.len()),
             seqs: Vec::with_capacity(taken.len()),
+            versions: Vec::with_capacity(taken.len()),
             written: false,
         };
-        for (id, epoch, seq) in taken {
+        for (id, epoch, seq, version) in taken {
             carried.ids.push(id);
             carried.epochs.push(epoch);
             carried.seqs.push(seq);
+            carried.versions.push(version);
         }
         carried
     }
@@ -304,6 +342,10 @@ impl Carried {
     fn written(mut self) {
         self.written = true;
     }
+
+    fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
 }
 
 impl Drop for Carried {
@@ -312,17 +354,21 @@ impl Drop for Carried {
             return;
         }
         let mut pending = self.positions.pending.lock();
-        for (i, id) in self.ids.iter().enumerate() {
-            let id = *id as u64;
-            if let Some(p) = pending.get_mut(&id) {
-                // Recorded again meanwhile with another value: that one
-                // still needs writing.
-                let same = p.epoch as i64 == self.epochs[i] && p.seq as i64 == self.seqs[i];
-                if self.written && same {
-                    pending.remove(&id);
-                } else {
-                    p.carried = false;
-                }
+        for (id, version) in self.ids.iter().zip(&self.versions) {
+            let Some(p) = pending.get_mut(id) else {
+                continue;
+            };
+            if self.written && p.version == *version {
+                pending.remove(id);
+                continue;
+            }
+            // Recorded again meanwhile: that newer value still needs
+            // writing, by whoever carries it (maybe not this statement).
+            if p.carried == Some(*version) {
+                p.carried = None;
+            }
+            if !self.written {
+                p.alone = true;
             }
         }
         let left = !self.written;
@@ -341,11 +387,13 @@ const BATCHES_IN_FLIGHT: usize = 4;
 
 // Rows go in key order: two batches that share keys (concurrent retries)
 // then wait on each other in the same order instead of deadlocking.
+// The carried positions' `m.id = ANY(ids)` keeps even a plan cached while
+// the table was small to an index lookup of those ids.
 const INSERT_MESSAGES: &str = "
 WITH pos AS (
     UPDATE messages m SET epoch = v.epoch, seq = v.seq
     FROM unnest($7::bigint[], $8::bigint[], $9::bigint[]) AS v (id, epoch, seq)
-    WHERE m.id = v.id
+    WHERE m.id = v.id AND m.id = ANY($7::bigint[])
 )
 INSERT INTO messages (channel, sender_id, sender_name, sender_image, client_msg_id, body)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
@@ -357,7 +405,7 @@ RETURNING id, sender_id, client_msg_id, (extract(epoch FROM created_at) * 1000):
 const SET_SEQS: &str = "
 UPDATE messages m SET epoch = v.epoch, seq = v.seq
 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS v (id, epoch, seq)
-WHERE m.id = v.id
+WHERE m.id = v.id AND m.id = ANY($1::bigint[])
 RETURNING m.id";
 
 /// Attempts of a group-committed statement that Postgres chose as a
@@ -372,7 +420,7 @@ const INSERT_MESSAGE: &str = "
 WITH pos AS (
     UPDATE messages m SET epoch = v.epoch, seq = v.seq
     FROM unnest($11::bigint[], $12::bigint[], $13::bigint[]) AS v (id, epoch, seq)
-    WHERE m.id = v.id
+    WHERE m.id = v.id AND m.id = ANY($11::bigint[])
 ), ins AS (
     INSERT INTO messages (channel, sender_id, sender_name, sender_image, client_msg_id, body)
     VALUES ($1, $2, $3, $4, $5, $6)
@@ -723,29 +771,46 @@ impl Exec {
             .iter()
             .map(|a| a.size.min(i64::MAX as u64) as i64)
             .collect();
-        let carried = self.positions.take(POSITIONS_PER_STATEMENT, None);
-        let rows = self
-            .query(
-                Stmt::InsertMessage,
-                INSERT_MESSAGE,
-                &[
-                    &msg.room,
-                    &msg.sender_id,
-                    &msg.sender_name,
-                    &msg.sender_image,
-                    &msg.client_msg_id,
-                    &msg.body,
-                    &urls,
-                    &names,
-                    &mimes,
-                    &sizes,
-                    &carried.ids,
-                    &carried.epochs,
-                    &carried.seqs,
-                ],
-            )
-            .await?;
-        carried.written();
+        let mut carried = self
+            .positions
+            .take(POSITIONS_PER_STATEMENT, None, Taker::Insert);
+        let rows = loop {
+            let rows = self
+                .query(
+                    Stmt::InsertMessage,
+                    INSERT_MESSAGE,
+                    &[
+                        &msg.room,
+                        &msg.sender_id,
+                        &msg.sender_name,
+                        &msg.sender_image,
+                        &msg.client_msg_id,
+                        &msg.body,
+                        &urls,
+                        &names,
+                        &mimes,
+                        &sizes,
+                        &carried.ids,
+                        &carried.epochs,
+                        &carried.seqs,
+                    ],
+                )
+                .await;
+            match rows {
+                Ok(rows) => {
+                    carried.written();
+                    break rows;
+                }
+                // Perhaps the positions failed it (a row locked past the
+                // statement timeout, a deadlock with a room's deletion):
+                // they go to the background writer, the message goes
+                // again alone.
+                Err(_) if !carried.is_empty() => {
+                    carried = self.positions.take(0, None, Taker::Insert);
+                }
+                Err(e) => return Err(e),
+            }
+        };
         match rows.first() {
             Some(row) => {
                 let id: i64 = row.get(0);
@@ -799,27 +864,35 @@ impl Exec {
 
     /// The stored message a retried send's key points at.
     async fn original(&self, msg: &NewMessage) -> Result<Inserted, StoreError> {
-        let rows = self
-            .query(
-                Stmt::MessageByKey,
-                &message_by_key(),
-                &[&msg.sender_id, &msg.client_msg_id],
-            )
-            .await?;
-        let row = rows.first().ok_or_else(|| {
-            StoreError::Internal("idempotency conflict without a stored message".into())
-        })?;
-        let epoch: i64 = row.get(MESSAGE_COLUMN_COUNT);
-        let mut message = message_from_row(row);
-        let mut epoch = epoch.max(0) as u64;
-        if let Some((e, seq)) = self.positions.get(message.id) {
-            (epoch, message.seq) = (e, seq);
+        let mut reread = false;
+        loop {
+            let rows = self
+                .query(
+                    Stmt::MessageByKey,
+                    &message_by_key(),
+                    &[&msg.sender_id, &msg.client_msg_id],
+                )
+                .await?;
+            let row = rows.first().ok_or_else(|| {
+                StoreError::Internal("idempotency conflict without a stored message".into())
+            })?;
+            let epoch: i64 = row.get(MESSAGE_COLUMN_COUNT);
+            let mut message = message_from_row(row);
+            let mut epoch = epoch.max(0) as u64;
+            if let Some((e, seq)) = self.positions.get(message.id) {
+                (epoch, message.seq) = (e, seq);
+            } else if message.seq == 0 && !reread {
+                // Neither in the row nor pending: it may have been written
+                // (and dropped from the pending ones) after this read.
+                reread = true;
+                continue;
+            }
+            return Ok(Inserted {
+                message,
+                duplicate: true,
+                epoch,
+            });
         }
-        Ok(Inserted {
-            message,
-            duplicate: true,
-            epoch,
-        })
     }
 
     /// One INSERT for the whole batch; a key that already existed (a
@@ -846,25 +919,36 @@ impl Exec {
             col(|m| &m.client_msg_id),
             col(|m| &m.body),
         );
-        let carried = self.positions.take(POSITIONS_PER_STATEMENT, None);
-        let rows = self
-            .query_attempts(
-                Stmt::InsertMessages,
-                INSERT_MESSAGES,
-                &[
-                    &rooms,
-                    &senders,
-                    &names,
-                    &images,
-                    &keys,
-                    &bodies,
-                    &carried.ids,
-                    &carried.epochs,
-                    &carried.seqs,
-                ],
-                DEADLOCK_ATTEMPTS,
-            )
-            .await;
+        let mut carried = self
+            .positions
+            .take(POSITIONS_PER_STATEMENT, None, Taker::Insert);
+        let rows = loop {
+            let rows = self
+                .query_attempts(
+                    Stmt::InsertMessages,
+                    INSERT_MESSAGES,
+                    &[
+                        &rooms,
+                        &senders,
+                        &names,
+                        &images,
+                        &keys,
+                        &bodies,
+                        &carried.ids,
+                        &carried.epochs,
+                        &carried.seqs,
+                    ],
+                    DEADLOCK_ATTEMPTS,
+                )
+                .await;
+            match rows {
+                // As in `insert_one`: positions never fail the messages.
+                Err(_) if !carried.is_empty() => {
+                    carried = self.positions.take(0, None, Taker::Insert);
+                }
+                other => break other,
+            }
+        };
         let rows = match rows {
             Ok(rows) => {
                 carried.written();
@@ -922,7 +1006,9 @@ impl Exec {
         due: Option<tokio::time::Instant>,
     ) -> Result<(), StoreError> {
         loop {
-            let carried = self.positions.take(POSITIONS_PER_STATEMENT, due);
+            let carried = self
+                .positions
+                .take(POSITIONS_PER_STATEMENT, due, Taker::Writer);
             if carried.ids.is_empty() {
                 return Ok(());
             }
@@ -1149,7 +1235,16 @@ impl Store for PgStore {
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        self.exec.write_all_positions(None).await
+        // Positions an insert in flight carries are written with it, or
+        // left to us when it fails: wait for those too, a little.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            self.exec.write_all_positions(None).await?;
+            if self.exec.positions.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     fn statement_counts(&self) -> Vec<(&'static str, u64)> {

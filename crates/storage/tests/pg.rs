@@ -610,11 +610,66 @@ async fn a_returning_user_with_a_warm_cache_costs_the_database_nothing() {
     let rooms = cached.identify(&user).await.unwrap();
     assert_eq!(rooms.len(), 1);
     assert_eq!(pg.statements() - statements, 1);
-    // Warm now: Identify, and joining a listed room again, keep it so.
-    cached.join(&user.id, &["lobby".to_owned()]).await.unwrap();
+    // Warm now.
     let statements = pg.statements();
     for _ in 0..3 {
         assert_eq!(cached.identify(&user).await.unwrap().len(), 1);
     }
     assert_eq!(pg.statements() - statements, 0, "answered from Redis");
+}
+
+#[tokio::test]
+async fn a_position_on_a_locked_row_fails_no_send() {
+    let (url, _) = suite::fresh_schema().await;
+    let mut config = PgConfig::new(url.clone());
+    config.statement_timeout = std::time::Duration::from_millis(300);
+    let store = PgStore::connect(config).await.unwrap();
+    let first = store
+        .insert_message(message("locked"))
+        .await
+        .unwrap()
+        .message;
+    store.set_seq(first.id, 3, 1).await.unwrap();
+    // Somebody holds the first message's row (an operator's open
+    // transaction, a room being deleted).
+    let mut holder = raw(&url).await;
+    let tx = holder.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM messages WHERE id = $1 FOR UPDATE",
+        &[&(first.id as i64)],
+    )
+    .await
+    .unwrap();
+    // Other people's sends still go through: the first once more without
+    // the position, the next without carrying it at all.
+    // (Counting inserts only: the background writer may try the row too.)
+    let inserts = || {
+        store
+            .statement_counts()
+            .iter()
+            .find(|(name, _)| *name == "insert_message")
+            .map_or(0, |(_, n)| *n)
+    };
+    let before = inserts();
+    store.insert_message(message("next-1")).await.unwrap();
+    assert_eq!(inserts() - before, 2);
+    let before = inserts();
+    store.insert_message(message("next-2")).await.unwrap();
+    assert_eq!(
+        inserts() - before,
+        1,
+        "a later send carried the stuck position again"
+    );
+    assert_eq!(store.positions_pending(), 1);
+    tx.rollback().await.unwrap();
+    // Once the row is free, the background writer records it.
+    let client = raw(&url).await;
+    let started = std::time::Instant::now();
+    while stored_position(&client, first.id).await != (3, 1) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "the position was never written"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
