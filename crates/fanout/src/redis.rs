@@ -27,7 +27,8 @@
 //! # Delivery
 //! Every node, the publisher included, delivers from its own blocking
 //! `XREAD` over all partitions, on a dedicated connection (a blocked
-//! connection cannot carry other commands). Reading in stream order is
+//! connection cannot carry other commands); on a Redis Cluster, where one
+//! read cannot span slots, one such reader per partition. Reading in stream order is
 //! what keeps a room's events in sequence order on every node. The
 //! reader also runs the publisher's `OnSequenced` (which queues the
 //! sender's ack) right after delivering that event, so the ack neither
@@ -342,7 +343,9 @@ pub struct RedisStreamsFanout {
     waiters: Arc<Waiters>,
     next_pid: AtomicU64,
     stats: Arc<FanoutStats>,
-    reader: tokio::task::JoinHandle<()>,
+    /// One reader task over every partition, or one per partition on a
+    /// Redis Cluster.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 fn err(e: impl std::fmt::Display) -> FanoutError {
@@ -393,7 +396,11 @@ pub fn redis_client(
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(2);
             c.internal_command_timeout = Duration::from_secs(2);
-            c.max_command_attempts = 1;
+            // Two: on a Redis Cluster a command sent to a master that no
+            // longer owns its slot is sent again where MOVED/ASK says, and
+            // fred counts that as an attempt. Every command here may run
+            // twice (the publish script remembers what it published).
+            c.max_command_attempts = 2;
         })
         // A Redis unreachable at the first connect is retried like a lost
         // connection (`fail_fast` would give up on it for good).
@@ -419,7 +426,6 @@ impl RedisStreamsFanout {
         )?;
         start_connecting(&client).await;
         let reader_client = redis_client(&config.url, config.tls.as_ref(), None)?;
-        start_connecting(&reader_client).await;
         let waiters: Arc<Waiters> = Arc::new(DashMap::new());
         let stats = Arc::new(FanoutStats::default());
         // Entries name their publishing process, not only its node: the
@@ -427,37 +433,70 @@ impl RedisStreamsFanout {
         // process, and a restarted node reusing its id must not take a
         // predecessor's entries for its own.
         let instance = format!("{}@{}", config.node_id, now_ms());
-        let reader = Reader {
-            client: reader_client,
-            keys: (0..config.partitions)
-                .map(|p| partition_key(&config.namespace, p))
-                .collect(),
-            incarnation_keys: (0..config.partitions)
-                .map(|p| format!("{}:{{p{p}}}:incarnation", config.namespace))
-                .collect(),
-            trimmed_keys: (0..config.partitions)
-                .map(|p| partition_side_key(&config.namespace, p, "trimmed"))
-                .collect(),
-            incarnation: Script::from_lua(INCARNATION),
-            checks: AtomicU64::new(0),
-            instance: instance.clone(),
-            codec,
-            sink,
-            waiters: waiters.clone(),
-            stats: stats.clone(),
+        // One Redis: one blocking XREAD over every partition. A Redis
+        // Cluster refuses a read over keys of several slots (CROSSSLOT),
+        // and each partition is its own slot: a reader per partition, each
+        // on its own connections (a blocked connection carries nothing
+        // else). Order only matters within a partition, so nothing is
+        // lost by reading them apart.
+        let groups: Vec<Vec<u32>> = if reader_client.is_clustered() {
+            (0..config.partitions).map(|p| vec![p]).collect()
+        } else {
+            vec![(0..config.partitions).collect()]
         };
-        // Bounded: the reader's connection has no command timeout (its
-        // reads block by design), and a Redis unreachable at start must
-        // not hold the node's start-up; the reader starts over by itself.
-        let start_ids = tokio::time::timeout(START_PROBE, reader.current_ids())
-            .await
-            .ok()
-            .flatten();
-        let known = match tokio::time::timeout(START_PROBE, reader.incarnations()).await {
-            Ok(Ok(known)) => Some(known),
-            _ => None,
-        };
-        let reader = tokio::spawn(reader.run(start_ids, known));
+        let mut readers = Vec::with_capacity(groups.len());
+        let mut started = Vec::with_capacity(groups.len());
+        for (i, partitions) in groups.into_iter().enumerate() {
+            let client = if i == 0 {
+                reader_client.clone()
+            } else {
+                reader_client.clone_new()
+            };
+            let ns = &config.namespace;
+            let reader = Reader {
+                client,
+                keys: partitions.iter().map(|p| partition_key(ns, *p)).collect(),
+                incarnation_keys: partitions
+                    .iter()
+                    .map(|p| format!("{ns}:{{p{p}}}:incarnation"))
+                    .collect(),
+                trimmed_keys: partitions
+                    .iter()
+                    .map(|p| partition_side_key(ns, *p, "trimmed"))
+                    .collect(),
+                incarnation: Script::from_lua(INCARNATION),
+                checks: AtomicU64::new(0),
+                instance: instance.clone(),
+                codec,
+                sink: sink.clone(),
+                waiters: waiters.clone(),
+                stats: stats.clone(),
+            };
+            let (probed, probe) = oneshot::channel::<()>();
+            started.push(probe);
+            readers.push(tokio::spawn(async move {
+                start_connecting(&reader.client).await;
+                // Bounded: the reader's connection has no command timeout
+                // (its reads block by design), and a Redis unreachable at
+                // start must not hold the node's start-up; the reader
+                // starts over by itself.
+                let start_ids = tokio::time::timeout(START_PROBE, reader.current_ids())
+                    .await
+                    .ok()
+                    .flatten();
+                let known = match tokio::time::timeout(START_PROBE, reader.incarnations()).await {
+                    Ok(Ok(known)) => Some(known),
+                    _ => None,
+                };
+                drop(probed);
+                reader.run(start_ids, known).await;
+            }));
+        }
+        // Every reader knows where it starts before the node serves: what
+        // is published from now on reaches it.
+        for probe in started {
+            let _ = probe.await;
+        }
         Ok(RedisStreamsFanout {
             instance,
             publish: Script::from_lua(format!("{PARTITION_APPEND}{PUBLISH}")),
@@ -469,7 +508,7 @@ impl RedisStreamsFanout {
             waiters,
             next_pid: AtomicU64::new(1),
             stats,
-            reader,
+            readers,
         })
     }
 
@@ -523,7 +562,9 @@ impl RedisStreamsFanout {
 
 impl Drop for RedisStreamsFanout {
     fn drop(&mut self) {
-        self.reader.abort();
+        for reader in &self.readers {
+            reader.abort();
+        }
     }
 }
 

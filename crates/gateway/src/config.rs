@@ -115,7 +115,8 @@ pub struct Config {
     /// This node's id in the cluster. Default: a random one per start.
     pub node_id: String,
     /// Prefix of every Redis key. Default `chat`; separate deployments
-    /// sharing one Redis use different prefixes.
+    /// sharing one Redis use different prefixes. No braces: keys carry
+    /// their Redis Cluster slot in a `{...}` tag after it.
     pub redis_namespace: String,
     /// Redis delivery streams (rooms hash onto them). Default 16.
     pub stream_partitions: u32,
@@ -687,6 +688,19 @@ impl Config {
         if let Some(url) = &self.redis_url {
             chatgate_protocol::tls::redis_url(url)?;
         }
+        // Keys carry their slot in a `{...}` hash tag after the prefix; a
+        // brace in the prefix would become the tag and scatter a room's
+        // keys over slots, which a Redis Cluster refuses (CROSSSLOT).
+        if self.redis_namespace.is_empty()
+            || self
+                .redis_namespace
+                .contains(|c: char| c == '{' || c == '}' || c.is_whitespace() || c.is_control())
+        {
+            bail!(
+                "redis_namespace must be non-empty, without braces, spaces or control characters (got {:?})",
+                self.redis_namespace
+            );
+        }
         if !self.listen.ip().is_loopback() {
             let weak = self.auth.weak_secrets();
             if weak.contains(&1) {
@@ -837,6 +851,22 @@ mod tests {
             };
             assert!(Config::load(&local).is_ok(), "{weak:?} refused on loopback");
         }
+    }
+
+    #[test]
+    fn a_namespace_that_would_be_a_hash_tag_is_refused() {
+        for bad in ["x{}", "{chat}", "a}b", "", "two words"] {
+            let o = Overrides {
+                redis_namespace: Some(bad.into()),
+                ..Default::default()
+            };
+            assert!(Config::load(&o).is_err(), "{bad:?} accepted");
+        }
+        let o = Overrides {
+            redis_namespace: Some("chat-eu.1".into()),
+            ..Default::default()
+        };
+        assert!(Config::load(&o).is_ok());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Several gateway processes as one service through Redis Streams:
 //! exactly-once ordered delivery across nodes, resume on another node,
-//! Redis restarts, a node killed with SIGKILL, cluster-wide limits.
+//! Redis restarts, a node killed with SIGKILL, cluster-wide limits, and
+//! the same on a Redis Cluster.
 #![allow(clippy::unwrap_used)] // a panic here is a failed test
 
 mod common;
@@ -134,6 +135,125 @@ async fn three_nodes_deliver_every_message_once_in_one_order() {
         acked, delivered,
         "delivered exactly the acknowledged messages"
     );
+}
+
+/// On a Redis Cluster (3 masters, 3 replicas) every partition is its own
+/// slot, spread over the masters: rooms on all of them reach every node
+/// once, in order, and a client resumes on another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_on_a_redis_cluster_deliver_every_room_once_in_order_and_resume() {
+    let redis = common::redis_cluster::PrivateRedisCluster::start(3, 1);
+    let cluster = Cluster::start(3, &redis.url(), &[]).await;
+    cluster.nodes[0].wait_health("3 live nodes", |h| {
+        h["cluster"]["live_nodes"]
+            .as_array()
+            .is_some_and(|n| n.len() == 3)
+            && h["backends"]["fanout"]["status"] == "ok"
+    });
+    // Rooms enough to land on every master.
+    let rooms: Vec<String> = (0..12).map(|r| format!("spread-{r}")).collect();
+    let room_refs: Vec<&str> = rooms.iter().map(String::as_str).collect();
+    let mut readers = Vec::new();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let mut c = user(node, &format!("reader-{i}")).await;
+        join(&mut c, &room_refs).await;
+        readers.push(c);
+    }
+    let (raw, ready) = identified(&cluster.nodes[0], "wanderer").await;
+    let mut wanderer = Conn::new(raw);
+    let joined = join(&mut wanderer, &["spread-0"]).await;
+    let mut sender = user(&cluster.nodes[1], "sender").await;
+    join(&mut sender, &room_refs).await;
+    let mut rid = 10;
+    let mut acked = Vec::new();
+    for m in 0..5 {
+        for room in &rooms {
+            let ack = send_acked(
+                &mut sender,
+                &mut rid,
+                room,
+                &format!("{room}-{m}"),
+                &format!("{room} #{m}"),
+            )
+            .await;
+            acked.push(ack.message_id);
+        }
+    }
+    let keys = redis.keys("*:events");
+    let masters: std::collections::BTreeSet<u16> = redis.masters().into_iter().collect();
+    assert!(keys.len() >= 6, "rooms spread over partitions: {keys:?}");
+    assert_eq!(masters.len(), 3);
+    for (n, r) in readers.iter_mut().enumerate() {
+        let got = collect(r, acked.len(), Duration::from_secs(20)).await;
+        let mut ids: Vec<u64> = got.iter().map(|g| g.0).collect();
+        assert_eq!(ids.len(), acked.len(), "reader {n}");
+        // Per room: seq 1..=5 in order.
+        for room in &rooms {
+            let seqs: Vec<u64> = got
+                .iter()
+                .filter(|g| g.2.starts_with(&format!("{room} #")))
+                .map(|g| g.1)
+                .collect();
+            assert_eq!(seqs, vec![1, 2, 3, 4, 5], "reader {n}, {room}");
+        }
+        ids.sort_unstable();
+        let mut want = acked.clone();
+        want.sort_unstable();
+        assert_eq!(ids, want, "reader {n}: exactly the acknowledged messages");
+        r.assert_quiet(Duration::from_millis(200), "extra frames")
+            .await;
+    }
+    // The wanderer heard spread-0's five; it leaves, misses three, and
+    // resumes on the third node.
+    let heard = collect(&mut wanderer, 5, Duration::from_secs(10)).await;
+    let seq = heard.last().unwrap().1;
+    wanderer.raw.close().await.unwrap();
+    drop(wanderer);
+    let mut missed = Vec::new();
+    for m in 0..3 {
+        let ack = send_acked(
+            &mut sender,
+            &mut rid,
+            "spread-0",
+            &format!("away-{m}"),
+            &format!("away {m}"),
+        )
+        .await;
+        missed.push(ack.message_id);
+    }
+    let mut raw = RawConnection::connect(&cluster.nodes[2].url())
+        .await
+        .unwrap();
+    raw.send(
+        1,
+        &ClientFrame::Identify(Identify {
+            token: token("wanderer"),
+            resume: Some(Resume {
+                session_id: ready.session_id,
+                positions: vec![RoomPosition {
+                    room: "spread-0".into(),
+                    epoch: joined.rooms[0].epoch,
+                    seq,
+                }],
+            }),
+        }),
+    )
+    .await
+    .unwrap();
+    let mut back = Conn::new(raw);
+    assert!(matches!(back.expect().await, (1, ServerFrame::Ready(r)) if r.resuming));
+    let mut replayed = Vec::new();
+    loop {
+        match back.expect().await.1 {
+            ServerFrame::NewMessage(m) => replayed.push(m.message.id),
+            ServerFrame::Resumed(r) => {
+                assert!(r.rooms[0].recovered, "{r:?}");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(replayed, missed, "exactly the missed messages, in order");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -159,7 +159,7 @@ impl CachedStore {
             .with_connection_config(|c| {
                 c.connection_timeout = Duration::from_secs(2);
                 c.internal_command_timeout = Duration::from_secs(2);
-                c.max_command_attempts = 1;
+                c.max_command_attempts = 2; // a Redis Cluster redirection (MOVED/ASK) counts as one
             })
             // Down at start: retried like a lost connection, never given
             // up on (`fail_fast` would leave the cache off for good).

@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)] // shared by several test files
 
 pub mod hooked;
+pub mod redis_cluster;
 pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};

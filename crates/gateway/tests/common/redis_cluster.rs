@@ -1,0 +1,168 @@
+//! A private Redis Cluster for one test: redis-server processes in
+//! cluster mode on spare ports, joined by `redis-cli --cluster create`,
+//! stopped (by PID) and removed when dropped.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{private_dir, redis_pid};
+
+/// One server of the cluster.
+pub struct ClusterServer {
+    pub child: Child,
+    pub port: u16,
+}
+
+/// `masters` masters with `replicas` replicas each.
+pub struct PrivateRedisCluster {
+    pub servers: Vec<ClusterServer>,
+    dir: std::path::PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl PrivateRedisCluster {
+    pub fn start(masters: usize, replicas: usize) -> PrivateRedisCluster {
+        let dir = private_dir("redis-cluster");
+        let mut servers = Vec::new();
+        while servers.len() < masters * (1 + replicas) {
+            servers.push(Self::spawn(&dir, servers.len()));
+        }
+        let mut create = vec!["--cluster".to_owned(), "create".to_owned()];
+        create.extend(servers.iter().map(|s| format!("127.0.0.1:{}", s.port)));
+        create.extend([
+            "--cluster-replicas".to_owned(),
+            replicas.to_string(),
+            "--cluster-yes".to_owned(),
+        ]);
+        let out = Command::new("redis-cli")
+            .args(&create)
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli --cluster create");
+        let cluster = PrivateRedisCluster { servers, dir };
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Runs one server in cluster mode; its bus port is chosen too (the
+    /// default, port + 10000, may not exist).
+    fn spawn(dir: &std::path::Path, i: usize) -> ClusterServer {
+        let mut failures = Vec::new();
+        for _ in 0..10 {
+            let (port, bus) = (free_port(), free_port());
+            let mut child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .args(["--cluster-port", &bus.to_string()])
+                .arg("--cluster-config-file")
+                .arg(dir.join(format!("nodes-{i}.conf")))
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir)
+                .arg("--logfile")
+                .arg(dir.join(format!("redis-{i}.log")))
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("redis-server");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    failures.push(format!("port {port}: exited with {status}"));
+                    break;
+                }
+                match redis_pid(port) {
+                    Some(pid) if pid == child.id() => return ClusterServer { child, port },
+                    Some(_) | None if Instant::now() > deadline => {
+                        failures.push(format!("port {port}: not ours or no PONG in 10 s"));
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }
+        panic!("cluster redis-server did not start: {failures:#?}");
+    }
+
+    /// Waits until every live server says the cluster is whole.
+    pub fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for s in &self.servers {
+            loop {
+                if cli(s.port, &["cluster", "info"]).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster never became ok");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// The URL a gateway is given: every server as a seed.
+    pub fn url(&self) -> String {
+        let mut url = format!("redis-cluster://127.0.0.1:{}", self.servers[0].port);
+        for (i, s) in self.servers.iter().enumerate().skip(1) {
+            url.push(if i == 1 { '?' } else { '&' });
+            url.push_str(&format!("node=127.0.0.1:{}", s.port));
+        }
+        url
+    }
+
+    /// Ports of the servers that are masters now.
+    pub fn masters(&self) -> Vec<u16> {
+        self.servers
+            .iter()
+            .filter(|s| cli(s.port, &["role"]).starts_with("master"))
+            .map(|s| s.port)
+            .collect()
+    }
+
+    /// Keys matching `pattern` on every master.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .masters()
+            .into_iter()
+            .flat_map(|port| {
+                cli(port, &["--scan", "--pattern", pattern])
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        keys.sort();
+        keys
+    }
+}
+
+impl Drop for PrivateRedisCluster {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.child.kill();
+            let _ = s.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
