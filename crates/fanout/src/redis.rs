@@ -396,11 +396,15 @@ pub fn redis_client(
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(2);
             c.internal_command_timeout = Duration::from_secs(2);
-            // Two: on a Redis Cluster a command sent to a master that no
-            // longer owns its slot is sent again where MOVED/ASK says, and
-            // fred counts that as an attempt. Every command here may run
-            // twice (the publish script remembers what it published).
-            c.max_command_attempts = 2;
+            // One: a command is never sent again behind the caller's back.
+            // The reader must see a lost connection (it checks what
+            // survived before reading on: a Redis back without its data
+            // must be told to members first), and a publish whose reply
+            // was lost is retried by its client through the store's
+            // record. On a Redis Cluster a MOVED/ASK during resharding or
+            // failover therefore fails that one command (fred learns the
+            // new owner meanwhile); the send is retried like any outage.
+            c.max_command_attempts = 1;
         })
         // A Redis unreachable at the first connect is retried like a lost
         // connection (`fail_fast` would give up on it for good).

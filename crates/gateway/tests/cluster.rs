@@ -137,6 +137,52 @@ async fn three_nodes_deliver_every_message_once_in_one_order() {
     );
 }
 
+/// Opens a session on `node` resuming `user`'s session at `room`'s
+/// (epoch, seq); returns it with the ids replayed before `Resumed`, which
+/// must say the room was recovered.
+async fn resume_at(
+    node: &Gateway,
+    user: &str,
+    session_id: SessionId,
+    room: &str,
+    epoch: u64,
+    seq: u64,
+) -> (Conn, Vec<u64>) {
+    let mut raw = RawConnection::connect(&node.url()).await.unwrap();
+    let resume = Resume {
+        session_id,
+        positions: vec![RoomPosition {
+            room: room.into(),
+            epoch,
+            seq,
+        }],
+    };
+    raw.send(
+        1,
+        &ClientFrame::Identify(Identify {
+            token: token(user),
+            resume: Some(resume),
+        }),
+    )
+    .await
+    .unwrap();
+    let mut back = Conn::new(raw);
+    assert!(matches!(back.expect().await, (1, ServerFrame::Ready(r)) if r.resuming));
+    let mut replayed = Vec::new();
+    loop {
+        match back.expect().await.1 {
+            ServerFrame::NewMessage(m) => replayed.push(m.message.id),
+            ServerFrame::Resumed(r) => {
+                assert!(r.rooms[0].recovered, "{r:?}");
+                assert_eq!(r.rooms[0].replayed as usize, replayed.len());
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    (back, replayed)
+}
+
 /// On a Redis Cluster (3 masters, 3 replicas) every partition is its own
 /// slot, spread over the masters: rooms on all of them reach every node
 /// once, in order, and a client resumes on another node.
@@ -221,38 +267,15 @@ async fn nodes_on_a_redis_cluster_deliver_every_room_once_in_order_and_resume() 
         .await;
         missed.push(ack.message_id);
     }
-    let mut raw = RawConnection::connect(&cluster.nodes[2].url())
-        .await
-        .unwrap();
-    raw.send(
-        1,
-        &ClientFrame::Identify(Identify {
-            token: token("wanderer"),
-            resume: Some(Resume {
-                session_id: ready.session_id,
-                positions: vec![RoomPosition {
-                    room: "spread-0".into(),
-                    epoch: joined.rooms[0].epoch,
-                    seq,
-                }],
-            }),
-        }),
+    let (_, replayed) = resume_at(
+        &cluster.nodes[2],
+        "wanderer",
+        ready.session_id,
+        "spread-0",
+        joined.rooms[0].epoch,
+        seq,
     )
-    .await
-    .unwrap();
-    let mut back = Conn::new(raw);
-    assert!(matches!(back.expect().await, (1, ServerFrame::Ready(r)) if r.resuming));
-    let mut replayed = Vec::new();
-    loop {
-        match back.expect().await.1 {
-            ServerFrame::NewMessage(m) => replayed.push(m.message.id),
-            ServerFrame::Resumed(r) => {
-                assert!(r.rooms[0].recovered, "{r:?}");
-                break;
-            }
-            other => panic!("{other:?}"),
-        }
-    }
+    .await;
     assert_eq!(replayed, missed, "exactly the missed messages, in order");
 }
 
@@ -291,38 +314,8 @@ async fn a_client_away_for_30_seconds_resumes_on_another_node_with_exactly_the_m
         tokio::time::sleep(due.saturating_duration_since(Instant::now())).await;
     }
 
-    let mut raw = RawConnection::connect(&c.url()).await.unwrap();
-    let resume = Resume {
-        session_id: ready.session_id,
-        positions: vec![RoomPosition {
-            room: "news".into(),
-            epoch,
-            seq,
-        }],
-    };
-    raw.send(
-        1,
-        &ClientFrame::Identify(Identify {
-            token: token("wanderer"),
-            resume: Some(resume),
-        }),
-    )
-    .await
-    .unwrap();
-    let mut back = Conn::new(raw);
-    assert!(matches!(back.expect().await, (1, ServerFrame::Ready(r)) if r.resuming));
-    let mut replayed = Vec::new();
-    loop {
-        match back.expect().await.1 {
-            ServerFrame::NewMessage(m) => replayed.push(m.message.id),
-            ServerFrame::Resumed(r) => {
-                assert!(r.rooms[0].recovered, "{r:?}");
-                assert_eq!(r.rooms[0].replayed, 100);
-                break;
-            }
-            other => panic!("{other:?}"),
-        }
-    }
+    let (mut back, replayed) = resume_at(c, "wanderer", ready.session_id, "news", epoch, seq).await;
+    assert_eq!(replayed.len(), 100);
     assert_eq!(replayed, sent, "exactly the 100 missed messages, in order");
     send_acked(&mut sender, &mut rid, "news", "after", "live again").await;
     let live = collect(&mut back, 1, Duration::from_secs(10)).await;
