@@ -329,18 +329,20 @@ pub fn phase_cost(
             (Some(x), Some(y)) => (y - x).max(0) as f64,
             _ => 0.0,
         };
+        // Per identify only where nothing else writes (no sends).
+        let per_identify = (actions.sends == 0).then(|| per(writes, actions.identifies));
         println!(
-            "  postgres  {writes:.0} transactions wrote ({:.2} per action, {:.2} per acked send, {:.2} per identify), {:.0} WAL bytes per action, {} backends",
+            "  postgres  {writes:.0} transactions wrote ({:.2} per action, {:.2} per acked send{}), {:.0} WAL bytes per action, {} backends",
             per(writes, actions.total),
             per(writes, actions.sends),
-            per(writes, actions.identifies),
+            per_identify.map_or(String::new(), |w| format!(", {w:.2} per identify")),
             per(wal, actions.total),
             to.pg_backends.unwrap_or(0)
         );
         out.insert(
             "postgres_transactions".into(),
             json!({ "writing": writes, "writing_per_send": per(writes, actions.sends),
-                    "writing_per_identify": per(writes, actions.identifies),
+                    "writing_per_identify": per_identify,
                     "wal_bytes_per_action": per(wal, actions.total), "backends": to.pg_backends }),
         );
     }
@@ -413,7 +415,7 @@ pub fn phase_cost(
 }
 
 /// Statements that commit a stored message or its stream position.
-const SEND_COMMITS: [&str; 4] = ["insert_message", "insert_messages", "set_seq", "set_seqs"];
+const SEND_COMMITS: [&str; 3] = ["insert_message", "insert_messages", "set_seqs"];
 /// Statements an Identify runs (the profile, the room list); whether
 /// they wrote is Postgres's transaction counter's to say.
 const IDENTIFY_STATEMENTS: [&str; 3] = ["identify", "upsert_user", "memberships"];
@@ -458,8 +460,15 @@ mod tests {
         let v = phase_cost("run", &from, &to, actions, 1.0);
         assert_eq!(v["store_statements"]["commits_per_send"], 2.0);
         assert_eq!(v["store_statements"]["statements_per_identify"], 2.0);
-        assert_eq!(v["postgres_transactions"]["writing_per_identify"], 10.0);
         assert_eq!(v["postgres_transactions"]["writing_per_send"], 2.0);
         assert_eq!(v["gateways_cpu"]["cores"], 0.5);
+        // Writes are put on Identify only in a phase without sends.
+        assert!(v["postgres_transactions"]["writing_per_identify"].is_null());
+        let reconnects = Actions {
+            sends: 0,
+            ..actions
+        };
+        let v = phase_cost("returning", &from, &to, reconnects, 1.0);
+        assert_eq!(v["postgres_transactions"]["writing_per_identify"], 10.0);
     }
 }

@@ -55,11 +55,7 @@ fn proc_sample(pid: u32) -> Option<(u64, f64)> {
         .nth(1)?
         .parse()
         .ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some((rss_kb * 1024, ticks / 100.0))
+    Some((rss_kb * 1024, crate::probes::process_cpu(pid)?))
 }
 
 /// Summed over the gateway pids.
@@ -898,8 +894,8 @@ async fn reconnect_users(
     for i in 0..users {
         let permit = gate.clone().acquire_owned().await?;
         let target = targets[i as usize % targets.len()].clone();
-        let token = crate::token(&common.secret, &format!("chatter-{run}-{i}"));
-        let room = format!("chat-{}", i / room_size);
+        let (user, room) = crate::scenario::chatter(run, i, room_size);
+        let token = crate::token(&common.secret, &user);
         tasks.push(tokio::spawn(async move {
             let ok = session(&target, source_address(0), token, &[room])
                 .await

@@ -558,8 +558,8 @@ async fn chat(spec: Spec, meter: Arc<Meter>) -> anyhow::Result<()> {
     for i in (0..total).filter(|i| *i as usize % spec.workers == spec.worker) {
         let permit = gate.clone().acquire_owned().await?;
         let target = targets[i as usize % targets.len()].clone();
-        let token = crate::token(&spec.secret, &format!("chatter-{run}-{i}"));
-        let room = format!("chat-{}", i / room_size);
+        let (user, room) = chatter(run, i, room_size);
+        let token = crate::token(&spec.secret, &user);
         let meter = meter.clone();
         pending.push(tokio::spawn(async move {
             let t0 = Instant::now();
@@ -603,6 +603,15 @@ async fn chat(spec: Spec, meter: Arc<Meter>) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(ch.run(until, stop)));
     }
     join_all(tasks).await
+}
+
+/// Chatter `i` of run `run`: its user id and its room (rooms of
+/// `room_size`, at least 2, as `chat` makes them).
+pub fn chatter(run: u64, i: u64, room_size: u64) -> (String, String) {
+    (
+        format!("chatter-{run}-{i}"),
+        format!("chat-{}", i / room_size.max(2)),
+    )
 }
 
 /// One chat connection: its session, its position in its room (for

@@ -402,8 +402,9 @@ pub fn redis_client(
             // must be told to members first), and a publish whose reply
             // was lost is retried by its client through the store's
             // record. On a Redis Cluster a MOVED/ASK during resharding or
-            // failover therefore fails that one command (fred learns the
-            // new owner meanwhile); the send is retried like any outage.
+            // failover therefore fails the command (for a slot being
+            // moved, every command on it until the move ends); the send
+            // is retried like any outage.
             c.max_command_attempts = 1;
         })
         // A Redis unreachable at the first connect is retried like a lost

@@ -49,16 +49,11 @@ pub fn asset(path: &str) -> Option<Response<Body>> {
         "/app.css" => (APP_CSS, "text/css; charset=utf-8"),
         _ => return None,
     };
-    let mut r = Response::new(Full::new(Bytes::from_static(body)));
+    let mut r = typed(StatusCode::OK, Bytes::from_static(body), kind);
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CSP),
-    );
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
     );
     h.insert(
         header::REFERRER_POLICY,
@@ -123,13 +118,16 @@ fn check_name(name: &str) -> Result<(), &'static str> {
 }
 
 fn json(status: StatusCode, body: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    typed(status, Bytes::from(body), "application/json")
+}
+
+/// A response of content type `kind` that browsers must not sniff as
+/// anything else.
+fn typed(status: StatusCode, body: Bytes, kind: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(body));
     *r.status_mut() = status;
     let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),

@@ -529,16 +529,7 @@ async fn disguised_names_and_pictures_are_refused() {
             exp: unix_now() + 60,
             rooms: Vec::new(),
         });
-        let mut raw = RawConnection::connect(&gw.url()).await.unwrap();
-        raw.send(
-            1,
-            &ClientFrame::Identify(Identify {
-                token,
-                resume: None,
-            }),
-        )
-        .await
-        .unwrap();
+        let raw = send_identify(&gw, token, None).await;
         assert_eq!(
             Conn::new(raw).close_code().await,
             Some(4100),

@@ -1078,17 +1078,8 @@ async fn the_chat_page_is_served_and_signs_in_with_development_tokens_only_local
     assert_eq!(status, 200, "{body}");
     let issued: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(issued["user"], "Ada L");
-    let mut raw = RawConnection::connect(&gw.url()).await.unwrap();
     let token = issued["token"].as_str().unwrap().to_owned();
-    raw.send(
-        1,
-        &ClientFrame::Identify(Identify {
-            token,
-            resume: None,
-        }),
-    )
-    .await
-    .unwrap();
+    let mut raw = send_identify(&gw, token, None).await;
     match next_frame(&mut raw).await {
         (1, ServerFrame::Ready(r)) => {
             assert_eq!(r.user_id, "Ada L");

@@ -563,17 +563,11 @@ impl Store for CachedStore {
     }
 
     async fn join(&self, user_id: &str, rooms: &[String]) -> Result<(), StoreError> {
-        // Joining rooms the cached list already holds changes nothing
-        // (the store still makes sure, writing nothing): the list stays
-        // cached for the next Identify.
-        let listed = self
-            .cached_rooms(user_id)
-            .await
-            .is_some_and(|list| rooms.iter().all(|r| list.iter().any(|m| &m.room == r)));
+        // Invalidated even when the cached list holds the rooms: a leave
+        // on another node may have emptied the key and a third node cached
+        // the list without them before this join wrote.
         self.inner.join(user_id, rooms).await?;
-        if !listed {
-            self.invalidate(vec![self.rooms_key(user_id)]).await;
-        }
+        self.invalidate(vec![self.rooms_key(user_id)]).await;
         Ok(())
     }
 

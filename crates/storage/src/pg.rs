@@ -203,6 +203,9 @@ const POSITIONS_PER_STATEMENT: usize = 4 * BATCH_ROWS;
 struct Positions {
     pending: parking_lot::Mutex<HashMap<i64, PendingPosition>>,
     versions: AtomicU64,
+    /// Statements that wrote positions, counted before their entries
+    /// leave `pending` (see `Exec::original`).
+    written: AtomicU64,
     wake: tokio::sync::Notify,
     closed: std::sync::atomic::AtomicBool,
 }
@@ -300,7 +303,14 @@ impl Positions {
         let mut taken: Vec<(i64, i64, i64, u64)> = Vec::new();
         {
             let mut pending = self.pending.lock();
-            for (id, p) in pending.iter_mut() {
+            // An insert looks at a bounded number of entries: while an
+            // outage leaves many pending, sends must not pay for scanning
+            // them all (the background writer takes the rest).
+            let scan = match taker {
+                Taker::Insert => 4 * max,
+                Taker::Writer => usize::MAX,
+            };
+            for (id, p) in pending.iter_mut().take(scan) {
                 if taken.len() == max {
                     break;
                 }
@@ -314,14 +324,7 @@ impl Positions {
             }
         }
         taken.sort_unstable();
-        let mut carried = Carried {
-            positions: self.clone(),
-            ids: Vec::with_capacity(taken.len()),
-            epochs: Vec::with_capacity(taken.len()),
-            seqs: Vec::with_capacity(taken.len()),
-            versions: Vec::with_capacity(taken.len()),
-            written: false,
-        };
+        let mut carried = Carried::none(self);
         for (id, epoch, seq, version) in taken {
             carried.ids.push(id);
             carried.epochs.push(epoch);
@@ -338,6 +341,18 @@ impl Positions {
 }
 
 impl Carried {
+    /// Carries nothing.
+    fn none(positions: &Arc<Positions>) -> Carried {
+        Carried {
+            positions: positions.clone(),
+            ids: Vec::new(),
+            epochs: Vec::new(),
+            seqs: Vec::new(),
+            versions: Vec::new(),
+            written: false,
+        }
+    }
+
     /// The statement carrying these committed: they are written.
     fn written(mut self) {
         self.written = true;
@@ -352,6 +367,9 @@ impl Drop for Carried {
     fn drop(&mut self) {
         if self.ids.is_empty() {
             return;
+        }
+        if self.written {
+            self.positions.written.fetch_add(1, Ordering::Release);
         }
         let mut pending = self.positions.pending.lock();
         for (id, version) in self.ids.iter().zip(&self.versions) {
@@ -405,8 +423,7 @@ RETURNING id, sender_id, client_msg_id, (extract(epoch FROM created_at) * 1000):
 const SET_SEQS: &str = "
 UPDATE messages m SET epoch = v.epoch, seq = v.seq
 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS v (id, epoch, seq)
-WHERE m.id = v.id AND m.id = ANY($1::bigint[])
-RETURNING m.id";
+WHERE m.id = v.id AND m.id = ANY($1::bigint[])";
 
 /// Attempts of a group-committed statement that Postgres chose as a
 /// deadlock victim. Both statements are idempotent (insert-if-absent,
@@ -606,6 +623,23 @@ fn pg_error(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
+/// Why a statement did not run to its end.
+enum Failure {
+    /// No connection within the pool's wait.
+    Pool(PoolError),
+    /// Refused by the server, or the connection failed under it.
+    Pg(tokio_postgres::Error),
+}
+
+impl Failure {
+    fn into_store(self) -> StoreError {
+        match self {
+            Failure::Pool(e) => pool_error(e),
+            Failure::Pg(e) => pg_error(e),
+        }
+    }
+}
+
 fn pool_error(e: PoolError) -> StoreError {
     match e {
         PoolError::Backend(e) => pg_error(e),
@@ -658,7 +692,6 @@ impl PgStore {
             .map_err(|e| StoreError::Internal(e.to_string()))?;
         let exec = Exec {
             pool,
-            statements: Arc::new(AtomicU64::new(0)),
             counts: Arc::new(std::array::from_fn(|_| AtomicU64::new(0))),
             positions: Arc::new(Positions::default()),
         };
@@ -684,7 +717,11 @@ impl PgStore {
     /// Statements sent to the server since start (a test hook proving
     /// how many round trips an operation takes).
     pub fn statements(&self) -> u64 {
-        self.exec.statements.load(Ordering::Relaxed)
+        self.exec
+            .counts
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Stream positions recorded and not yet written (see
@@ -708,8 +745,7 @@ impl PgStore {
 #[derive(Clone)]
 struct Exec {
     pool: Pool,
-    statements: Arc<AtomicU64>,
-    counts: Arc<[AtomicU64; STATEMENTS.len()]>,
+    counts: Arc<[AtomicU64; Stmt::ALL.len()]>,
     positions: Arc<Positions>,
 }
 
@@ -738,27 +774,51 @@ enum Stmt {
     History,
 }
 
-/// [`Stmt`]'s names, in its order.
-const STATEMENTS: [&str; 18] = [
-    "ping",
-    "identify",
-    "upsert_user",
-    "memberships",
-    "join",
-    "leave",
-    "grant",
-    "add_members",
-    "remove_members",
-    "members",
-    "create_room",
-    "delete_room",
-    "insert_message",
-    "insert_messages",
-    "message_by_key",
-    "set_seqs",
-    "react",
-    "history",
-];
+impl Stmt {
+    const ALL: [Stmt; 18] = [
+        Stmt::Ping,
+        Stmt::Identify,
+        Stmt::UpsertUser,
+        Stmt::Memberships,
+        Stmt::Join,
+        Stmt::Leave,
+        Stmt::Grant,
+        Stmt::AddMembers,
+        Stmt::RemoveMembers,
+        Stmt::Members,
+        Stmt::CreateRoom,
+        Stmt::DeleteRoom,
+        Stmt::InsertMessage,
+        Stmt::InsertMessages,
+        Stmt::MessageByKey,
+        Stmt::SetSeqs,
+        Stmt::React,
+        Stmt::History,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Stmt::Ping => "ping",
+            Stmt::Identify => "identify",
+            Stmt::UpsertUser => "upsert_user",
+            Stmt::Memberships => "memberships",
+            Stmt::Join => "join",
+            Stmt::Leave => "leave",
+            Stmt::Grant => "grant",
+            Stmt::AddMembers => "add_members",
+            Stmt::RemoveMembers => "remove_members",
+            Stmt::Members => "members",
+            Stmt::CreateRoom => "create_room",
+            Stmt::DeleteRoom => "delete_room",
+            Stmt::InsertMessage => "insert_message",
+            Stmt::InsertMessages => "insert_messages",
+            Stmt::MessageByKey => "message_by_key",
+            Stmt::SetSeqs => "set_seqs",
+            Stmt::React => "react",
+            Stmt::History => "history",
+        }
+    }
+}
 
 impl Exec {
     /// Inserts one message, with its attachments, in one statement.
@@ -771,46 +831,25 @@ impl Exec {
             .iter()
             .map(|a| a.size.min(i64::MAX as u64) as i64)
             .collect();
-        let mut carried = self
-            .positions
-            .take(POSITIONS_PER_STATEMENT, None, Taker::Insert);
-        let rows = loop {
-            let rows = self
-                .query(
-                    Stmt::InsertMessage,
-                    INSERT_MESSAGE,
-                    &[
-                        &msg.room,
-                        &msg.sender_id,
-                        &msg.sender_name,
-                        &msg.sender_image,
-                        &msg.client_msg_id,
-                        &msg.body,
-                        &urls,
-                        &names,
-                        &mimes,
-                        &sizes,
-                        &carried.ids,
-                        &carried.epochs,
-                        &carried.seqs,
-                    ],
-                )
-                .await;
-            match rows {
-                Ok(rows) => {
-                    carried.written();
-                    break rows;
-                }
-                // Perhaps the positions failed it (a row locked past the
-                // statement timeout, a deadlock with a room's deletion):
-                // they go to the background writer, the message goes
-                // again alone.
-                Err(_) if !carried.is_empty() => {
-                    carried = self.positions.take(0, None, Taker::Insert);
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let rows = self
+            .carrying(
+                Stmt::InsertMessage,
+                INSERT_MESSAGE,
+                &[
+                    &msg.room,
+                    &msg.sender_id,
+                    &msg.sender_name,
+                    &msg.sender_image,
+                    &msg.client_msg_id,
+                    &msg.body,
+                    &urls,
+                    &names,
+                    &mimes,
+                    &sizes,
+                ],
+                1,
+            )
+            .await?;
         match rows.first() {
             Some(row) => {
                 let id: i64 = row.get(0);
@@ -843,11 +882,24 @@ impl Exec {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
         attempts: usize,
     ) -> Result<Vec<Row>, StoreError> {
+        self.query_failing(name, sql, params, attempts)
+            .await
+            .map_err(Failure::into_store)
+    }
+
+    /// [`Exec::query_attempts`], telling a statement the server refused
+    /// from a connection that could not be had or was lost.
+    async fn query_failing(
+        &self,
+        name: Stmt,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        attempts: usize,
+    ) -> Result<Vec<Row>, Failure> {
         let mut attempt = 1;
         loop {
-            let client = self.pool.get().await.map_err(pool_error)?;
-            let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
-            self.statements.fetch_add(1, Ordering::Relaxed);
+            let client = self.pool.get().await.map_err(Failure::Pool)?;
+            let stmt = client.prepare_cached(sql).await.map_err(Failure::Pg)?;
             self.counts[name as usize].fetch_add(1, Ordering::Relaxed);
             match client.query(&stmt, params).await {
                 Err(e)
@@ -857,7 +909,7 @@ impl Exec {
                 {
                     attempt += 1;
                 }
-                result => return result.map_err(pg_error),
+                result => return result.map_err(Failure::Pg),
             }
         }
     }
@@ -866,6 +918,7 @@ impl Exec {
     async fn original(&self, msg: &NewMessage) -> Result<Inserted, StoreError> {
         let mut reread = false;
         loop {
+            let written_before = self.positions.written.load(Ordering::Acquire);
             let rows = self
                 .query(
                     Stmt::MessageByKey,
@@ -881,9 +934,13 @@ impl Exec {
             let mut epoch = epoch.max(0) as u64;
             if let Some((e, seq)) = self.positions.get(message.id) {
                 (epoch, message.seq) = (e, seq);
-            } else if message.seq == 0 && !reread {
-                // Neither in the row nor pending: it may have been written
-                // (and dropped from the pending ones) after this read.
+            } else if message.seq == 0
+                && !reread
+                && self.positions.written.load(Ordering::Acquire) != written_before
+            {
+                // Neither in the row nor pending, and positions were
+                // written meanwhile: this one may have been (and dropped
+                // from the pending ones) after this read.
                 reread = true;
                 continue;
             }
@@ -919,46 +976,20 @@ impl Exec {
             col(|m| &m.client_msg_id),
             col(|m| &m.body),
         );
-        let mut carried = self
-            .positions
-            .take(POSITIONS_PER_STATEMENT, None, Taker::Insert);
-        let rows = loop {
-            let rows = self
-                .query_attempts(
-                    Stmt::InsertMessages,
-                    INSERT_MESSAGES,
-                    &[
-                        &rooms,
-                        &senders,
-                        &names,
-                        &images,
-                        &keys,
-                        &bodies,
-                        &carried.ids,
-                        &carried.epochs,
-                        &carried.seqs,
-                    ],
-                    DEADLOCK_ATTEMPTS,
-                )
-                .await;
-            match rows {
-                // As in `insert_one`: positions never fail the messages.
-                Err(_) if !carried.is_empty() => {
-                    carried = self.positions.take(0, None, Taker::Insert);
-                }
-                other => break other,
-            }
-        };
+        let rows = self
+            .carrying(
+                Stmt::InsertMessages,
+                INSERT_MESSAGES,
+                &[&rooms, &senders, &names, &images, &keys, &bodies],
+                DEADLOCK_ATTEMPTS,
+            )
+            .await;
         let rows = match rows {
-            Ok(rows) => {
-                carried.written();
-                rows
-            }
+            Ok(rows) => rows,
             // Postgres refused the statement (not the connection): one
             // row it cannot hold must not fail the others' sends, so each
             // row goes again alone and only the bad one fails.
             Err(StoreError::Internal(e)) => {
-                drop(carried);
                 tracing::warn!(error = %e, rows = batch.len(), "batch insert refused; inserting rows one by one");
                 let mut out = Vec::with_capacity(batch.len());
                 for msg in batch {
@@ -984,6 +1015,43 @@ impl Exec {
             }
         }
         out
+    }
+
+    /// Runs a message insert whose last three parameters carry pending
+    /// positions (see [`Positions`]). If it fails while carrying some
+    /// (a row locked past the statement timeout, a deadlock with a room's
+    /// deletion), they are left to the background writer and the insert
+    /// runs once more without them: positions never fail a message.
+    async fn carrying(
+        &self,
+        stmt: Stmt,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        attempts: usize,
+    ) -> Result<Vec<Row>, StoreError> {
+        let mut carried = self
+            .positions
+            .take(POSITIONS_PER_STATEMENT, None, Taker::Insert);
+        loop {
+            let mut all = params.to_vec();
+            all.extend([
+                &carried.ids as &(dyn tokio_postgres::types::ToSql + Sync),
+                &carried.epochs,
+                &carried.seqs,
+            ]);
+            match self.query_failing(stmt, sql, &all, attempts).await {
+                Ok(rows) => {
+                    carried.written();
+                    return Ok(rows);
+                }
+                // Only what the server refused: a pool timeout or a lost
+                // connection would fail the second run just the same.
+                Err(Failure::Pg(e)) if e.as_db_error().is_some() && !carried.is_empty() => {
+                    carried = Carried::none(&self.positions);
+                }
+                Err(e) => return Err(e.into_store()),
+            }
+        }
     }
 
     /// Writes carried positions in one statement of their own.
@@ -1248,10 +1316,14 @@ impl Store for PgStore {
     }
 
     fn statement_counts(&self) -> Vec<(&'static str, u64)> {
-        STATEMENTS
+        Stmt::ALL
             .iter()
-            .zip(self.exec.counts.iter())
-            .map(|(name, n)| (*name, n.load(Ordering::Relaxed)))
+            .map(|s| {
+                (
+                    s.name(),
+                    self.exec.counts[*s as usize].load(Ordering::Relaxed),
+                )
+            })
             .collect()
     }
 

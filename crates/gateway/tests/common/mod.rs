@@ -337,6 +337,16 @@ pub fn http_raw(
     http_raw_with(addr, &request)
 }
 
+/// Connects and sends Identify (request id 1) with `token` and an
+/// optional resume; reading the answer is the caller's.
+pub async fn send_identify(gw: &Gateway, token: String, resume: Option<Resume>) -> RawConnection {
+    let mut raw = RawConnection::connect(&gw.url()).await.unwrap();
+    raw.send(1, &ClientFrame::Identify(Identify { token, resume }))
+        .await
+        .unwrap();
+    raw
+}
+
 /// Identifies as `user` with a token allowing `rooms` (patterns) and an
 /// optional resume; returns the connection and Ready.
 pub async fn identify_as(
@@ -345,17 +355,7 @@ pub async fn identify_as(
     rooms: &[&str],
     resume: Option<Resume>,
 ) -> (Conn, Ready) {
-    let mut raw = RawConnection::connect(&gw.url()).await.unwrap();
-    raw.send(
-        1,
-        &ClientFrame::Identify(Identify {
-            token: token_for(user, rooms),
-            resume,
-        }),
-    )
-    .await
-    .unwrap();
-    let mut c = Conn::new(raw);
+    let mut c = Conn::new(send_identify(gw, token_for(user, rooms), resume).await);
     match c.expect().await {
         (1, ServerFrame::Ready(r)) => (c, r),
         other => panic!("expected Ready, got {other:?}"),
@@ -384,16 +384,7 @@ pub fn token_for(user: &str, rooms: &[&str]) -> String {
 
 /// Connects raw and identifies as `user`; returns the connection and Ready.
 pub async fn identified(gw: &Gateway, user: &str) -> (RawConnection, Ready) {
-    let mut c = RawConnection::connect(&gw.url()).await.unwrap();
-    c.send(
-        1,
-        &ClientFrame::Identify(Identify {
-            token: token(user),
-            resume: None,
-        }),
-    )
-    .await
-    .unwrap();
+    let mut c = send_identify(gw, token(user), None).await;
     match next_frame(&mut c).await {
         (1, ServerFrame::Ready(r)) => (c, r),
         other => panic!("expected Ready, got {other:?}"),
@@ -844,7 +835,7 @@ impl PrivateRedis {
 
     /// Runs redis-server on `port` and waits until it is the one that
     /// answers there; on failure the child is gone and the error says why.
-    fn spawn(
+    pub(crate) fn spawn(
         port: u16,
         dir: &std::path::Path,
         durable: bool,

@@ -5,7 +5,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{private_dir, redis_pid};
+use super::{PrivateRedis, private_dir};
 
 /// One server of the cluster.
 pub struct ClusterServer {
@@ -66,42 +66,31 @@ impl PrivateRedisCluster {
         cluster
     }
 
-    /// Runs one server in cluster mode; its bus port is chosen too (the
-    /// default, port + 10000, may not exist).
+    /// Runs one server in cluster mode, in a directory of its own, as
+    /// [`PrivateRedis`] starts its servers; its bus port is chosen too
+    /// (the default, port + 10000, may not exist).
     fn spawn(dir: &std::path::Path, i: usize) -> ClusterServer {
+        let dir = dir.join(format!("s{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
         let mut failures = Vec::new();
         for _ in 0..10 {
             let (port, bus) = (free_port(), free_port());
-            let mut child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
-                .args(["--cluster-port", &bus.to_string()])
-                .arg("--cluster-config-file")
-                .arg(dir.join(format!("nodes-{i}.conf")))
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir)
-                .arg("--logfile")
-                .arg(dir.join(format!("redis-{i}.log")))
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("redis-server");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(Some(status)) = child.try_wait() {
-                    failures.push(format!("port {port}: exited with {status}"));
-                    break;
-                }
-                match redis_pid(port) {
-                    Some(pid) if pid == child.id() => return ClusterServer { child, port },
-                    Some(_) | None if Instant::now() > deadline => {
-                        failures.push(format!("port {port}: not ours or no PONG in 10 s"));
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                    _ => std::thread::sleep(Duration::from_millis(10)),
-                }
+            let extra: Vec<String> = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-port",
+                &bus.to_string(),
+                "--cluster-config-file",
+                &dir.join("nodes.conf").display().to_string(),
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+            match PrivateRedis::spawn(port, &dir, false, &extra) {
+                Ok(child) => return ClusterServer { child, port },
+                Err(e) => failures.push(e),
             }
         }
         panic!("cluster redis-server did not start: {failures:#?}");
@@ -140,20 +129,18 @@ impl PrivateRedisCluster {
             .collect()
     }
 
-    /// Keys matching `pattern` on every master.
-    pub fn keys(&self, pattern: &str) -> Vec<String> {
-        let mut keys: Vec<String> = self
-            .masters()
+    /// Keys matching `pattern`, by the master holding them.
+    pub fn keys_by_master(&self, pattern: &str) -> Vec<(u16, Vec<String>)> {
+        self.masters()
             .into_iter()
-            .flat_map(|port| {
-                cli(port, &["--scan", "--pattern", pattern])
+            .map(|port| {
+                let keys = cli(port, &["--scan", "--pattern", pattern])
                     .lines()
                     .map(str::to_owned)
-                    .collect::<Vec<_>>()
+                    .collect();
+                (port, keys)
             })
-            .collect();
-        keys.sort();
-        keys
+            .collect()
     }
 }
 
