@@ -82,6 +82,11 @@ struct FanoutArgs {
     /// Extra members of room 0 that never read (slow consumers).
     #[arg(long, default_value_t = 0)]
     slow: u64,
+    /// Every member of a room on the same gateway (room r on URL r mod
+    /// URLs), instead of members spread over all of them: the scale-out
+    /// shape, where a node should pay only for its own rooms.
+    #[arg(long)]
+    rooms_on_one_node: bool,
 }
 
 #[derive(Subcommand)]
@@ -212,6 +217,7 @@ fn fanout_params(f: &FanoutArgs, rate: u64) -> FanoutParams {
         seconds: f.seconds,
         body: f.body,
         slow: f.slow,
+        rooms_on_one_node: f.rooms_on_one_node,
     }
 }
 

@@ -264,6 +264,67 @@ async fn read_metrics(url: &str) -> anyhow::Result<BTreeMap<String, f64>> {
     Ok(out)
 }
 
+/// Redis's cost per acknowledged message between two readings: command
+/// time (every command, the ones the gateways send for limits and
+/// registry included), calls, and bytes written to its clients (per
+/// message and per delivery), with the commands that took the time.
+pub fn redis_per_message(from: &Snapshot, to: &Snapshot, messages: u64, deliveries: u64) -> Value {
+    let (Some(u0), Some(u1), Some(c0), Some(c1)) = (
+        from.redis_usec,
+        to.redis_usec,
+        from.redis_calls,
+        to.redis_calls,
+    ) else {
+        return Value::Null;
+    };
+    let per = |x: f64, n: u64| if n == 0 { 0.0 } else { x / n as f64 };
+    let out = match (from.redis_net_out, to.redis_net_out) {
+        (Some(a), Some(b)) => b - a,
+        _ => 0.0,
+    };
+    let cpu = match (from.redis_cpu, to.redis_cpu) {
+        (Some(a), Some(b)) => b - a,
+        _ => 0.0,
+    };
+    let mut commands: Vec<(String, f64, f64)> = to
+        .redis_commands
+        .iter()
+        .map(|(name, (calls, usec))| {
+            let (c, u) = from.redis_commands.get(name).copied().unwrap_or((0.0, 0.0));
+            (name.clone(), calls - c, usec - u)
+        })
+        .filter(|(_, calls, _)| *calls > 0.0)
+        .collect();
+    commands.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let usec = per(u1 - u0, messages);
+    println!(
+        "redis per message: {usec:.1} us of command time, {:.2} calls, {:.0} bytes out ({:.0} per delivery), {:.1} us CPU",
+        per(c1 - c0, messages),
+        per(out, messages),
+        per(out, deliveries),
+        per(cpu, messages) * 1e6,
+    );
+    for (name, calls, us) in commands.iter().take(5) {
+        println!(
+            "  {name:<10} {:>6.2} calls, {:>6.1} us per message ({:.1} us per call)",
+            per(*calls, messages),
+            per(*us, messages),
+            if *calls > 0.0 { us / calls } else { 0.0 }
+        );
+    }
+    json!({
+        "usec_per_message": usec,
+        "calls_per_message": per(c1 - c0, messages),
+        "bytes_out_per_message": per(out, messages),
+        "bytes_out_per_delivery": per(out, deliveries),
+        "cpu_us_per_message": per(cpu, messages) * 1e6,
+        "commands": commands
+            .iter()
+            .map(|(n, c, u)| json!({ "command": n, "calls_per_message": per(*c, messages), "usec_per_message": per(*u, messages) }))
+            .collect::<Vec<_>>(),
+    })
+}
+
 /// What the harness did in one phase, to divide costs by.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Actions {

@@ -401,6 +401,8 @@ pub struct FanoutParams {
     pub body: u64,
     /// Extra members of room 0 that never read.
     pub slow: u64,
+    /// Each room's members on one gateway (room r on URL r mod URLs).
+    pub rooms_on_one_node: bool,
 }
 
 /// One fan-out run; returns the report (and prints its summary).
@@ -412,9 +414,18 @@ pub async fn fanout(common: &Common, p: &FanoutParams, name: &str) -> anyhow::Re
         json!({
             "rooms": p.rooms, "members": p.members, "publishers": p.publishers, "rate": p.rate,
             "seconds": p.seconds, "body": p.body, "slow": p.slow, "concurrency": 64,
+            "rooms_on_one_node": u64::from(p.rooms_on_one_node),
         }),
     );
     let pids = common.gateway_pids.clone();
+    let probes = Probes::new(common.probes.clone());
+    let mut each_at_go: Vec<f64> = Vec::new();
+    let mut each_at_end: Vec<f64> = Vec::new();
+    let each_cpu = |pids: &[u32]| -> Vec<f64> {
+        pids.iter()
+            .map(|p| crate::probes::process_cpu(*p).unwrap_or(0.0))
+            .collect()
+    };
     let mut phase = 0;
     let mut go_at = 0u64;
     let mut cpu_at_go = 0.0;
@@ -434,6 +445,8 @@ pub async fn fanout(common: &Common, p: &FanoutParams, name: &str) -> anyhow::Re
                 phase = 1;
                 go_at = t + 1;
                 cpu_at_go = cpu;
+                each_at_go = each_cpu(&pids);
+                probes.mark("go");
                 Command::Broadcast("go")
             }
             // Publishing is over (a second's margin for the workers' own
@@ -448,6 +461,8 @@ pub async fn fanout(common: &Common, p: &FanoutParams, name: &str) -> anyhow::Re
                     t >= go_at + p.seconds + 30,
                 ) {
                     cpu_at_end = cpu;
+                    each_at_end = each_cpu(&pids);
+                    probes.mark("end");
                     phase = 2;
                     Command::Broadcast("stop")
                 } else {
@@ -490,12 +505,29 @@ pub async fn fanout(common: &Common, p: &FanoutParams, name: &str) -> anyhow::Re
             peak_rss as f64 / 1e6
         );
     }
+    let per_node: Vec<f64> = each_at_end
+        .iter()
+        .zip(&each_at_go)
+        .map(|(end, go)| (end - go) / p.seconds as f64)
+        .collect();
+    if per_node.len() > 1 {
+        let shown: Vec<String> = per_node
+            .iter()
+            .map(|c| format!("{:.0}%", c * 100.0))
+            .collect();
+        println!("gateway CPU per node: {}", shown.join(" "));
+    }
+    let readings = probes.readings().await;
+    let redis = match (readings.get("go"), readings.get("end")) {
+        (Some(go), Some(end)) => crate::probes::redis_per_message(go, end, get("acked"), received),
+        _ => Value::Null,
+    };
     for e in &merged.errors {
         println!("error: {e}");
     }
     let report = json!({
         "scenario": "fanout",
-        "params": { "rooms": p.rooms, "members": p.members, "publishers": p.publishers, "rate": p.rate, "seconds": p.seconds, "body": p.body, "slow": p.slow },
+        "params": { "rooms": p.rooms, "members": p.members, "publishers": p.publishers, "rate": p.rate, "seconds": p.seconds, "body": p.body, "slow": p.slow, "rooms_on_one_node": p.rooms_on_one_node, "gateways": common.urls.len() },
         "summary": {
             "deliveries_per_sec": rate,
             "delivered": received,
@@ -516,8 +548,10 @@ pub async fn fanout(common: &Common, p: &FanoutParams, name: &str) -> anyhow::Re
             "p999_ms": delivery.map(|h| ms(h.value_at_quantile(0.999))),
             "max_ms": delivery.map(|h| ms(h.max())),
             "gateway_cpu_cores": cpu,
+            "gateway_cpu_cores_per_node": per_node,
             "peak_rss_mb": peak_rss as f64 / 1e6,
         },
+        "redis": redis,
         "delivery": hist_json(&merged, "delivery"),
         "ack": hist_json(&merged, "ack"),
         "timeline": {

@@ -346,6 +346,7 @@ async fn fanout(spec: Spec, meter: Arc<Meter>) -> anyhow::Result<()> {
     let body = param(p, "body", 100) as usize;
     let concurrency = param(p, "concurrency", 64) as usize;
     let slow = param(p, "slow", 0);
+    let rooms_on_one_node = param(p, "rooms_on_one_node", 0) == 1;
     let targets = targets(&spec)?;
     let mut commands = crate::worker::commands();
     let source = source_address(spec.worker + spec.workers * (run_id(&spec) % 64) as usize);
@@ -361,7 +362,8 @@ async fn fanout(spec: Spec, meter: Arc<Meter>) -> anyhow::Result<()> {
         let permit = gate.clone().acquire_owned().await?;
         let room = if j < total { j / members } else { 0 };
         let is_pub = j < total && j % members < publishers;
-        let target = targets[j as usize % targets.len()].clone();
+        let node = if rooms_on_one_node { room } else { j };
+        let target = targets[node as usize % targets.len()].clone();
         let token = crate::token(&spec.secret, &format!("fan-{}-{j}", run_id(&spec)));
         let meter2 = meter.clone();
         pending.push(tokio::spawn(async move {

@@ -9,8 +9,11 @@
 //! # Layout
 //! - [`event`]: [`RoomEvent`], [`Position`], [`Replay`] and the error type.
 //! - [`local`]: [`LocalFanout`], the single-node engine.
-//! - [`redis`]: [`RedisStreamsFanout`], the cluster engine (Redis Streams,
-//!   one atomic script per event, one blocking reader per node).
+//! - [`redis`]: [`RedisStreamsFanout`], the cluster engine (one atomic
+//!   script per event: number, recovery log and a sharded Pub/Sub publish).
+//! - [`live`]: a node's subscriptions, by where its members are.
+//! - [`sequencer`]: per-room ordering on a node (repeats dropped, gaps
+//!   filled from the room's log).
 //! - [`cluster`]: node registry and cluster-wide per-user limits.
 //!
 //! # Invariants
@@ -24,8 +27,10 @@
 
 pub mod cluster;
 pub mod event;
+mod live;
 pub mod local;
 pub mod redis;
+pub mod sequencer;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -52,6 +57,14 @@ pub trait LocalDelivery: Send + Sync + 'static {
     /// published relative to the room events of its key's partition. The
     /// fan-out does not look inside.
     fn control(&self, _payload: &[u8]) {}
+
+    /// Whether `room` has a member on this node. A clustered engine
+    /// listens to a room's events only while it has (and asks after the
+    /// gateway added one, when it reads the room's position). Default:
+    /// always, for sinks that do not keep rooms.
+    fn has_members(&self, _room: &str) -> bool {
+        true
+    }
 }
 
 /// The fan-out engine of a node.

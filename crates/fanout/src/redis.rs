@@ -1,58 +1,67 @@
-//! Multi-node fan-out through Redis Streams.
+//! Multi-node fan-out through Redis: sharded Pub/Sub for the live path,
+//! a Redis Stream per room for recovery.
 //!
 //! # Keys
-//! Rooms are spread over `partitions` delivery streams by a stable hash
-//! of the room name (FNV-1a, the same on every node). Every key of a room
-//! carries its partition's hash tag, so the publish script's keys share a
-//! Redis Cluster slot and partitions spread over the cluster:
+//! Every key of a room carries its partition's hash tag (a stable hash of
+//! the room name, FNV-1a, the same on every node), so the publish
+//! script's keys and the room's channel share a Redis Cluster slot and
+//! rooms spread over the cluster's masters:
 //!
 //! | key | what |
 //! |---|---|
-//! | `{ns}:{p<N>}:events` | delivery stream of partition N, capped by entries and by bytes |
-//! | `{ns}:{p<N>}:size` | hash: `bytes` the delivery stream's entries hold (their fields), `len` its length as last seen |
-//! | `{ns}:{p<N>}:trimmed` | id of the newest entry trimmed off the delivery stream |
 //! | `{ns}:{p<N>}:room:<room>:epoch` | the room stream's epoch |
 //! | `{ns}:{p<N>}:room:<room>:seq` | last sequence number |
-//! | `{ns}:{p<N>}:room:<room>:log` | recovery stream, entry id `<seq>-1`, capped and expiring |
+//! | `{ns}:{p<N>}:room:<room>:log` | recovery stream, entry id `<seq>-1`, fields `f` (frame) and `o` (origin), capped and expiring |
+//! | `{ns}:{p<N>}:room:<room>:logbytes` | bytes the log's frames hold |
 //! | `{ns}:{p<N>}:room:<room>:published` | (sender, client message id) -> seq, so a retried publish whose first reply was lost is not published twice |
+//! | `{ns}:{p<N>}:room:<room>:live` | the room's shard channel (Pub/Sub, holds nothing) |
+//! | `{ns}:{p<N>}:control:{epoch,seq,log,live}` | partition N's control messages, sequenced like a room |
+//! | `{ns}:{p<N>}:incarnation` | written once; a new value means Redis lost the partition's data |
 //!
 //! # Publish
 //! One Lua script, atomically: create the epoch if missing (Redis `TIME`
 //! in ms — a Redis that lost its data starts a new epoch), `INCR` the
 //! sequence, assemble the finished frame from the template
 //! ([`chatgate_protocol::EventTemplate`]), append it to the room's
-//! recovery stream and to the partition's delivery stream. A gap in a
-//! sequence can therefore never exist.
+//! recovery stream and `SPUBLISH` it on the room's channel. A gap in a
+//! sequence can therefore never exist, and an event is live only once it
+//! is in the log. With `replicas` set, the script does not publish: the
+//! publisher first waits (`WAIT`) until that many replicas hold the event,
+//! then publishes it, so no node ever shows an event a failover can take
+//! back (see [`RedisFanoutConfig::replicas`]).
 //!
 //! # Delivery
-//! Every node, the publisher included, delivers from its own blocking
-//! `XREAD` over all partitions, on a dedicated connection (a blocked
-//! connection cannot carry other commands); on a Redis Cluster, where one
-//! read cannot span slots, one such reader per partition. Reading in stream order is
-//! what keeps a room's events in sequence order on every node. The
-//! reader also runs the publisher's `OnSequenced` (which queues the
-//! sender's ack) right after delivering that event, so the ack neither
-//! overtakes earlier events nor trails later ones; the publisher returns
-//! once that happened.
+//! A node subscribes to the channels of the rooms its members are in and
+//! to no others ([`crate::live`]): it receives, parses and delivers only
+//! what its members need, and Redis writes each event once per interested
+//! node. Pub/Sub keeps nothing for a subscriber that was away, so each
+//! node numbers what it receives per room ([`crate::sequencer`]): a skip
+//! is read from the room's log before anything after it is delivered, a
+//! repeat is dropped, and after a reconnect every subscribed room's head
+//! is compared with what was delivered. The node that published an event
+//! runs its `OnSequenced` (which queues the sender's ack) right after
+//! delivering it, so the ack neither overtakes earlier events nor trails
+//! later ones.
 //!
 //! # Faults
 //! Redis errors surface as [`FanoutError::Unavailable`] (a stored send is
 //! then answered `not_delivered` and retried by its client with the same
-//! id; stored-but-unpublished messages are published on the retry). The
-//! reader reconnects by itself and continues from the last entry it
-//! delivered; if the stream went backwards (Redis restarted without its
-//! data) it starts over from the beginning of the new stream.
+//! id; stored-but-unpublished messages are published on the retry, and a
+//! retry of an event whose live publish never happened publishes it).
+//! A Redis that lost its data is noticed by the partitions' incarnations;
+//! the node's members are then made to resume.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use dashmap::DashMap;
+use fred::interfaces::ClusterInterface;
 use fred::prelude::{
-    Builder, Client, ClientLike, Config, KeysInterface, ReconnectPolicy, StreamsInterface,
+    Builder, Client, ClientLike, Config, KeysInterface, PubsubInterface, ReconnectPolicy,
+    ServerInterface, StreamsInterface,
 };
 use fred::types::Value;
 use fred::types::scripts::Script;
@@ -60,6 +69,7 @@ use tokio::sync::oneshot;
 
 use chatgate_protocol::{Codec, EventTemplate};
 
+use crate::live::{Live, LiveConfig, Waiter, Waiters, channel_of};
 use crate::{
     Fanout, FanoutError, LocalDelivery, OnSequenced, Position, Published, Replay, RoomEvent,
 };
@@ -67,7 +77,8 @@ use crate::{
 /// Settings for [`RedisStreamsFanout`].
 #[derive(Debug, Clone)]
 pub struct RedisFanoutConfig {
-    /// `redis://host:port/db`, or `rediss://` for TLS.
+    /// `redis://host:port/db`, `rediss://` for TLS, or
+    /// `redis-cluster://host:port?node=host:port` for a Redis Cluster.
     pub url: String,
     /// TLS settings for a `rediss://` URL (default: Mozilla's and the system's roots).
     pub tls: Option<Arc<rustls::ClientConfig>>,
@@ -76,8 +87,8 @@ pub struct RedisFanoutConfig {
     pub namespace: String,
     /// This node's id (unique in the cluster).
     pub node_id: String,
-    /// Delivery streams. Default 16: enough to spread over a Redis
-    /// Cluster; every node reads all of them in one XREAD.
+    /// Hash tags rooms are spread over (and control channels, one per
+    /// tag). Default 16: enough to spread over a Redis Cluster's masters.
     pub partitions: u32,
     /// Events kept per room for resume. Default 10,000.
     pub max_log: u64,
@@ -92,20 +103,24 @@ pub struct RedisFanoutConfig {
     /// Default 24 h: quiet rooms keep their epoch, unused ones leave
     /// nothing in Redis.
     pub stream_idle_ttl: Duration,
-    /// Delivery stream cap per partition. Default 100,000 entries: far
-    /// more than any node falls behind by before it counts as lagging.
-    pub partition_maxlen: u64,
-    /// Delivery stream cap per partition, in bytes of entry fields.
-    /// Default 64 MiB (1 GiB over 16 partitions): at the largest event
-    /// (~41 KB) the entry cap alone would let a partition hold ~4 GB. A
-    /// reader that falls further behind than this loses entries; its
-    /// members see the gap in sequence numbers and reload (counted in
-    /// `FanoutStats::overruns`).
-    pub partition_max_bytes: u64,
-    /// How long a publisher waits for its own reader before it returns
-    /// without it (the event is in Redis either way; the reader still
-    /// queues the ack in its place when it gets there). Default 5 s.
+    /// How long a publisher waits for its own node to deliver its event
+    /// before it returns without it (the event is published either way;
+    /// the node still queues the ack in its place when it gets there).
+    /// Default 5 s.
     pub self_delivery_timeout: Duration,
+    /// Replicas that must hold an event before it is published live and
+    /// acknowledged (`WAIT`). 0 (default): the script publishes at once; a
+    /// master that fails before its replica has the last events loses
+    /// them, and its replica numbers new events with their numbers — set
+    /// this to 1 when Redis has replicas, so a failover never takes back
+    /// an event anyone has seen.
+    pub replicas: u32,
+    /// How long a publish waits for `replicas` (then it fails as an
+    /// outage; the sender's retry publishes it). Default 1 s.
+    pub replica_timeout: Duration,
+    /// How long a gap in a room's numbers waits for the late event before
+    /// it is read from the room's log. Default 50 ms.
+    pub gap_patience: Duration,
 }
 
 impl RedisFanoutConfig {
@@ -121,83 +136,19 @@ impl RedisFanoutConfig {
             max_log_bytes: 8 << 20,
             recovery_window: Duration::from_secs(120),
             stream_idle_ttl: Duration::from_secs(86_400),
-            partition_maxlen: 100_000,
-            partition_max_bytes: 64 << 20,
             self_delivery_timeout: Duration::from_secs(5),
+            replicas: 0,
+            replica_timeout: Duration::from_secs(1),
+            gap_patience: Duration::from_millis(50),
         }
     }
 }
 
-/// Lua shared by every script that appends to a delivery stream: the
-/// append, the byte count, and the trim that keeps the stream under both
-/// caps. Trimming removes the oldest entries down to 1/64 below the caps
-/// in one go, so a stream at its cap pays for a trim once per ~1.5% of
-/// its size, not once per entry; the entry just added is never trimmed.
-/// Every entry's size is counted the same way when added and when
-/// trimmed (the lengths of its field names and values), and the stream's
-/// length is kept beside it: entries added or removed by something else
-/// (a node of an earlier version in a rolling upgrade, an operator's
-/// XTRIM) show as a length that differs, and are counted at the average
-/// entry size (exact again once they are trimmed or the stream empties).
-/// No scan of the stream ever: every call costs the same.
-const PARTITION_APPEND: &str = r#"
-local function entry_size(fields)
-  local size = 0
-  for i = 1, #fields do size = size + #fields[i] end
-  return size
-end
-local function partition_append(stream, sizekey, trimmedkey, maxlen, maxbytes, fields)
-  local id = redis.call('XADD', stream, '*', unpack(fields))
-  local size = entry_size(fields)
-  local len = redis.call('XLEN', stream)
-  local kept = redis.call('HMGET', sizekey, 'bytes', 'len')
-  local bytes = (tonumber(kept[1]) or 0) + size
-  local known = (tonumber(kept[2]) or 0) + 1
-  if len == 1 then
-    bytes = size
-  elseif len ~= known then
-    -- Entries added or removed by something else (a node of an earlier
-    -- version, an operator's XTRIM): counted at the average size kept.
-    local average = (known > 1) and ((bytes - size) / (known - 1)) or size
-    bytes = math.max(size, math.floor(bytes + (len - known) * average))
-  end
-  if bytes > maxbytes or len > maxlen then
-    local lowbytes = maxbytes - math.floor(maxbytes / 64)
-    local lowlen = maxlen - math.floor(maxlen / 64)
-    local trimmed
-    local done = false
-    while not done and (bytes > lowbytes or len > lowlen) do
-      local batch = redis.call('XRANGE', stream, '-', '+', 'COUNT', 64)
-      local ids = {}
-      for _, e in ipairs(batch) do
-        if e[1] == id or (bytes <= lowbytes and len <= lowlen) then
-          done = true
-          break
-        end
-        bytes = bytes - entry_size(e[2])
-        len = len - 1
-        ids[#ids + 1] = e[1]
-      end
-      if #ids == 0 then break end
-      redis.call('XDEL', stream, unpack(ids))
-      trimmed = ids[#ids]
-    end
-    if len == 1 or bytes < size then bytes = size end
-    if trimmed then redis.call('SET', trimmedkey, trimmed) end
-  end
-  redis.call('HSET', sizekey, 'bytes', bytes, 'len', len)
-  return id
-end
-"#;
-
-/// Appends one entry to a delivery stream (typing, control messages):
-/// KEYS stream, size, trimmed; ARGV maxlen, maxbytes, then field, value...
-const APPEND: &str = r#"
-local fields = {}
-for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
-return partition_append(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[2]), fields)
-"#;
-
+/// The publish script. KEYS: epoch, seq, log, published, logbytes,
+/// channel. ARGV: frame head, mid, tail; instance, conn, pid; max log
+/// entries, recovery window ms, idempotency key, idle ttl ms, max log
+/// bytes, publish now ('1') or return the live message ('0').
+/// Returns { epoch, seq, repeated, live message or '' }.
 const PUBLISH: &str = r#"
 local function varint(v)
   if v < 251 then return string.char(v) end
@@ -213,11 +164,26 @@ local function varint(v)
   return table.concat(t)
 end
 local epoch = redis.call('GET', KEYS[1])
-if epoch and ARGV[11] ~= '' then
+if epoch and ARGV[9] ~= '' then
   -- A retry of an event whose first publish succeeded but whose reply
-  -- was lost: answer with the original position, publish nothing.
-  local prev = redis.call('HGET', KEYS[5], ARGV[11])
-  if prev then return { epoch, tonumber(prev), 1 } end
+  -- was lost: answer with the original position. A publisher that waits
+  -- for replicas may have failed before publishing it live: it gets the
+  -- live message back to publish (nodes drop it if they had it).
+  local prev = redis.call('HGET', KEYS[4], ARGV[9])
+  if prev then
+    local again = ''
+    if ARGV[12] == '0' then
+      local e = redis.call('XRANGE', KEYS[3], prev .. '-1', prev .. '-1')
+      if #e == 1 then
+        local f, frame, origin = e[1][2], nil, nil
+        for i = 1, #f, 2 do
+          if f[i] == 'f' then frame = f[i + 1] elseif f[i] == 'o' then origin = f[i + 1] end
+        end
+        if frame and origin then again = 's' .. origin .. '\n' .. frame end
+      end
+    end
+    return { epoch, tonumber(prev), 1, again }
+  end
 end
 if not epoch then
   local t = redis.call('TIME')
@@ -225,44 +191,66 @@ if not epoch then
   redis.call('SET', KEYS[1], epoch)
 end
 local seq = redis.call('INCR', KEYS[2])
--- A room's stream lives while it is used: idle for ARGV[12] ms, its
+-- A room's stream lives while it is used: idle for ARGV[10] ms, its
 -- epoch and counter expire, and the next publish starts a stream with a
 -- new epoch (a resume from the old one is told so).
-redis.call('PEXPIRE', KEYS[1], ARGV[12])
-redis.call('PEXPIRE', KEYS[2], ARGV[12])
-if ARGV[11] ~= '' then
-  redis.call('HSET', KEYS[5], ARGV[11], seq)
-  redis.call('PEXPIRE', KEYS[5], ARGV[10])
+redis.call('PEXPIRE', KEYS[1], ARGV[10])
+redis.call('PEXPIRE', KEYS[2], ARGV[10])
+if ARGV[9] ~= '' then
+  redis.call('HSET', KEYS[4], ARGV[9], seq)
+  redis.call('PEXPIRE', KEYS[4], ARGV[8])
 end
 local frame = ARGV[1] .. varint(tonumber(epoch)) .. ARGV[2] .. varint(seq) .. ARGV[3]
-redis.call('XADD', KEYS[3], seq .. '-1', 'f', frame)
--- The room's log is bounded by count and by bytes (KEYS[6] keeps its
--- size): the oldest entries go until both hold, so a few large events
--- cannot hold what thousands of small ones would.
-local bytes = redis.call('INCRBY', KEYS[6], #frame)
-local maxlen, maxbytes = tonumber(ARGV[8]), tonumber(ARGV[13])
-while bytes > maxbytes or redis.call('XLEN', KEYS[3]) > maxlen do
-  local oldest = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
-  if #oldest == 0 then
-    redis.call('SET', KEYS[6], 0)
-    break
+local origin = epoch .. ' ' .. seq .. ' ' .. ARGV[5] .. ' ' .. ARGV[6] .. ' ' .. ARGV[4]
+redis.call('XADD', KEYS[3], seq .. '-1', 'f', frame, 'o', origin)
+-- The room's log is bounded by count and by bytes (KEYS[5] keeps the
+-- frames' size): the oldest entries go until both hold, so a few large
+-- events cannot hold what thousands of small ones would.
+local bytes = redis.call('INCRBY', KEYS[5], #frame)
+local maxlen, maxbytes = tonumber(ARGV[7]), tonumber(ARGV[11])
+if bytes > maxbytes or seq > maxlen then
+  while bytes > maxbytes or redis.call('XLEN', KEYS[3]) > maxlen do
+    local oldest = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
+    if #oldest == 0 then
+      redis.call('SET', KEYS[5], 0)
+      break
+    end
+    redis.call('XDEL', KEYS[3], oldest[1][1])
+    bytes = redis.call('DECRBY', KEYS[5], #oldest[1][2][2])
   end
-  redis.call('XDEL', KEYS[3], oldest[1][1])
-  bytes = redis.call('DECRBY', KEYS[6], #oldest[1][2][2])
 end
-redis.call('PEXPIRE', KEYS[3], ARGV[10])
-redis.call('PEXPIRE', KEYS[6], ARGV[10])
-partition_append(KEYS[4], KEYS[7], KEYS[8], tonumber(ARGV[9]), tonumber(ARGV[14]), {
-  'r', ARGV[4], 'f', frame, 'n', ARGV[5], 'c', ARGV[6], 'p', ARGV[7], 'h', epoch, 'q', tostring(seq) })
-return { epoch, seq, 0 }
+redis.call('PEXPIRE', KEYS[3], ARGV[8])
+redis.call('PEXPIRE', KEYS[5], ARGV[8])
+local live = 's' .. origin .. '\n' .. frame
+if ARGV[12] == '1' then
+  redis.call('SPUBLISH', KEYS[6], live)
+  live = ''
+end
+return { epoch, seq, 0, live }
 "#;
 
-/// A partition's incarnation: written once (first writer wins) and read
-/// back. A different value than the one a reader remembers means the
-/// partition's data was lost since it last looked.
-const INCARNATION: &str = r#"
-redis.call('SET', KEYS[1], ARGV[1], 'NX')
-return redis.call('GET', KEYS[1])
+/// A control message, sequenced like a room's events. KEYS: epoch, seq,
+/// log, channel. ARGV: payload, instance, entries kept, ttl ms, publish
+/// now. Returns the live message when not published.
+const CONTROL: &str = r#"
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  local t = redis.call('TIME')
+  epoch = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  redis.call('SET', KEYS[1], epoch)
+end
+local seq = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+local origin = epoch .. ' ' .. seq .. ' 0 0 ' .. ARGV[2]
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], seq .. '-1', 'f', ARGV[1], 'o', origin)
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+local live = 's' .. origin .. '\n' .. ARGV[1]
+if ARGV[5] == '1' then
+  redis.call('SPUBLISH', KEYS[4], live)
+  live = ''
+end
+return live
 "#;
 
 /// A room's position. A room without a stream gets its epoch here, so a
@@ -270,7 +258,7 @@ return redis.call('GET', KEYS[1])
 /// expires after the recovery window unless events keep it (a resume or
 /// join naming made-up rooms leaves nothing for long). Asking does not
 /// extend it.
-const POSITION: &str = r#"
+pub(crate) const POSITION: &str = r#"
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   local t = redis.call('TIME')
@@ -281,6 +269,9 @@ end
 local seq = redis.call('GET', KEYS[2]) or '0'
 return { epoch, tonumber(seq) }
 "#;
+
+/// Control messages kept per partition for nodes that were away.
+const CONTROL_LOG: i64 = 1_000;
 
 /// Stable 64-bit FNV-1a (the partition of a room must not depend on the
 /// process, as Rust's default hasher does).
@@ -296,59 +287,55 @@ fn fnv1a(s: &str) -> u64 {
 /// Health counters for `/metrics` and `/health`.
 #[derive(Debug, Default)]
 pub struct FanoutStats {
-    /// True while the reader's last XREAD succeeded.
+    /// True while the live path's last Redis call succeeded.
     pub connected: AtomicBool,
-    /// Reader errors (each followed by a reconnect attempt).
+    /// Live path errors (each followed by a retry).
     pub read_errors: AtomicU64,
-    /// Times the reader recovered after errors.
+    /// Times the Pub/Sub connection came back (and every subscribed room
+    /// was checked against its head).
     pub reconnects: AtomicU64,
-    /// Age in ms of the last delivered entry when it was delivered.
+    /// How long the oldest gap in a room's numbers has been waiting, ms.
     pub lag_ms: AtomicI64,
-    /// Entries delivered from the streams.
+    /// Events delivered to this node's members.
     pub delivered: AtomicU64,
     /// Publish script failures.
     pub publish_errors: AtomicU64,
     /// Times the partitions were found emptied (Redis lost its data).
     pub streams_lost: AtomicU64,
-    /// Times a delivery stream was found trimmed past what this node had
-    /// read (it fell further behind than `partition_max_bytes`).
+    /// Events this node could neither receive live nor read from a room's
+    /// log (trimmed, expired, lost with Redis): its members see the gap in
+    /// the numbers and reload.
     pub overruns: AtomicU64,
 }
 
-/// A publish waiting for this node's reader to deliver its event.
-struct Waiter {
-    delivered: oneshot::Sender<(Bytes, Position)>,
-    on_sequenced: Option<OnSequenced>,
-    since: std::time::Instant,
-}
-
-/// How long a waiter whose event the reader has not delivered is kept
-/// (the reader is behind or Redis lost the entry; in the second case the
-/// node's members are made to resume and the sender's retry is answered
-/// from the record).
+/// How long a waiter whose event this node has not delivered is kept.
 const WAITER_TTL: Duration = Duration::from_secs(120);
 
-type Waiters = DashMap<u64, Waiter>;
+/// Connections a publisher that waits for replicas spreads over: `WAIT`
+/// holds its connection until the replicas answer.
+const REPLICATED_PUBLISHERS: usize = 8;
 
-/// The Redis Streams [`Fanout`].
+/// The Redis [`Fanout`].
 pub struct RedisStreamsFanout {
     config: RedisFanoutConfig,
-    /// `node_id@start_ms`, written into every entry this process adds.
+    /// `node_id@start_ms`, written into every event this process publishes.
     instance: String,
     codec: Codec,
     client: Client,
+    /// Connections for publishes that wait for replicas (empty otherwise).
+    replicated: Vec<Client>,
+    next_replicated: AtomicUsize,
     publish: Script,
-    append: Script,
+    control: Script,
     position: Script,
     waiters: Arc<Waiters>,
     next_pid: AtomicU64,
     stats: Arc<FanoutStats>,
-    /// One reader task over every partition, or one per partition on a
-    /// Redis Cluster.
-    readers: Vec<tokio::task::JoinHandle<()>>,
+    live: Live,
+    sink: Arc<dyn LocalDelivery>,
 }
 
-fn err(e: impl std::fmt::Display) -> FanoutError {
+pub(crate) fn err(e: impl std::fmt::Display) -> FanoutError {
     FanoutError::Unavailable(e.to_string())
 }
 
@@ -418,7 +405,7 @@ pub fn redis_client(
 }
 
 impl RedisStreamsFanout {
-    /// Connects and starts this node's reader.
+    /// Connects and starts this node's live path.
     pub async fn connect(
         config: RedisFanoutConfig,
         codec: Codec,
@@ -430,90 +417,78 @@ impl RedisStreamsFanout {
             Some(Duration::from_secs(2)),
         )?;
         start_connecting(&client).await;
-        let reader_client = redis_client(&config.url, config.tls.as_ref(), None)?;
-        let waiters: Arc<Waiters> = Arc::new(DashMap::new());
+        // Subscriptions get their own connections: a subscribed RESP2
+        // connection carries nothing else.
+        let subscriber = redis_client(
+            &config.url,
+            config.tls.as_ref(),
+            Some(Duration::from_secs(2)),
+        )?;
+        let replicated = if config.replicas > 0 {
+            let mut clients = Vec::with_capacity(REPLICATED_PUBLISHERS);
+            for _ in 0..REPLICATED_PUBLISHERS {
+                let c = client.clone_new();
+                let _task = c.connect();
+                clients.push(c);
+            }
+            clients
+        } else {
+            Vec::new()
+        };
+        let waiters: Arc<Waiters> = Arc::new(Waiters::new());
         let stats = Arc::new(FanoutStats::default());
-        // Entries name their publishing process, not only its node: the
+        // Events name their publishing process, not only its node: the
         // publish ids and connection ids they carry restart with the
         // process, and a restarted node reusing its id must not take a
-        // predecessor's entries for its own.
-        let instance = format!("{}@{}", config.node_id, now_ms());
-        // One Redis: one blocking XREAD over every partition. A Redis
-        // Cluster refuses a read over keys of several slots (CROSSSLOT),
-        // and each partition is its own slot: a reader per partition, each
-        // on its own connections (a blocked connection carries nothing
-        // else). Order only matters within a partition, so nothing is
-        // lost by reading them apart.
-        let groups: Vec<Vec<u32>> = if reader_client.is_clustered() {
-            (0..config.partitions).map(|p| vec![p]).collect()
-        } else {
-            vec![(0..config.partitions).collect()]
-        };
-        let mut readers = Vec::with_capacity(groups.len());
-        let mut started = Vec::with_capacity(groups.len());
-        for (i, partitions) in groups.into_iter().enumerate() {
-            let client = if i == 0 {
-                reader_client.clone()
-            } else {
-                reader_client.clone_new()
-            };
-            let ns = &config.namespace;
-            let reader = Reader {
-                client,
-                keys: partitions.iter().map(|p| partition_key(ns, *p)).collect(),
-                incarnation_keys: partitions
-                    .iter()
-                    .map(|p| format!("{ns}:{{p{p}}}:incarnation"))
-                    .collect(),
-                trimmed_keys: partitions
-                    .iter()
-                    .map(|p| partition_side_key(ns, *p, "trimmed"))
-                    .collect(),
-                incarnation: Script::from_lua(INCARNATION),
-                checks: AtomicU64::new(0),
+        // predecessor's events for its own. No whitespace: the instance
+        // ends a space-separated header.
+        let node: String = config
+            .node_id
+            .chars()
+            .map(|c| if c.is_whitespace() { '_' } else { c })
+            .collect();
+        let instance = format!("{node}@{}", now_ms());
+        let position = Script::from_lua(POSITION);
+        let live = Live::start(
+            LiveConfig {
+                namespace: config.namespace.clone(),
+                partitions: config.partitions.max(1),
                 instance: instance.clone(),
-                codec,
-                sink: sink.clone(),
-                waiters: waiters.clone(),
-                stats: stats.clone(),
-            };
-            let (probed, probe) = oneshot::channel::<()>();
-            started.push(probe);
-            readers.push(tokio::spawn(async move {
-                start_connecting(&reader.client).await;
-                // Bounded: the reader's connection has no command timeout
-                // (its reads block by design), and a Redis unreachable at
-                // start must not hold the node's start-up; the reader
-                // starts over by itself.
-                let start_ids = tokio::time::timeout(START_PROBE, reader.current_ids())
-                    .await
-                    .ok()
-                    .flatten();
-                let known = match tokio::time::timeout(START_PROBE, reader.incarnations()).await {
-                    Ok(Ok(known)) => Some(known),
-                    _ => None,
-                };
-                drop(probed);
-                reader.run(start_ids, known).await;
-            }));
-        }
-        // Every reader knows where it starts before the node serves: what
-        // is published from now on reaches it.
-        for probe in started {
-            let _ = probe.await;
-        }
+                gap_patience: config.gap_patience,
+                head_delay: if config.replicas > 0 {
+                    config.replica_timeout
+                } else {
+                    Duration::ZERO
+                },
+                epoch_ttl_ms: config.recovery_window.as_millis().max(1) as i64,
+            },
+            subscriber,
+            client.clone(),
+            position.clone(),
+            codec,
+            sink.clone(),
+            waiters.clone(),
+            stats.clone(),
+        );
+        // Control channels are listened to before the node serves, so a
+        // control published from now on reaches it (bounded: a Redis down
+        // at start must not hold start-up).
+        let _ = tokio::time::timeout(START_PROBE, live.started()).await;
         Ok(RedisStreamsFanout {
             instance,
-            publish: Script::from_lua(format!("{PARTITION_APPEND}{PUBLISH}")),
-            append: Script::from_lua(format!("{PARTITION_APPEND}{APPEND}")),
-            position: Script::from_lua(POSITION),
+            publish: Script::from_lua(PUBLISH),
+            control: Script::from_lua(CONTROL),
+            position,
             config,
             codec,
             client,
+            replicated,
+            next_replicated: AtomicUsize::new(0),
             waiters,
             next_pid: AtomicU64::new(1),
             stats,
-            readers,
+            live,
+            sink,
         })
     }
 
@@ -526,62 +501,83 @@ impl RedisStreamsFanout {
         (fnv1a(room) % u64::from(self.config.partitions.max(1))) as u32
     }
 
-    /// The keys of partition `p`'s delivery stream, its size and its trim
-    /// mark (one hash tag: one Redis Cluster slot).
-    fn partition_keys(&self, p: u32) -> [String; 3] {
-        let ns = &self.config.namespace;
-        [
-            partition_key(ns, p),
-            partition_side_key(ns, p, "size"),
-            partition_side_key(ns, p, "trimmed"),
-        ]
-    }
-
-    /// Appends an entry outside the publish script (typing, control
-    /// messages) to the delivery stream of `key`'s partition, under the
-    /// same caps as published events.
-    async fn append(&self, key: &str, fields: Vec<(&str, Value)>) -> Result<(), FanoutError> {
-        let mut args: Vec<Value> = Vec::with_capacity(2 + 2 * fields.len());
-        args.push((self.config.partition_maxlen as i64).into());
-        args.push((self.config.partition_max_bytes as i64).into());
-        for (name, value) in fields {
-            args.push(name.into());
-            args.push(value);
-        }
-        let keys = self.partition_keys(self.partition(key)).to_vec();
-        self.append
-            .evalsha_with_reload::<Value, _, _>(&self.client, keys, args)
-            .await
-            .map_err(err)?;
-        Ok(())
-    }
-
-    fn room_key(&self, room: &str, what: &str) -> String {
+    /// `{ns}:{p<N>}:room:<room>`: the prefix of every key of the room.
+    fn room_base(&self, room: &str) -> String {
         format!(
-            "{}:{{p{}}}:room:{room}:{what}",
+            "{}:{{p{}}}:room:{room}",
             self.config.namespace,
             self.partition(room)
         )
+    }
+
+    fn room_key(&self, room: &str, what: &str) -> String {
+        format!("{}:{what}", self.room_base(room))
+    }
+
+    /// The connection a publish runs on: with replicas to wait for, one of
+    /// the dedicated ones (a `WAIT` must follow the write on the same
+    /// connection).
+    fn publisher(&self) -> &Client {
+        if self.replicated.is_empty() {
+            return &self.client;
+        }
+        let i = self.next_replicated.fetch_add(1, Ordering::Relaxed) % self.replicated.len();
+        &self.replicated[i]
+    }
+
+    /// Waits until `replicas` replicas hold what `client` wrote to the
+    /// master of `key`'s slot, then publishes `live` on `channel`.
+    async fn replicate_then_publish(
+        &self,
+        client: &Client,
+        key: &str,
+        channel: String,
+        live: Bytes,
+    ) -> Result<(), FanoutError> {
+        let want = i64::from(self.config.replicas);
+        let timeout = self.config.replica_timeout.as_millis().max(1) as i64;
+        let acked: i64 = if client.is_clustered() {
+            // The WAIT must reach the master the script ran on, over the
+            // same connection (it counts that connection's writes).
+            let slot = fred::util::redis_keyslot(key.as_bytes());
+            let server = client
+                .cached_cluster_state()
+                .and_then(|state| state.get_server(slot).cloned())
+                .ok_or_else(|| FanoutError::Unavailable("no master known for the slot".into()))?;
+            client
+                .with_cluster_node(server)
+                .wait(want, timeout)
+                .await
+                .map_err(err)?
+        } else {
+            client.wait(want, timeout).await.map_err(err)?
+        };
+        if acked < want {
+            return Err(FanoutError::Unavailable(format!(
+                "{acked} of {want} replicas acknowledged in time"
+            )));
+        }
+        let _: i64 = self
+            .client
+            .spublish(channel, Value::Bytes(live))
+            .await
+            .map_err(err)?;
+        Ok(())
     }
 }
 
 impl Drop for RedisStreamsFanout {
     fn drop(&mut self) {
-        for reader in &self.readers {
-            reader.abort();
+        for c in &self.replicated {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let _ = c.quit().await;
+            });
         }
     }
 }
 
-fn partition_key(namespace: &str, p: u32) -> String {
-    format!("{namespace}:{{p{p}}}:events")
-}
-
-fn partition_side_key(namespace: &str, p: u32, what: &str) -> String {
-    format!("{namespace}:{{p{p}}}:{what}")
-}
-
-fn as_u64(v: &Value) -> Option<u64> {
+pub(crate) fn as_u64(v: &Value) -> Option<u64> {
     match v {
         Value::Integer(i) => u64::try_from(*i).ok(),
         Value::String(s) => s.parse().ok(),
@@ -590,7 +586,7 @@ fn as_u64(v: &Value) -> Option<u64> {
     }
 }
 
-fn as_bytes(v: &Value) -> Option<Bytes> {
+pub(crate) fn as_bytes(v: &Value) -> Option<Bytes> {
     match v {
         Value::Bytes(b) => Some(b.clone()),
         Value::String(s) => Some(Bytes::copy_from_slice(s.as_bytes())),
@@ -598,7 +594,7 @@ fn as_bytes(v: &Value) -> Option<Bytes> {
     }
 }
 
-fn as_str(v: &Value) -> Option<String> {
+pub(crate) fn as_str(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.to_string()),
         Value::Bytes(b) => String::from_utf8(b.to_vec()).ok(),
@@ -607,7 +603,7 @@ fn as_str(v: &Value) -> Option<String> {
     }
 }
 
-fn pair(v: Value) -> Result<(u64, u64), FanoutError> {
+pub(crate) fn pair(v: Value) -> Result<(u64, u64), FanoutError> {
     match v {
         Value::Array(a) if a.len() == 2 => match (as_u64(&a[0]), as_u64(&a[1])) {
             (Some(e), Some(s)) => Ok((e, s)),
@@ -619,20 +615,8 @@ fn pair(v: Value) -> Result<(u64, u64), FanoutError> {
     }
 }
 
-fn triple(v: Value) -> Result<(u64, u64, bool), FanoutError> {
-    match v {
-        Value::Array(a) if a.len() == 3 => match (as_u64(&a[0]), as_u64(&a[1]), as_u64(&a[2])) {
-            (Some(e), Some(s), Some(r)) => Ok((e, s, r == 1)),
-            _ => Err(FanoutError::Unavailable("unexpected script reply".into())),
-        },
-        other => Err(FanoutError::Unavailable(format!(
-            "unexpected script reply {other:?}"
-        ))),
-    }
-}
-
 /// Stream entries as (id, field -> value).
-fn entries(v: &Value) -> Vec<(String, HashMap<String, Value>)> {
+pub(crate) fn entries(v: &Value) -> Vec<(String, HashMap<String, Value>)> {
     let Value::Array(list) = v else {
         return Vec::new();
     };
@@ -663,7 +647,7 @@ fn entries(v: &Value) -> Vec<(String, HashMap<String, Value>)> {
         .collect()
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -690,16 +674,15 @@ impl Fanout for RedisStreamsFanout {
         let template = EventTemplate::of(&frame, self.codec.config().max_frame_bytes)
             .map_err(|e| FanoutError::Encode(e.to_string()))?
             .ok_or_else(|| FanoutError::Encode("not a room event".into()))?;
-        let [stream, size, trimmed] = self.partition_keys(self.partition(room));
+        let base = self.room_base(room);
+        let channel = channel_of(&base);
         let keys = vec![
-            self.room_key(room, "epoch"),
-            self.room_key(room, "seq"),
-            self.room_key(room, "log"),
-            stream,
-            self.room_key(room, "published"),
-            self.room_key(room, "logbytes"),
-            size,
-            trimmed,
+            format!("{base}:epoch"),
+            format!("{base}:seq"),
+            format!("{base}:log"),
+            format!("{base}:published"),
+            format!("{base}:logbytes"),
+            channel.clone(),
         ];
         let pid = self.next_pid.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -709,47 +692,55 @@ impl Fanout for RedisStreamsFanout {
                 delivered: tx,
                 on_sequenced,
                 since: std::time::Instant::now(),
+                room: room.to_owned(),
             },
         );
+        let publish_now = self.config.replicas == 0;
         let args: Vec<Value> = vec![
             Value::Bytes(template.head.into()),
             Value::Bytes(template.mid.into()),
             Value::Bytes(template.tail.into()),
-            room.into(),
             self.instance.as_str().into(),
             (exclude.unwrap_or(0) as i64).into(),
             (pid as i64).into(),
             (self.config.max_log as i64).into(),
-            (self.config.partition_maxlen as i64).into(),
             (self.config.recovery_window.as_millis() as i64).into(),
             dedupe.into(),
             (self.config.stream_idle_ttl.as_millis().max(1) as i64).into(),
             (self.config.max_log_bytes as i64).into(),
-            (self.config.partition_max_bytes as i64).into(),
+            if publish_now { "1" } else { "0" }.into(),
         ];
-        let reply: Result<Value, _> = self
-            .publish
-            .evalsha_with_reload(&self.client, keys, args)
-            .await;
+        let client = self.publisher();
+        let reply: Result<Value, _> = self.publish.evalsha_with_reload(client, keys, args).await;
         let mut rx = rx;
-        let (epoch, seq, repeated) = match reply.map_err(err).and_then(triple) {
+        let outcome = reply.map_err(err).and_then(published_reply);
+        let outcome = match outcome {
+            Ok((position, repeated, live)) if !live.is_empty() => self
+                .replicate_then_publish(client, &base, channel, live)
+                .await
+                .map(|()| (position, repeated)),
+            Ok((position, repeated, _)) => Ok((position, repeated)),
+            Err(e) => Err(e),
+        };
+        let (position, repeated) = match outcome {
             Ok(v) => v,
             Err(e) => {
                 // The script may have run with only its reply lost (Redis
-                // went away right after it). Then the entry is in the
-                // stream, and this node's reader acknowledges it in its
-                // place once it reads it: give the reader a moment (Redis
-                // back from a restart) before calling this a failure, or
-                // the sender would be told "not delivered" of a message
-                // the room has, and its retry answered only as a duplicate.
-                let wait = self.config.self_delivery_timeout.min(LOST_REPLY_WAIT);
-                if let Ok(Ok((frame, position))) = tokio::time::timeout(wait, &mut rx).await {
-                    return Ok(Published { position, frame });
+                // went away right after it). Then the event is live, and
+                // this node acknowledges it in its place once it delivers
+                // it: give it a moment (Redis back from a restart) before
+                // calling this a failure, or the sender would be told "not
+                // delivered" of a message the room has, and its retry
+                // answered only as a duplicate.
+                if self.live.tracks(room) {
+                    let wait = self.config.self_delivery_timeout.min(LOST_REPLY_WAIT);
+                    if let Ok(Ok((frame, position))) = tokio::time::timeout(wait, &mut rx).await {
+                        return Ok(Published { position, frame });
+                    }
                 }
                 if self.waiters.remove(&pid).is_none() {
-                    // The script ran and only its reply was lost: this
-                    // node's reader has delivered the event and queued
-                    // the ack. One reply per request: this is a success.
+                    // Delivered meanwhile and acknowledged in its place:
+                    // one reply per request, this is a success.
                     if let Ok((frame, position)) = rx.await {
                         return Ok(Published { position, frame });
                     }
@@ -758,9 +749,8 @@ impl Fanout for RedisStreamsFanout {
                 return Err(e);
             }
         };
-        let position = Position { epoch, seq };
         if repeated {
-            // Published before; its delivery is already in the stream.
+            // Published before; its delivery is already under way.
             if let Some((_, w)) = self.waiters.remove(&pid)
                 && let Some(ack) = w.on_sequenced
             {
@@ -771,20 +761,22 @@ impl Fanout for RedisStreamsFanout {
                 frame: Bytes::new(),
             });
         }
-        // This node's reader delivers the event and runs `on_sequenced`
-        // in stream order (so the sender's ack keeps its place among the
-        // room's events); wait for that before returning.
+        // This node delivers the event and runs `on_sequenced` in the
+        // room's order (so the sender's ack keeps its place among the
+        // room's events); if it will not deliver it (no member here, or it
+        // started listening after the event), it acknowledges at once.
+        self.live.published(&base, pid, position);
         let frame = match tokio::time::timeout(self.config.self_delivery_timeout, &mut rx).await {
             Ok(Ok((frame, _))) => frame,
             _ => {
-                // The event is published; only this node's reader is
-                // behind. The ack stays with the waiter, for the reader to
-                // queue in its place when it gets there: queued now, it
-                // would overtake the events the reader has not delivered.
+                // The event is published; only this node is behind. The
+                // ack stays with the waiter, for the node to queue in its
+                // place when it gets there: queued now, it would overtake
+                // the events not delivered yet.
                 tracing::warn!(
                     room,
-                    seq,
-                    "own event not read back in time; the reader will acknowledge it"
+                    seq = position.seq,
+                    "own event not delivered in time; it will be acknowledged in its place"
                 );
                 Bytes::new()
             }
@@ -798,16 +790,17 @@ impl Fanout for RedisStreamsFanout {
         frame: Bytes,
         exclude: Option<u64>,
     ) -> Result<(), FanoutError> {
-        // Typing is best effort: it rides the delivery stream (so other
-        // nodes see it) but takes no sequence and no log entry.
-        let fields: Vec<(&str, Value)> = vec![
-            ("r", room.into()),
-            ("f", Value::Bytes(frame)),
-            ("n", self.instance.as_str().into()),
-            ("c", (exclude.unwrap_or(0) as i64).into()),
-            ("e", 1.into()),
-        ];
-        self.append(room, fields).await
+        // Typing is best effort: live only, no number, no log.
+        let header = format!("e{} {}\n", exclude.unwrap_or(0), self.instance);
+        let mut message = Vec::with_capacity(header.len() + frame.len());
+        message.extend_from_slice(header.as_bytes());
+        message.extend_from_slice(&frame);
+        let _: i64 = self
+            .client
+            .spublish(self.room_key(room, "live"), Value::Bytes(message.into()))
+            .await
+            .map_err(err)?;
+        Ok(())
     }
 
     async fn forget_room(&self, room: &str) -> Result<(), FanoutError> {
@@ -825,23 +818,61 @@ impl Fanout for RedisStreamsFanout {
     }
 
     async fn control(&self, key: &str, payload: Bytes) -> Result<(), FanoutError> {
-        // Rides the key's delivery stream: every node reads it in order
-        // with that stream's events, and a lost stream is noticed for it
-        // as for them (incarnations).
-        let fields: Vec<(&str, Value)> = vec![
-            ("x", Value::Bytes(payload)),
-            ("n", self.instance.as_str().into()),
-        ];
-        self.append(key, fields).await
+        // Sequenced on the key's partition's control channel: every node
+        // listens to all of them, in order with that partition's rooms
+        // (one slot, one connection), and reads what it missed from the
+        // control log.
+        let base = crate::live::control_base(&self.config.namespace, self.partition(key));
+        let channel = channel_of(&base);
+        let publish_now = self.config.replicas == 0;
+        let client = self.publisher();
+        let live: Value = self
+            .control
+            .evalsha_with_reload(
+                client,
+                vec![
+                    format!("{base}:epoch"),
+                    format!("{base}:seq"),
+                    format!("{base}:log"),
+                    channel.clone(),
+                ],
+                vec![
+                    Value::Bytes(payload),
+                    self.instance.as_str().into(),
+                    CONTROL_LOG.into(),
+                    (self.config.stream_idle_ttl.as_millis().max(1) as i64).into(),
+                    if publish_now { "1" } else { "0" }.into(),
+                ],
+            )
+            .await
+            .map_err(err)?;
+        match as_bytes(&live) {
+            Some(live) if !live.is_empty() => {
+                self.replicate_then_publish(client, &base, channel, live)
+                    .await
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn position(&self, room: &str) -> Result<Position, FanoutError> {
-        let keys = vec![self.room_key(room, "epoch"), self.room_key(room, "seq")];
+        let base = self.room_base(room);
+        // A room with members here is listened to from now on (the caller
+        // has just added one): subscribed before the position is read, so
+        // every event after it reaches them.
+        if self.sink.has_members(room)
+            && let Some(started) = self
+                .live
+                .track(room, base.clone(), self.config.self_delivery_timeout)
+                .await?
+        {
+            return Ok(started);
+        }
         let reply: Value = self
             .position
             .evalsha_with_reload(
                 &self.client,
-                keys,
+                vec![format!("{base}:epoch"), format!("{base}:seq")],
                 vec![Value::from(
                     self.config.recovery_window.as_millis().max(1) as i64
                 )],
@@ -929,262 +960,30 @@ impl Fanout for RedisStreamsFanout {
     }
 }
 
-/// How long start-up asks Redis for the partitions' positions before
-/// leaving it to the reader (Redis unreachable at start).
+/// How long start-up waits for the control channels before leaving it to
+/// the live path (Redis unreachable at start).
 const START_PROBE: Duration = Duration::from_secs(2);
 
-/// How long a publish whose reply was lost waits for this node's reader
-/// to find the event anyway (see `publish`).
+/// How long a publish whose reply was lost waits for this node to
+/// deliver the event anyway (see `publish`).
 const LOST_REPLY_WAIT: Duration = Duration::from_secs(2);
 
-/// How often a reader that never lost its connection checks that the
-/// partitions were not emptied under it (FLUSHALL, a failover to an
-/// empty replica).
-const INCARNATION_CHECK: Duration = Duration::from_secs(5);
-
-/// This node's reader of every partition stream.
-struct Reader {
-    client: Client,
-    keys: Vec<String>,
-    incarnation_keys: Vec<String>,
-    /// Per partition: the newest entry trimmed off (see `check_overruns`).
-    trimmed_keys: Vec<String>,
-    incarnation: Script,
-    /// Incarnation checks made; with the time, makes every candidate
-    /// value new (a partition recreated must never get its old value).
-    checks: AtomicU64,
-    /// This process's `node_id@start_ms` (see `RedisStreamsFanout`).
-    instance: String,
-    codec: Codec,
-    sink: Arc<dyn LocalDelivery>,
-    waiters: Arc<Waiters>,
-    stats: Arc<FanoutStats>,
-}
-
-impl Reader {
-    /// The last id of every partition now: a new node starts with what is
-    /// published after it started.
-    /// `None` while Redis cannot be reached: the reader must not guess
-    /// (reading from `0-0` would redeliver every retained entry).
-    async fn current_ids(&self) -> Option<Vec<String>> {
-        let mut ids = Vec::with_capacity(self.keys.len());
-        for key in &self.keys {
-            let last: Value = self.client.xrevrange(key, "+", "-", Some(1)).await.ok()?;
-            let id = entries(&last).into_iter().next().map(|(id, _)| id);
-            ids.push(id.unwrap_or_else(|| "0-0".into()));
-        }
-        Some(ids)
+/// The publish script's reply: position, whether it was published before,
+/// and the live message still to publish (empty when the script did).
+fn published_reply(v: Value) -> Result<(Position, bool, Bytes), FanoutError> {
+    match v {
+        Value::Array(a) if a.len() == 4 => match (as_u64(&a[0]), as_u64(&a[1]), as_u64(&a[2])) {
+            (Some(epoch), Some(seq), Some(r)) => Ok((
+                Position { epoch, seq },
+                r == 1,
+                as_bytes(&a[3]).unwrap_or_default(),
+            )),
+            _ => Err(FanoutError::Unavailable("unexpected script reply".into())),
+        },
+        other => Err(FanoutError::Unavailable(format!(
+            "unexpected script reply {other:?}"
+        ))),
     }
-
-    /// Every partition's incarnation (see [`INCARNATION`]).
-    async fn incarnations(&self) -> Result<Vec<String>, FanoutError> {
-        let check = self.checks.fetch_add(1, Ordering::Relaxed);
-        let token = format!("{}#{check}@{}", self.instance, now_ms());
-        let mut out = Vec::with_capacity(self.incarnation_keys.len());
-        for key in &self.incarnation_keys {
-            let v: Value = self
-                .incarnation
-                .evalsha_with_reload(
-                    &self.client,
-                    vec![key.clone()],
-                    vec![Value::from(token.as_str())],
-                )
-                .await
-                .map_err(err)?;
-            out.push(as_str(&v).unwrap_or_default());
-        }
-        Ok(out)
-    }
-
-    /// Compares the partitions' incarnations with the remembered ones. A
-    /// partition whose data was lost is read again from its start, and the
-    /// node's members are made to resume before anything of the new
-    /// streams reaches them (they may have missed events of the old ones).
-    /// `Err` while Redis cannot be reached.
-    async fn check_incarnations(
-        &self,
-        ids: &mut [String],
-        known: &mut Option<Vec<String>>,
-    ) -> Result<(), FanoutError> {
-        let now = self.incarnations().await?;
-        let mut lost = false;
-        if let Some(before) = known.as_ref() {
-            for (i, (was, is)) in before.iter().zip(&now).enumerate() {
-                if was != is {
-                    lost = true;
-                    ids[i] = "0-0".into();
-                }
-            }
-        }
-        *known = Some(now);
-        if lost {
-            self.stats.streams_lost.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("Redis lost the room streams (restarted without its data?)");
-            self.sink.streams_lost();
-        }
-        self.check_overruns(ids).await
-    }
-
-    /// Counts partitions trimmed past the last entry this node read: it
-    /// fell further behind than the streams' caps, and entries it never
-    /// read are gone. Its members notice the gap in sequence numbers and
-    /// reload those rooms (PROTOCOL.md §9.5); this makes it visible to the
-    /// operator (`chat_fanout_overruns`).
-    async fn check_overruns(&self, ids: &[String]) -> Result<(), FanoutError> {
-        for (key, read) in self.trimmed_keys.iter().zip(ids) {
-            let trimmed: Option<String> = self.client.get(key).await.map_err(err)?;
-            if let Some(trimmed) = trimmed
-                && read != "0-0"
-                && stream_id(&trimmed) > stream_id(read)
-            {
-                self.stats.overruns.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    stream = key,
-                    read,
-                    trimmed,
-                    "this node fell behind the delivery stream's cap; entries were trimmed unread"
-                );
-            }
-        }
-        Ok(())
-    }
-
-    async fn run(self, start: Option<Vec<String>>, mut known: Option<Vec<String>>) {
-        let mut failing = start.is_none();
-        let mut ids = start.unwrap_or_default();
-        let mut backoff = Duration::from_millis(50);
-        let mut checked = tokio::time::Instant::now();
-        loop {
-            if ids.is_empty() {
-                // Started while Redis was unreachable: begin with what is
-                // published from now on, as a node that started normally.
-                match self.current_ids().await {
-                    Some(now) => ids = now,
-                    None => {
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                        continue;
-                    }
-                }
-            }
-            if failing || checked.elapsed() >= INCARNATION_CHECK {
-                // Back from an outage (or due): see what survived before
-                // reading on, so nothing of a new stream is delivered to
-                // members who were not told of the loss.
-                if let Err(e) = self.check_incarnations(&mut ids, &mut known).await {
-                    tracing::debug!(error = %e, "incarnation check failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    failing = true;
-                    continue;
-                }
-                checked = tokio::time::Instant::now();
-                if failing {
-                    failing = false;
-                    backoff = Duration::from_millis(50);
-                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!("fan-out reader reconnected");
-                }
-            }
-            let reply: Result<Value, _> = self
-                .client
-                .xread(Some(1000), Some(1000), self.keys.clone(), ids.clone())
-                .await;
-            match reply {
-                Ok(v) => {
-                    self.stats.connected.store(true, Ordering::Relaxed);
-                    self.deliver(v, &mut ids);
-                }
-                Err(e) => {
-                    if !failing {
-                        tracing::warn!(error = %e, "fan-out reader lost Redis; retrying");
-                    }
-                    failing = true;
-                    self.stats.connected.store(false, Ordering::Relaxed);
-                    self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-            }
-        }
-    }
-
-    fn deliver(&self, reply: Value, ids: &mut [String]) {
-        // XREAD: [[key, [[id, [f, v, ...]], ...]], ...] (or a map in RESP3).
-        let streams: Vec<(String, Value)> = match reply {
-            Value::Array(list) => list
-                .into_iter()
-                .filter_map(|s| match s {
-                    Value::Array(mut kv) if kv.len() == 2 => {
-                        let entries = kv.pop()?;
-                        Some((as_str(&kv[0])?, entries))
-                    }
-                    _ => None,
-                })
-                .collect(),
-            Value::Map(m) => m
-                .inner()
-                .into_iter()
-                .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v)))
-                .collect(),
-            _ => Vec::new(),
-        };
-        for (key, list) in streams {
-            let Some(i) = self.keys.iter().position(|k| *k == key) else {
-                continue;
-            };
-            for (id, fields) in entries(&list) {
-                ids[i] = id.clone();
-                if let Some(payload) = fields.get("x").and_then(as_bytes) {
-                    self.sink.control(&payload);
-                    continue;
-                }
-                let (Some(room), Some(frame)) = (
-                    fields.get("r").and_then(as_str),
-                    fields.get("f").and_then(as_bytes),
-                ) else {
-                    continue;
-                };
-                let node = fields.get("n").and_then(as_str).unwrap_or_default();
-                let conn = fields.get("c").and_then(as_u64).unwrap_or(0);
-                let ephemeral = fields.contains_key("e");
-                let mine = node == self.instance;
-                let exclude = if mine && conn != 0 { Some(conn) } else { None };
-                let frame = if ephemeral {
-                    frame
-                } else {
-                    self.codec.compress_frame(frame)
-                };
-                self.sink.deliver(&room, &frame, exclude, ephemeral);
-                self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                let (ms, _) = stream_id(&id);
-                self.stats
-                    .lag_ms
-                    .store(now_ms() - ms as i64, Ordering::Relaxed);
-                if mine
-                    && let Some(pid) = fields.get("p").and_then(as_u64)
-                    && let Some((_, w)) = self.waiters.remove(&pid)
-                    && let (Some(epoch), Some(seq)) = (
-                        fields.get("h").and_then(as_u64),
-                        fields.get("q").and_then(as_u64),
-                    )
-                {
-                    let position = Position { epoch, seq };
-                    if let Some(ack) = w.on_sequenced {
-                        ack(position, false);
-                    }
-                    let _ = w.delivered.send((frame, position));
-                }
-            }
-        }
-    }
-}
-
-fn stream_id(id: &str) -> (u64, u64) {
-    let mut parts = id.split('-');
-    let ms = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-    let seq = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-    (ms, seq)
 }
 
 #[cfg(test)]
@@ -1200,11 +999,5 @@ mod tests {
         assert_eq!(fnv1a("general"), 0x9e27_5796_a0d9_a90b);
         assert_eq!(fnv1a("general") % 16, 11, "general's partition of 16");
         assert_eq!(fnv1a("a"), 0xaf63_dc4c_8601_ec8c);
-    }
-
-    #[test]
-    fn stream_ids_order_numerically() {
-        assert!(stream_id("10-0") > stream_id("9-5"));
-        assert!(stream_id("1795000000000-2") > stream_id("1795000000000-1"));
     }
 }

@@ -21,14 +21,23 @@ fn redis_url() -> String {
 
 type Delivery = (String, Bytes, Option<u64>, bool);
 
+/// What a node delivered; `.1` names the rooms with members here (`None`:
+/// every room).
 #[derive(Default)]
-struct Recorder(Mutex<Vec<Delivery>>);
+struct Recorder(Mutex<Vec<Delivery>>, Mutex<Option<Vec<String>>>);
 
 impl LocalDelivery for Recorder {
     fn deliver(&self, room: &str, frame: &Bytes, exclude: Option<u64>, ephemeral: bool) {
         self.0
             .lock()
             .push((room.to_owned(), frame.clone(), exclude, ephemeral));
+    }
+
+    fn has_members(&self, room: &str) -> bool {
+        self.1
+            .lock()
+            .as_ref()
+            .is_none_or(|rooms| rooms.iter().any(|r| r == room))
     }
 }
 
@@ -95,6 +104,13 @@ async fn every_node_delivers_every_event_in_sequence_order() {
     let (a, rec_a) = node(&ns, "a").await;
     let (b, rec_b) = node(&ns, "b").await;
     let (a, b) = (Arc::new(a), Arc::new(b));
+    // Both have members in both rooms (the gateway reads the position
+    // after adding a member: that is when a node starts listening).
+    for f in [&a, &b] {
+        for room in ["even", "odd"] {
+            assert_eq!(f.position(room).await.unwrap().seq, 0);
+        }
+    }
     // Two nodes publish into the same rooms concurrently.
     let mut tasks = Vec::new();
     for (n, f) in [(0u64, a.clone()), (1, b.clone())] {
@@ -267,6 +283,7 @@ async fn equal_message_ids_from_different_nodes_are_different_events() {
     let ns = format!("t{:x}", rand::rng().random::<u64>());
     let (a, rec) = node(&ns, "a").await;
     let (b, _) = node(&ns, "b").await;
+    a.position("r").await.unwrap();
     let mut m1 = message("r", 5, "from a");
     let mut m2 = message("r", 5, "from b");
     if let (RoomEvent::Message(x), RoomEvent::Message(y)) = (&mut m1, &mut m2) {
@@ -294,7 +311,7 @@ async fn equal_message_ids_from_different_nodes_are_different_events() {
     );
 }
 
-/// Keys in `ns` other than the partition streams and their markers.
+/// The room keys in `ns`.
 fn room_keys(ns: &str) -> Vec<String> {
     let out = std::process::Command::new("redis-cli")
         .args([
@@ -448,215 +465,117 @@ async fn room_logs_are_bounded_by_bytes() {
     ));
 }
 
-/// Text that does not compress, `len` characters.
-fn noise(seed: u64, len: usize) -> String {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'!' + (x % 90) as u8)
-        })
-        .collect()
+/// How many connections subscribe to the shard channel.
+async fn subscribers(client: &fred::prelude::Client, channel: &str) -> i64 {
+    use fred::prelude::PubsubInterface;
+    let reply: Vec<fred::types::Value> = client.pubsub_shardnumsub(channel).await.unwrap();
+    reply.get(1).and_then(|v| v.as_i64()).unwrap_or(-1)
 }
 
-/// A delivery stream's entries and the bytes of their fields, read back.
-async fn stream_contents(client: &fred::prelude::Client, key: &str) -> (Vec<String>, u64) {
-    use fred::prelude::StreamsInterface;
-    use fred::types::Value;
-    let reply: Value = client.xrange(key, "-", "+", None).await.unwrap();
-    let Value::Array(list) = reply else {
-        return (Vec::new(), 0);
-    };
-    let mut ids = Vec::new();
-    let mut bytes = 0;
-    for entry in list {
-        let Value::Array(mut parts) = entry else {
-            panic!("entry {entry:?}")
-        };
-        let Some(Value::Array(fields)) = parts.pop() else {
-            panic!("fields")
-        };
-        ids.push(parts[0].as_string().unwrap());
-        bytes += fields
-            .iter()
-            .map(|f| f.as_bytes().map_or(0, |b| b.len()) as u64)
-            .sum::<u64>();
-    }
-    (ids, bytes)
-}
-
-/// A partition's delivery stream stays under its byte cap as well as its
-/// entry cap, whatever adds to it (published events, typing, control
-/// messages), and the size it keeps for that matches what the stream
-/// holds: a count that drifted up would trim entries a lagging node still
-/// needs, one that drifted down would let the stream grow.
+/// A node listens to the rooms its members are in and to no others: it
+/// receives nothing of a room without members here, starts with the
+/// first member (from the position the gateway reads then) and stops a
+/// while after the last one left.
 #[tokio::test]
-async fn delivery_streams_are_bounded_by_bytes_and_count_exactly() {
-    use fred::prelude::HashesInterface;
+async fn a_node_receives_only_the_rooms_its_members_are_in() {
     let ns = format!("t{:x}", rand::rng().random::<u64>());
-    let rec = Arc::new(Recorder::default());
-    let mut config = RedisFanoutConfig::new(redis_url(), "a");
-    config.namespace = ns.clone();
-    config.partitions = 1;
-    config.partition_maxlen = 1_000;
-    config.partition_max_bytes = 200_000;
-    let a = RedisStreamsFanout::connect(config, Codec::default(), rec.clone())
-        .await
-        .unwrap();
-    let stream = format!("{ns}:{{p0}}:events");
-    let size_key = format!("{ns}:{{p0}}:size");
-    let mut last = None;
-    for i in 0..40 {
-        let room = format!("big-{}", i % 4);
-        last = Some(
-            a.publish(&room, message(&room, i + 1, &noise(i, 16_000)), None, None)
-                .await
-                .unwrap(),
-        );
-        a.publish_ephemeral("typing", Bytes::from(noise(i + 100, 2_000)), None)
+    let (a, rec_a) = node(&ns, "a").await;
+    let (b, rec_b) = node(&ns, "b").await;
+    *rec_b.1.lock() = Some(Vec::new());
+    a.position("busy").await.unwrap();
+    // b has no member: not even its own publish comes back to it, and its
+    // ack does not wait for a delivery that will not happen.
+    for i in 0..20 {
+        b.publish("busy", message("busy", i, "x"), Some(3), None)
             .await
             .unwrap();
-        a.control(&room, Bytes::from_static(b"ctl")).await.unwrap();
     }
-    let (ids, bytes) = stream_contents(a.client(), &stream).await;
-    let kept: u64 = a.client().hget(&size_key, "bytes").await.unwrap();
-    assert_eq!(kept, bytes, "the kept size is what the stream holds");
-    assert!(bytes <= 200_000, "{bytes} bytes over the cap");
-    assert!(bytes > 150_000, "trimmed far below the cap: {bytes}");
-    assert!(
-        ids.len() < 120,
-        "the large entries were trimmed: {}",
-        ids.len()
-    );
-    // The newest event is still there for every node to read.
+    wait_for("a's 20", || seqs(&rec_a, "busy").len() == 20).await;
+    let b_stats = b.stats().unwrap();
     assert_eq!(
-        seqs(&rec, "big-3").last().copied(),
-        Some(last.unwrap().position.seq)
-    );
-    assert_eq!(
-        a.stats()
-            .unwrap()
-            .overruns
-            .load(std::sync::atomic::Ordering::Relaxed),
+        b_stats.delivered.load(std::sync::atomic::Ordering::Relaxed),
         0
     );
-
-    // Small entries: the entry cap holds, the size still matches.
-    for i in 0..1_500 {
-        a.control("small", Bytes::from(format!("c{i}")))
-            .await
-            .unwrap();
-    }
-    let (ids, bytes) = stream_contents(a.client(), &stream).await;
-    let kept: u64 = a.client().hget(&size_key, "bytes").await.unwrap();
-    assert_eq!(kept, bytes);
-    assert!(ids.len() <= 1_000, "{} entries over the cap", ids.len());
-    assert!(ids.len() > 900, "{}", ids.len());
-}
-
-/// A node whose delivery stream was trimmed past the last entry it read
-/// counts an overrun (it cannot tell which rooms; their members see the
-/// gap in sequence numbers).
-#[tokio::test]
-async fn a_stream_trimmed_past_what_a_node_read_is_counted() {
-    use fred::prelude::KeysInterface;
-    let ns = format!("t{:x}", rand::rng().random::<u64>());
-    let (a, _rec) = node(&ns, "a").await;
-    a.publish("r", message("r", 1, "x"), None, None)
-        .await
-        .unwrap();
-    // As if another publisher had trimmed entries this node never read.
-    let p = (0..4)
-        .map(|p| format!("{ns}:{{p{p}}}:trimmed"))
-        .collect::<Vec<_>>();
-    for key in p {
-        let _: () = a
-            .client()
-            .set(key, "99999999999999-0", None, None, false)
-            .await
-            .unwrap();
-    }
-    let stats = a.stats().unwrap();
-    // The reader checks every 5 s.
-    wait_for_within("an overrun counted", Duration::from_secs(15), || {
-        stats.overruns.load(std::sync::atomic::Ordering::Relaxed) > 0
-    })
-    .await;
-}
-
-/// Entries added or removed by something else (a node of an earlier
-/// version in a rolling upgrade, an operator's XTRIM or DEL) are noticed
-/// by the stream's length and counted at the average size, so the byte
-/// cap keeps holding roughly and the stream is never emptied for a wrong
-/// count; once the stream empties the count is exact again.
-#[tokio::test]
-async fn entries_added_or_removed_behind_the_count_are_accounted_for() {
-    use fred::prelude::{HashesInterface, KeysInterface, StreamsInterface};
-    use fred::types::Value;
-    let ns = format!("t{:x}", rand::rng().random::<u64>());
-    let mut config = RedisFanoutConfig::new(redis_url(), "a");
-    config.namespace = ns.clone();
-    config.partitions = 1;
-    config.partition_maxlen = 100_000;
-    config.partition_max_bytes = 200_000;
-    let a = RedisStreamsFanout::connect(config, Codec::default(), Arc::new(Recorder::default()))
-        .await
-        .unwrap();
-    let stream = format!("{ns}:{{p0}}:events");
-    let size_key = format!("{ns}:{{p0}}:size");
-    let kept = async || -> u64 { a.client().hget(&size_key, "bytes").await.unwrap() };
-    for i in 0..150 {
-        a.control("r", Bytes::from(noise(i, 1_000))).await.unwrap();
-    }
-    // Trimmed behind the count's back (an operator's XTRIM).
-    let _: Value = a
-        .client()
-        .xtrim(&stream, ("MAXLEN", "=", 20_i64))
-        .await
-        .unwrap();
-    for i in 0..100 {
-        a.control("r", Bytes::from(noise(1_000 + i, 1_000)))
-            .await
-            .unwrap();
-    }
-    let (ids, bytes) = stream_contents(a.client(), &stream).await;
-    assert_eq!(ids.len(), 120, "nothing trimmed for a count that was wrong");
-    assert_eq!(kept().await, bytes);
-
-    // Entries added uncounted (an earlier version's XADD): counted at
-    // the average size, the cap holds.
-    for i in 0..200 {
-        let _: Value = a
-            .client()
-            .xadd(
-                &stream,
-                false,
-                None,
-                "*",
-                vec![("x", noise(2_000 + i, 1_000))],
-            )
-            .await
-            .unwrap();
-    }
-    for i in 0..100 {
-        a.control("r", Bytes::from(noise(3_000 + i, 1_000)))
-            .await
-            .unwrap();
-    }
-    let (ids, bytes) = stream_contents(a.client(), &stream).await;
-    let k = kept().await;
     assert!(
-        bytes <= 205_000,
-        "{bytes} bytes over the cap ({} entries)",
-        ids.len()
+        rec_b.0.lock().is_empty(),
+        "b received events of a room it has no member in"
     );
-    assert!(k.abs_diff(bytes) < 5_000, "kept {k}, holds {bytes}");
+    let live = format!("{ns}:{{p{}}}:room:busy:live", partition_of("busy", 4));
+    assert_eq!(subscribers(a.client(), &live).await, 1, "only a listens");
 
-    // The stream deleted, the count left: the next entry sets it right.
-    let _: i64 = a.client().del(&stream).await.unwrap();
-    a.control("r", Bytes::from_static(b"x")).await.unwrap();
-    let (ids, bytes) = stream_contents(a.client(), &stream).await;
-    assert_eq!((ids.len(), kept().await), (1, bytes));
+    // A member joins on b: b listens from the position it reads.
+    *rec_b.1.lock() = Some(vec!["busy".into()]);
+    let joined = b.position("busy").await.unwrap();
+    assert_eq!(joined.seq, 20);
+    assert_eq!(subscribers(a.client(), &live).await, 2);
+    a.publish("busy", message("busy", 100, "y"), None, None)
+        .await
+        .unwrap();
+    wait_for("b's first", || seqs(&rec_b, "busy") == [21]).await;
+
+    // The member leaves: b stops listening.
+    *rec_b.1.lock() = Some(Vec::new());
+    b.maintain();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while subscribers(a.client(), &live).await != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b never stopped listening"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.publish("busy", message("busy", 101, "z"), None, None)
+        .await
+        .unwrap();
+    wait_for("a's 22", || seqs(&rec_a, "busy").len() == 22).await;
+    assert_eq!(seqs(&rec_b, "busy"), [21], "nothing after b's member left");
+}
+
+fn partition_of(room: &str, partitions: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in room.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h % partitions
+}
+
+/// An event that never went live (its publisher waited for a replica
+/// that is not there, and failed) is in the room's log: the next event's
+/// number shows the gap, and a listening node reads it from the log and
+/// delivers both in order, each once. Its sender's retry finds it
+/// published and takes no new number.
+#[tokio::test]
+async fn an_event_missed_live_is_read_from_the_log_before_the_next() {
+    let ns = format!("t{:x}", rand::rng().random::<u64>());
+    let (listener, rec) = node(&ns, "l").await;
+    listener.position("r").await.unwrap();
+    let mut config = RedisFanoutConfig::new(redis_url(), "w");
+    config.namespace = ns.clone();
+    config.partitions = 4;
+    config.replicas = 1;
+    config.replica_timeout = Duration::from_millis(100);
+    let waiting =
+        RedisStreamsFanout::connect(config, Codec::default(), Arc::new(Recorder::default()))
+            .await
+            .unwrap();
+    let first = message("r", 1, "never live");
+    let failed = waiting.publish("r", first.clone(), None, None).await;
+    assert!(failed.is_err(), "no replica acknowledged: {failed:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        seqs(&rec, "r").is_empty(),
+        "an event no replica holds was delivered"
+    );
+    let (other, _) = node(&ns, "o").await;
+    let second = other
+        .publish("r", message("r", 2, "live"), None, None)
+        .await
+        .unwrap();
+    assert_eq!(second.position.seq, 2);
+    wait_for("both, in order", || seqs(&rec, "r") == [1, 2]).await;
+    let retried = other.publish("r", first, None, None).await.unwrap();
+    assert_eq!(retried.position.seq, 1, "the retry is the original");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(seqs(&rec, "r"), [1, 2], "nothing delivered twice");
 }

@@ -118,13 +118,13 @@ pub struct Config {
     /// sharing one Redis use different prefixes. No braces: keys carry
     /// their Redis Cluster slot in a `{...}` tag after it.
     pub redis_namespace: String,
-    /// Redis delivery streams (rooms hash onto them). Default 16.
+    /// Hash tags rooms hash onto (each a Redis Cluster slot, and a
+    /// control channel every node listens to). Default 16.
     pub stream_partitions: u32,
-    /// Bytes each delivery stream may hold (its entries' fields).
-    /// Default 64 MiB: with 16 partitions at most 1 GiB of Redis, whatever
-    /// the events' sizes; a node further behind than that loses entries
-    /// (its members reload, `chat_fanout_overruns` counts it).
-    pub stream_partition_max_bytes: u64,
+    /// Redis replicas that must hold an event before it is delivered and
+    /// acknowledged (`WAIT`). Default 0; set 1 when Redis has replicas,
+    /// so that a failover never takes back an event anyone has seen.
+    pub redis_wait_replicas: u32,
     /// TLS settings for the backends (Postgres with `sslmode=require`,
     /// Redis with `rediss://`): Mozilla's and the system's roots plus the CA in
     /// `tls_ca_file` when set. Built (and its file read) at load, so a
@@ -192,7 +192,7 @@ impl Default for Config {
             node_id: random_node_id(),
             redis_namespace: "chat".into(),
             stream_partitions: 16,
-            stream_partition_max_bytes: 64 << 20,
+            redis_wait_replicas: 0,
             tls: None,
             reuse_port: false,
             auth: AuthConfig::default(),
@@ -378,12 +378,12 @@ pub struct Overrides {
     /// Redis key prefix.
     #[arg(long, env = "CHAT_REDIS_NAMESPACE")]
     pub redis_namespace: Option<String>,
-    /// Redis delivery streams.
+    /// Hash tags rooms spread over in Redis.
     #[arg(long, env = "CHAT_STREAM_PARTITIONS")]
     pub stream_partitions: Option<u32>,
-    /// Bytes each Redis delivery stream may hold.
-    #[arg(long, env = "CHAT_STREAM_PARTITION_MAX_BYTES")]
-    pub stream_partition_max_bytes: Option<u64>,
+    /// Redis replicas that must hold an event before it is delivered.
+    #[arg(long, env = "CHAT_REDIS_WAIT_REPLICAS")]
+    pub redis_wait_replicas: Option<u32>,
     /// PEM file of a CA to trust for Postgres and Redis TLS, besides
     /// Mozilla's and the system's roots.
     #[arg(long, env = "CHAT_TLS_CA_FILE")]
@@ -449,7 +449,7 @@ struct FileConfig {
     node_id: Option<String>,
     redis_namespace: Option<String>,
     stream_partitions: Option<u32>,
-    stream_partition_max_bytes: Option<u64>,
+    redis_wait_replicas: Option<u32>,
     tls_ca_file: Option<std::path::PathBuf>,
     reuse_port: Option<bool>,
     threads: Option<usize>,
@@ -596,10 +596,10 @@ impl Config {
                 .stream_partitions
                 .or(file.stream_partitions)
                 .unwrap_or(d.stream_partitions),
-            stream_partition_max_bytes: o
-                .stream_partition_max_bytes
-                .or(file.stream_partition_max_bytes)
-                .unwrap_or(d.stream_partition_max_bytes),
+            redis_wait_replicas: o
+                .redis_wait_replicas
+                .or(file.redis_wait_replicas)
+                .unwrap_or(d.redis_wait_replicas),
             tls: match o.tls_ca_file.as_ref().or(file.tls_ca_file.as_ref()) {
                 None => None,
                 Some(path) => {
@@ -749,12 +749,6 @@ impl Config {
         }
         if self.stream_partitions == 0 {
             bail!("stream_partitions must be positive");
-        }
-        if self.stream_partition_max_bytes < 1 << 20 {
-            bail!(
-                "stream_partition_max_bytes must be at least 1 MiB (a stream must hold a few \
-                 of the largest events and a node's usual lag)"
-            );
         }
         if self.max_connections == 0 || self.max_pending_connections == 0 {
             bail!("max_connections and max_pending_connections must be positive");

@@ -410,6 +410,10 @@ impl LocalDelivery for Hub {
         }
     }
 
+    fn has_members(&self, room: &str) -> bool {
+        self.rooms.contains_key(room)
+    }
+
     fn streams_lost(&self) {
         // Grant changes published on the lost streams were never seen:
         // cached answers go, and sessions joining meanwhile ask again.

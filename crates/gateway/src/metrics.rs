@@ -280,13 +280,17 @@ impl Metrics {
             fanout_lag_ms: gauge(
                 r,
                 "fanout_lag_ms",
-                "Age of the last delivered stream entry, ms",
+                "How long the oldest gap in a room's numbers has waited for its event, ms",
             ),
-            fanout_read_errors: gauge(r, "fanout_read_errors", "Fan-out reader errors since start"),
+            fanout_read_errors: gauge(
+                r,
+                "fanout_read_errors",
+                "Fan-out live path Redis errors since start",
+            ),
             fanout_reconnects: gauge(
                 r,
                 "fanout_reconnects",
-                "Fan-out reader reconnects since start",
+                "Fan-out Pub/Sub reconnects since start (each re-reads every subscribed room's head)",
             ),
             fanout_streams_lost: gauge(
                 r,
@@ -296,7 +300,7 @@ impl Metrics {
             fanout_overruns: gauge(
                 r,
                 "fanout_overruns",
-                "Times a delivery stream was trimmed past what this node had read, since start",
+                "Events this node could neither receive live nor read from a room's log, since start",
             ),
             membership_cache: labelled(
                 r,

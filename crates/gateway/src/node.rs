@@ -154,7 +154,7 @@ impl Node {
                 rc.namespace = config.redis_namespace.clone();
                 rc.tls = config.tls.clone();
                 rc.partitions = config.stream_partitions;
-                rc.partition_max_bytes = config.stream_partition_max_bytes;
+                rc.replicas = config.redis_wait_replicas;
                 rc.recovery_window = config.recovery_window;
                 rc.stream_idle_ttl = config.stream_idle_ttl.max(config.recovery_window);
                 let redis = Arc::new(

@@ -58,9 +58,9 @@ impl LocalDelivery for SenderView {
 }
 
 /// A loopback proxy to the local Redis that, while `slow` is set, holds
-/// every reply on the connection that issues XREAD (the node's reader)
-/// for a second: a reader connection that is retransmitting, while the
-/// command connection is fine.
+/// everything Redis sends on the connection that subscribes (the node's
+/// live path) for a second: a subscriber connection that is
+/// retransmitting, while the command connection is fine.
 async fn slow_reader_proxy(slow: Arc<AtomicBool>) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
@@ -89,8 +89,8 @@ async fn slow_reader_proxy(slow: Arc<AtomicBool>) -> u16 {
                             Ok(n) => n,
                         };
                         if buf[..n]
-                            .windows(5)
-                            .any(|w| w.eq_ignore_ascii_case(b"XREAD"))
+                            .windows(10)
+                            .any(|w| w.eq_ignore_ascii_case(b"SSUBSCRIBE"))
                         {
                             is_reader.store(true, Ordering::SeqCst);
                         }
@@ -121,9 +121,9 @@ async fn slow_reader_proxy(slow: Arc<AtomicBool>) -> u16 {
 /// Promise: on one connection, every frame with a sequence number arrives
 /// in increasing order (the sender's MessageSent takes its event's place).
 ///
-/// When this node's reader is slower than `self_delivery_timeout` (5 s by
-/// default; 300 ms here), the publisher returns without it; the ack must
-/// still be queued by the reader in its place. Queued by the publisher,
+/// When this node's live path is slower than `self_delivery_timeout` (5 s
+/// by default; 300 ms here), the publisher returns without it; the ack
+/// must still be queued by the live path in its place. Queued by the publisher,
 /// it would overtake seq 1, which a client following §9.5 then drops as
 /// "already seen": a silent loss.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +141,8 @@ async fn a_slow_reader_still_queues_the_ack_in_its_place() {
             .await
             .unwrap(),
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The sender's connection is a member here: the node listens.
+    fanout.position("r").await.unwrap();
     slow.store(true, Ordering::SeqCst);
     // Someone else's message (connection 99), seq 1.
     let other = {

@@ -987,7 +987,8 @@ impl Cluster {
         Cluster { nodes, args }
     }
 
-    fn node(args: &[String], i: usize) -> Gateway {
+    /// Node `i` of a cluster started with `args` (again, after a restart).
+    pub fn node(args: &[String], i: usize) -> Gateway {
         let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
         let id = format!("node-{i}");
         a.extend(["--node-id", &id]);

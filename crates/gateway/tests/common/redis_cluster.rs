@@ -11,6 +11,47 @@ use super::{PrivateRedis, private_dir};
 pub struct ClusterServer {
     pub child: Child,
     pub port: u16,
+    pub seat: Seat,
+}
+
+/// Where a server runs: enough to start it again in its place (same
+/// ports, same cluster config file), as an operator restarts a failed
+/// node.
+#[derive(Clone, Debug)]
+pub struct Seat {
+    pub port: u16,
+    bus: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Seat {
+    fn args(&self) -> Vec<String> {
+        [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-node-timeout",
+            "2000",
+            "--cluster-port",
+            &self.bus.to_string(),
+            "--cluster-config-file",
+            &self.dir.join("nodes.conf").display().to_string(),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    }
+
+    /// Starts the server again (its data is gone; the cluster makes it a
+    /// replica of whoever took its slots).
+    pub fn restart(&self) -> ClusterServer {
+        let child = PrivateRedis::spawn(self.port, &self.dir, false, &self.args())
+            .expect("the server starts again in its place");
+        ClusterServer {
+            child,
+            port: self.port,
+            seat: self.clone(),
+        }
+    }
 }
 
 /// `masters` masters with `replicas` replicas each.
@@ -74,22 +115,19 @@ impl PrivateRedisCluster {
         std::fs::create_dir_all(&dir).unwrap();
         let mut failures = Vec::new();
         for _ in 0..10 {
-            let (port, bus) = (free_port(), free_port());
-            let extra: Vec<String> = [
-                "--cluster-enabled",
-                "yes",
-                "--cluster-node-timeout",
-                "2000",
-                "--cluster-port",
-                &bus.to_string(),
-                "--cluster-config-file",
-                &dir.join("nodes.conf").display().to_string(),
-            ]
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
-            match PrivateRedis::spawn(port, &dir, false, &extra) {
-                Ok(child) => return ClusterServer { child, port },
+            let seat = Seat {
+                port: free_port(),
+                bus: free_port(),
+                dir: dir.clone(),
+            };
+            match PrivateRedis::spawn(seat.port, &dir, false, &seat.args()) {
+                Ok(child) => {
+                    return ClusterServer {
+                        child,
+                        port: seat.port,
+                        seat,
+                    };
+                }
                 Err(e) => failures.push(e),
             }
         }
@@ -127,6 +165,32 @@ impl PrivateRedisCluster {
             .filter(|s| cli(s.port, &["role"]).starts_with("master"))
             .map(|s| s.port)
             .collect()
+    }
+
+    /// The PID of the server on `port` (to kill it by) and its seat (to
+    /// start it again).
+    pub fn server(&self, port: u16) -> (u32, Seat) {
+        self.servers
+            .iter()
+            .find(|s| s.port == port)
+            .map(|s| (s.child.id(), s.seat.clone()))
+            .expect("a server of this cluster")
+    }
+
+    /// Takes a server started again in its seat back (stopped with the rest).
+    pub fn adopt(&mut self, server: ClusterServer) {
+        if let Some(old) = self.servers.iter_mut().find(|s| s.port == server.port) {
+            let _ = old.child.kill();
+            let _ = old.child.wait();
+            *old = server;
+        } else {
+            self.servers.push(server);
+        }
+    }
+
+    /// Whether the server on `port` is a replica now.
+    pub fn is_replica(port: u16) -> bool {
+        cli(port, &["role"]).starts_with("slave")
     }
 
     /// Keys matching `pattern`, by the master holding them.

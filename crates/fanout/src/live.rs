@@ -1,0 +1,925 @@
+//! The node's live path: it subscribes to the rooms its members are in,
+//! puts what arrives in each room's order and delivers it.
+//!
+//! Three tasks, so that nothing slow ever sits in front of a delivery:
+//! - the **loop** owns every channel's [`Channel`] (no locks): it takes
+//!   live messages, publishers' notices and the results of the other two,
+//!   delivers, and decides when to read a gap from a room's log;
+//! - the **subscriber** runs subscription changes one after another on
+//!   the dedicated Pub/Sub connection (order matters: an unsubscribe
+//!   queued before a subscribe must not land after it), reads where a new
+//!   channel starts, and after a reconnect subscribes everything again and
+//!   reads every channel's head, so what was published while the
+//!   connection was down is read from the logs;
+//! - **fills** read a room's recovery log (one short task per gap).
+//!
+//! A room is subscribed while it has local members (checked every
+//! [`MAINTAIN_EVERY`]; a publisher waiting for its own event keeps it)
+//! and unsubscribed after: a node receives the events of its members'
+//! rooms and no others.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::{DashMap, DashSet};
+use fred::interfaces::EventInterface;
+use fred::prelude::{Client, ClientLike, KeysInterface, PubsubInterface, StreamsInterface};
+use fred::types::Value;
+use fred::types::scripts::Script;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use chatgate_protocol::Codec;
+
+use crate::redis::{FanoutStats, as_bytes, as_str, as_u64, entries, pair};
+use crate::sequencer::{Channel, Offered, Sequenced};
+use crate::{FanoutError, LocalDelivery, OnSequenced, Position};
+
+/// How often rooms without local members are unsubscribed.
+pub(crate) const MAINTAIN_EVERY: Duration = Duration::from_secs(2);
+
+/// How often a node that never lost its connection checks that Redis did
+/// not lose its data under it (FLUSHALL, a restart without persistence,
+/// a failover to an empty replica).
+const INCARNATION_CHECK: Duration = Duration::from_secs(5);
+
+/// A publish waiting for this node to deliver its event.
+pub(crate) struct Waiter {
+    pub delivered: oneshot::Sender<(Bytes, Position)>,
+    pub on_sequenced: Option<OnSequenced>,
+    pub since: std::time::Instant,
+    pub room: String,
+}
+
+pub(crate) type Waiters = DashMap<u64, Waiter>;
+
+/// What a channel carries.
+#[derive(Debug, Clone)]
+enum Kind {
+    Room(String),
+    /// A partition's control messages (every node listens to all).
+    Control,
+}
+
+struct State {
+    kind: Kind,
+    /// Key prefix: `<base>:epoch`, `:seq`, `:log`; the channel is `<base>:live`.
+    base: String,
+    channel: Channel,
+    /// Callers of `track` waiting for the channel to start.
+    waiting: Vec<oneshot::Sender<Option<Position>>>,
+    /// Publishers' events whose place is known but that this node has not
+    /// delivered yet when the channel starts (see `Cmd::Published`).
+    acks: Vec<(u64, Position)>,
+}
+
+enum Cmd {
+    Track {
+        room: String,
+        base: String,
+        reply: oneshot::Sender<Option<Position>>,
+    },
+    Started {
+        channel: String,
+        at: Position,
+    },
+    /// A publisher learned its event's place: acknowledge it now if this
+    /// node will not deliver it (not subscribed, or it started after it).
+    Published {
+        room_channel: String,
+        pid: u64,
+        at: Position,
+    },
+    Filled {
+        channel: String,
+        from: Position,
+        through: u64,
+        entries: Vec<Sequenced>,
+    },
+    FillFailed {
+        channel: String,
+    },
+    Heads(Vec<(String, Option<Position>)>),
+}
+
+enum Op {
+    Subscribe {
+        channel: String,
+        base: String,
+    },
+    Unsubscribe(String),
+    /// After a reconnect (or a lagging receiver): subscribe all again
+    /// (`resubscribe`), check what survived, read every head.
+    Recover {
+        channels: Vec<(String, String)>,
+        resubscribe: bool,
+    },
+    CheckIncarnations,
+}
+
+/// Settings of the live path.
+pub(crate) struct LiveConfig {
+    pub namespace: String,
+    pub partitions: u32,
+    pub instance: String,
+    /// How long a gap waits for a late event before the log is read.
+    pub gap_patience: Duration,
+    /// How old a head read after a reconnect must be before its events are
+    /// read from the log (publishers that wait for replicas publish live
+    /// only after the replica has the event; a head can be ahead of that).
+    pub head_delay: Duration,
+    /// How long an epoch created by a position read lives without events.
+    pub epoch_ttl_ms: i64,
+}
+
+/// The engine's handle on the live path.
+pub(crate) struct Live {
+    cmds: mpsc::UnboundedSender<Cmd>,
+    /// Rooms subscribed or being subscribed.
+    tracked: Arc<DashSet<String>>,
+    /// Control channels not started yet (see [`Live::started`]).
+    controls_pending: Arc<tokio::sync::Semaphore>,
+    partitions: u32,
+    subscriber: Client,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        // Leave no subscribed connection behind (tests start and drop
+        // many nodes in one process).
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let subscriber = self.subscriber.clone();
+            runtime.spawn(async move {
+                let _ = subscriber.quit().await;
+            });
+        }
+    }
+}
+
+/// `<base>:live`.
+pub(crate) fn channel_of(base: &str) -> String {
+    format!("{base}:live")
+}
+
+/// `{ns}:{p<N>}:control`: partition N's control channel's keys.
+pub(crate) fn control_base(namespace: &str, p: u32) -> String {
+    format!("{namespace}:{{p{p}}}:control")
+}
+
+impl Live {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn start(
+        config: LiveConfig,
+        subscriber: Client,
+        command: Client,
+        position: Script,
+        codec: Codec,
+        sink: Arc<dyn LocalDelivery>,
+        waiters: Arc<Waiters>,
+        stats: Arc<FanoutStats>,
+    ) -> Live {
+        let (cmds, cmd_rx) = mpsc::unbounded_channel();
+        let (ops, op_rx) = mpsc::unbounded_channel();
+        let tracked = Arc::new(DashSet::new());
+        let messages = subscriber.message_rx();
+        let reconnects = subscriber.reconnect_rx();
+        let errors = subscriber.error_rx();
+        let manager = Manager {
+            subscriber: subscriber.clone(),
+            command: command.clone(),
+            position,
+            incarnation: Script::from_lua(INCARNATION),
+            incarnation_keys: (0..config.partitions)
+                .map(|p| format!("{}:{{p{p}}}:incarnation", config.namespace))
+                .collect(),
+            known: None,
+            checks: AtomicU64::new(0),
+            instance: config.instance.clone(),
+            epoch_ttl_ms: config.epoch_ttl_ms,
+            cmds: cmds.clone(),
+            sink: sink.clone(),
+            stats: stats.clone(),
+        };
+        let mut channels = HashMap::new();
+        for p in 0..config.partitions {
+            let base = control_base(&config.namespace, p);
+            let channel = channel_of(&base);
+            let _ = ops.send(Op::Subscribe {
+                channel: channel.clone(),
+                base: base.clone(),
+            });
+            channels.insert(
+                channel,
+                State {
+                    kind: Kind::Control,
+                    base,
+                    channel: Channel::new(),
+                    waiting: Vec::new(),
+                    acks: Vec::new(),
+                },
+            );
+        }
+        let controls_pending = Arc::new(tokio::sync::Semaphore::new(0));
+        let worker_partitions = config.partitions;
+        let worker = Loop {
+            subscriber: subscriber.clone(),
+            controls_started: controls_pending.clone(),
+            config,
+            command,
+            codec,
+            sink,
+            waiters,
+            stats,
+            tracked: tracked.clone(),
+            channels,
+            gapped: HashSet::new(),
+            ops,
+            cmds: cmds.clone(),
+        };
+        let tasks = vec![
+            tokio::spawn(manager.run(op_rx)),
+            tokio::spawn(worker.run(cmd_rx, messages, reconnects, errors)),
+        ];
+        Live {
+            cmds,
+            tracked,
+            controls_pending,
+            partitions: worker_partitions,
+            subscriber,
+            tasks,
+        }
+    }
+
+    /// Returns once every control channel is listened to.
+    pub(crate) async fn started(&self) {
+        let _ = self.controls_pending.acquire_many(self.partitions).await;
+    }
+
+    /// Subscribes this node to `room` (keys under `base`) if it is not
+    /// yet; returns once the node delivers its events, with the position
+    /// it started from when it started now.
+    pub(crate) async fn track(
+        &self,
+        room: &str,
+        base: String,
+        timeout: Duration,
+    ) -> Result<Option<Position>, FanoutError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::Track {
+                room: room.to_owned(),
+                base,
+                reply,
+            })
+            .map_err(|_| FanoutError::Unavailable("live path stopped".into()))?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(at)) => Ok(at),
+            _ => Err(FanoutError::Unavailable(
+                "could not subscribe to the room".into(),
+            )),
+        }
+    }
+
+    /// Whether this node is subscribed (or subscribing) to `room`.
+    pub(crate) fn tracks(&self, room: &str) -> bool {
+        self.tracked.contains(room)
+    }
+
+    /// Tells the loop where a publisher's event went (see `Cmd::Published`).
+    pub(crate) fn published(&self, base: &str, pid: u64, at: Position) {
+        let _ = self.cmds.send(Cmd::Published {
+            room_channel: channel_of(base),
+            pid,
+            at,
+        });
+    }
+}
+
+/// A partition's incarnation: written once (first writer wins) and read
+/// back. A different value than the one a node remembers means Redis
+/// lost the partition's data since it last looked.
+const INCARNATION: &str = r#"
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+"#;
+
+struct Loop {
+    config: LiveConfig,
+    command: Client,
+    codec: Codec,
+    sink: Arc<dyn LocalDelivery>,
+    waiters: Arc<Waiters>,
+    stats: Arc<FanoutStats>,
+    tracked: Arc<DashSet<String>>,
+    channels: HashMap<String, State>,
+    /// Channels holding events ahead of a gap.
+    gapped: HashSet<String>,
+    ops: mpsc::UnboundedSender<Op>,
+    cmds: mpsc::UnboundedSender<Cmd>,
+    /// A permit per control channel started.
+    controls_started: Arc<tokio::sync::Semaphore>,
+    /// The Pub/Sub connection (for its state).
+    subscriber: Client,
+}
+
+impl Loop {
+    async fn run(
+        mut self,
+        mut cmds: mpsc::UnboundedReceiver<Cmd>,
+        mut messages: broadcast::Receiver<fred::types::Message>,
+        mut reconnects: broadcast::Receiver<fred::types::config::Server>,
+        mut errors: broadcast::Receiver<(fred::error::Error, Option<fred::types::config::Server>)>,
+    ) {
+        let tick_every = (self.config.gap_patience / 2).max(Duration::from_millis(5));
+        let mut tick = tokio::time::interval(tick_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut maintained = tokio::time::Instant::now();
+        let mut checked = tokio::time::Instant::now();
+        let mut out = Vec::new();
+        loop {
+            tokio::select! {
+                biased;
+                cmd = cmds.recv() => {
+                    let Some(cmd) = cmd else { return };
+                    self.command(cmd, &mut out);
+                }
+                message = messages.recv() => match message {
+                    Ok(m) => self.message(m, &mut out),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        // Messages were dropped between the connection and
+                        // this loop: read what is missing from the logs.
+                        tracing::warn!(dropped = n, "live path lagged; recovering from the logs");
+                        self.recover(false);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                server = reconnects.recv() => {
+                    if server.is_ok() || matches!(server, Err(broadcast::error::RecvError::Lagged(_))) {
+                        // Not ready again until everything is subscribed
+                        // and what was missed is read.
+                        self.stats.connected.store(false, Ordering::Relaxed);
+                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        self.recover(true);
+                    }
+                }
+                error = errors.recv() => {
+                    if !matches!(error, Err(broadcast::error::RecvError::Closed)) {
+                        // The connection broke: not ready until it is back
+                        // and caught up (a reconnect starts that).
+                        self.stats.connected.store(false, Ordering::Relaxed);
+                    }
+                }
+                _ = tick.tick() => {
+                    if !self.subscriber.is_connected() {
+                        self.stats.connected.store(false, Ordering::Relaxed);
+                    }
+                    self.fills_due();
+                    if maintained.elapsed() >= MAINTAIN_EVERY {
+                        maintained = tokio::time::Instant::now();
+                        self.maintain();
+                    }
+                    if checked.elapsed() >= INCARNATION_CHECK {
+                        checked = tokio::time::Instant::now();
+                        let _ = self.ops.send(Op::CheckIncarnations);
+                    }
+                }
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd, out: &mut Vec<Sequenced>) {
+        match cmd {
+            Cmd::Track { room, base, reply } => {
+                let channel = channel_of(&base);
+                if let Some(state) = self.channels.get_mut(&channel) {
+                    if state.channel.position().is_some() {
+                        let _ = reply.send(None);
+                    } else {
+                        state.waiting.push(reply);
+                    }
+                    return;
+                }
+                self.tracked.insert(room.clone());
+                let _ = self.ops.send(Op::Subscribe {
+                    channel: channel.clone(),
+                    base: base.clone(),
+                });
+                self.channels.insert(
+                    channel,
+                    State {
+                        kind: Kind::Room(room),
+                        base,
+                        channel: Channel::new(),
+                        waiting: vec![reply],
+                        acks: Vec::new(),
+                    },
+                );
+            }
+            Cmd::Started { channel, at } => {
+                let Some(state) = self.channels.get_mut(&channel) else {
+                    return;
+                };
+                if state.channel.position().is_none() && matches!(state.kind, Kind::Control) {
+                    self.controls_started.add_permits(1);
+                }
+                state.channel.start(at, out);
+                for w in state.waiting.drain(..) {
+                    let _ = w.send(Some(at));
+                }
+                self.flush(&channel, out);
+            }
+            Cmd::Published {
+                room_channel,
+                pid,
+                at,
+            } => self.published(&room_channel, pid, at),
+            Cmd::Filled {
+                channel,
+                from,
+                through,
+                entries,
+            } => {
+                if let Some(state) = self.channels.get_mut(&channel) {
+                    let skipped = state.channel.skipped;
+                    state.channel.fill(from, through, entries, out);
+                    let lost = state.channel.skipped - skipped;
+                    if lost > 0 {
+                        self.stats.overruns.fetch_add(lost, Ordering::Relaxed);
+                        tracing::warn!(
+                            channel,
+                            lost,
+                            "events neither received live nor kept in the log; members reload"
+                        );
+                    }
+                    self.flush(&channel, out);
+                }
+            }
+            Cmd::FillFailed { channel } => {
+                if let Some(state) = self.channels.get_mut(&channel) {
+                    state.channel.filling = false;
+                    if !state.channel.has_gap() {
+                        // A head read after a reconnect asked for it:
+                        // read the heads again.
+                        self.recover(false);
+                    }
+                }
+            }
+            Cmd::Heads(heads) => {
+                for (channel, head) in heads {
+                    let Some(head) = head else { continue };
+                    let Some(state) = self.channels.get_mut(&channel) else {
+                        continue;
+                    };
+                    if let Some((from, through)) = state.channel.behind(head) {
+                        state.channel.filling = true;
+                        self.spawn_fill(channel, from, through, self.config.head_delay);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Acknowledges a publisher now when this node will not deliver its
+    /// event: the room is not subscribed here, or its channel started
+    /// after the event, or passed it without it (the event was neither
+    /// received nor in the log). Otherwise the delivery acknowledges it.
+    fn published(&mut self, channel: &str, pid: u64, at: Position) {
+        if let Some(state) = self.channels.get_mut(channel) {
+            state.acks.push((pid, at));
+            self.settle(channel);
+            return;
+        }
+        self.ack_now(pid, at);
+    }
+
+    /// Acknowledges the channel's publishers whose events it has passed
+    /// without delivering them.
+    fn settle(&mut self, channel: &str) {
+        let Some(state) = self.channels.get_mut(channel) else {
+            return;
+        };
+        if state.acks.is_empty() {
+            return;
+        }
+        let Some(now) = state.channel.position() else {
+            return;
+        };
+        let mut passed = Vec::new();
+        state.acks.retain(|(pid, at)| {
+            let behind = at.epoch < now.epoch || (at.epoch == now.epoch && at.seq <= now.seq);
+            if behind {
+                passed.push((*pid, *at));
+            }
+            !behind
+        });
+        for (pid, at) in passed {
+            self.ack_now(pid, at);
+        }
+    }
+
+    fn ack_now(&self, pid: u64, at: Position) {
+        if let Some((_, w)) = self.waiters.remove(&pid) {
+            if let Some(ack) = w.on_sequenced {
+                ack(at, false);
+            }
+            let _ = w.delivered.send((Bytes::new(), at));
+        }
+    }
+
+    fn message(&mut self, message: fred::types::Message, out: &mut Vec<Sequenced>) {
+        let Some(payload) = as_bytes(&message.value) else {
+            return;
+        };
+        let channel = &*message.channel;
+        let Some(state) = self.channels.get_mut(channel) else {
+            return;
+        };
+        match payload.first() {
+            Some(b's') => {
+                let Some(event) = Sequenced::parse_live(&payload) else {
+                    return;
+                };
+                if state.channel.offer(event, out) == Offered::Held {
+                    self.gapped.insert(channel.to_owned());
+                }
+                let channel = channel.to_owned();
+                self.flush(&channel, out);
+            }
+            Some(b'e') => {
+                // Typing: `e<conn> <instance>\n<frame>`, delivered as is
+                // (no order, no recovery).
+                let Kind::Room(room) = &state.kind else {
+                    return;
+                };
+                if state.channel.position().is_none() {
+                    return;
+                }
+                let Some(end) = payload.iter().position(|b| *b == b'\n') else {
+                    return;
+                };
+                let header = std::str::from_utf8(&payload[1..end]).unwrap_or_default();
+                let (conn, instance) = header.split_once(' ').unwrap_or(("0", ""));
+                let conn: u64 = conn.parse().unwrap_or(0);
+                let exclude = (instance == self.config.instance && conn != 0).then_some(conn);
+                self.sink
+                    .deliver(room, &payload.slice(end + 1..), exclude, true);
+            }
+            _ => {}
+        }
+    }
+
+    /// Delivers what the channel released, in order, then acknowledges
+    /// publishers whose events it passed without them.
+    fn flush(&mut self, channel: &str, out: &mut Vec<Sequenced>) {
+        self.deliver(channel, out);
+        self.settle(channel);
+    }
+
+    fn deliver(&mut self, channel: &str, out: &mut Vec<Sequenced>) {
+        if out.is_empty() {
+            return;
+        }
+        let Some(state) = self.channels.get(channel) else {
+            out.clear();
+            return;
+        };
+        for event in out.drain(..) {
+            match &state.kind {
+                Kind::Control => self.sink.control(&event.frame),
+                Kind::Room(room) => {
+                    let mine = event.instance == self.config.instance;
+                    let exclude = (mine && event.conn != 0).then_some(event.conn);
+                    let frame = self.codec.compress_frame(event.frame);
+                    self.sink.deliver(room, &frame, exclude, false);
+                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    if mine && let Some((_, w)) = self.waiters.remove(&event.pid) {
+                        let position = Position {
+                            epoch: event.epoch,
+                            seq: event.seq,
+                        };
+                        if let Some(ack) = w.on_sequenced {
+                            ack(position, false);
+                        }
+                        let _ = w.delivered.send((frame, position));
+                    }
+                }
+            }
+        }
+    }
+
+    fn fills_due(&mut self) {
+        let mut oldest = Duration::ZERO;
+        let mut due = Vec::new();
+        self.gapped.retain(|channel| {
+            let Some(state) = self.channels.get_mut(channel) else {
+                return false;
+            };
+            if !state.channel.has_gap() {
+                return false;
+            }
+            oldest = oldest.max(state.channel.gap_age());
+            if let Some((from, through)) = state.channel.due_fill(self.config.gap_patience) {
+                state.channel.filling = true;
+                due.push((channel.clone(), from, through));
+            }
+            true
+        });
+        self.stats
+            .lag_ms
+            .store(oldest.as_millis() as i64, Ordering::Relaxed);
+        for (channel, from, through) in due {
+            self.spawn_fill(channel, from, through, Duration::ZERO);
+        }
+    }
+
+    fn spawn_fill(&self, channel: String, from: Position, through: u64, delay: Duration) {
+        let Some(state) = self.channels.get(&channel) else {
+            return;
+        };
+        let log = format!("{}:log", state.base);
+        let client = self.command.clone();
+        let cmds = self.cmds.clone();
+        let stats = self.stats.clone();
+        tokio::spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let count = through.saturating_sub(from.seq);
+            let reply: Result<Value, _> = client
+                .xrange(
+                    log,
+                    format!("{}-1", from.seq + 1),
+                    format!("{through}-1"),
+                    Some(count),
+                )
+                .await;
+            let cmd = match reply {
+                Ok(v) => Cmd::Filled {
+                    channel,
+                    from,
+                    through,
+                    entries: log_entries(&v),
+                },
+                Err(e) => {
+                    stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "reading a room log to fill a gap failed");
+                    Cmd::FillFailed { channel }
+                }
+            };
+            let _ = cmds.send(cmd);
+        });
+    }
+
+    /// Rooms without local members (and no publisher waiting on them) are
+    /// given up.
+    fn maintain(&mut self) {
+        let waited: HashSet<String> = self.waiters.iter().map(|w| w.room.clone()).collect();
+        let mut gone = Vec::new();
+        for (channel, state) in &self.channels {
+            let Kind::Room(room) = &state.kind else {
+                continue;
+            };
+            if state.channel.position().is_none()
+                || self.sink.has_members(room)
+                || waited.contains(room)
+            {
+                continue;
+            }
+            gone.push((channel.clone(), room.clone()));
+        }
+        for (channel, room) in gone {
+            self.channels.remove(&channel);
+            self.gapped.remove(&channel);
+            self.tracked.remove(&room);
+            let _ = self.ops.send(Op::Unsubscribe(channel));
+        }
+    }
+
+    fn recover(&mut self, resubscribe: bool) {
+        let channels = self
+            .channels
+            .iter()
+            .map(|(c, s)| (c.clone(), s.base.clone()))
+            .collect();
+        let _ = self.ops.send(Op::Recover {
+            channels,
+            resubscribe,
+        });
+    }
+}
+
+/// Runs subscription changes in order on the Pub/Sub connection.
+struct Manager {
+    subscriber: Client,
+    command: Client,
+    position: Script,
+    incarnation: Script,
+    incarnation_keys: Vec<String>,
+    known: Option<Vec<String>>,
+    checks: AtomicU64,
+    instance: String,
+    epoch_ttl_ms: i64,
+    cmds: mpsc::UnboundedSender<Cmd>,
+    sink: Arc<dyn LocalDelivery>,
+    stats: Arc<FanoutStats>,
+}
+
+impl Manager {
+    async fn run(mut self, mut ops: mpsc::UnboundedReceiver<Op>) {
+        crate::redis::start_connecting(&self.subscriber).await;
+        if let Ok(known) = self.incarnations().await {
+            self.known = Some(known);
+        }
+        while let Some(op) = ops.recv().await {
+            let mut backoff = Duration::from_millis(50);
+            match op {
+                Op::Subscribe { channel, base } => {
+                    while let Err(e) = self.subscribe(&channel, &base).await {
+                        self.failed(e, &mut backoff).await;
+                    }
+                    self.succeeded();
+                }
+                Op::Unsubscribe(channel) => {
+                    let _ = self.subscriber.sunsubscribe(channel).await;
+                }
+                Op::Recover {
+                    channels,
+                    resubscribe,
+                } => {
+                    // What survived first: members must hear of a loss
+                    // before anything of the new streams reaches them.
+                    while let Err(e) = self.check_incarnations().await {
+                        self.failed(e, &mut backoff).await;
+                    }
+                    if resubscribe {
+                        for group in by_slot(&channels) {
+                            while let Err(e) = self.resubscribe(group.clone()).await {
+                                self.failed(e, &mut backoff).await;
+                            }
+                        }
+                    }
+                    while let Err(e) = self.heads(&channels).await {
+                        self.failed(e, &mut backoff).await;
+                    }
+                    self.succeeded();
+                }
+                Op::CheckIncarnations => {
+                    if let Err(e) = self.check_incarnations().await {
+                        tracing::debug!(error = %e, "incarnation check failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a failed call: counts it, says so in `/health`, backs off
+    /// (Redis is away; the caller tries again).
+    async fn failed(&self, e: FanoutError, backoff: &mut Duration) {
+        self.stats.connected.store(false, Ordering::Relaxed);
+        self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(error = %e, "live path: Redis unavailable; retrying");
+        tokio::time::sleep(*backoff).await;
+        *backoff = (*backoff * 2).min(Duration::from_secs(1));
+    }
+
+    fn succeeded(&self) {
+        self.stats.connected.store(true, Ordering::Relaxed);
+    }
+
+    async fn subscribe(&mut self, channel: &str, base: &str) -> Result<(), FanoutError> {
+        self.subscriber
+            .ssubscribe(channel.to_owned())
+            .await
+            .map_err(crate::redis::err)?;
+        let at = self.read_position(base).await?;
+        let _ = self.cmds.send(Cmd::Started {
+            channel: channel.to_owned(),
+            at,
+        });
+        Ok(())
+    }
+
+    async fn read_position(&self, base: &str) -> Result<Position, FanoutError> {
+        let reply: Value = self
+            .position
+            .evalsha_with_reload(
+                &self.command,
+                vec![format!("{base}:epoch"), format!("{base}:seq")],
+                vec![Value::from(self.epoch_ttl_ms)],
+            )
+            .await
+            .map_err(crate::redis::err)?;
+        let (epoch, seq) = pair(reply)?;
+        Ok(Position { epoch, seq })
+    }
+
+    async fn resubscribe(&mut self, channels: Vec<String>) -> Result<(), FanoutError> {
+        self.subscriber
+            .ssubscribe(channels)
+            .await
+            .map_err(crate::redis::err)
+    }
+
+    /// Every channel's head (epoch and last number), without creating any.
+    async fn heads(&mut self, channels: &[(String, String)]) -> Result<(), FanoutError> {
+        let mut heads = Vec::with_capacity(channels.len());
+        for chunk in channels.chunks(256) {
+            let pipeline = self.command.pipeline();
+            for (_, base) in chunk {
+                let _: () = pipeline
+                    .get(format!("{base}:epoch"))
+                    .await
+                    .map_err(crate::redis::err)?;
+                let _: () = pipeline
+                    .get(format!("{base}:seq"))
+                    .await
+                    .map_err(crate::redis::err)?;
+            }
+            let values: Vec<Value> = pipeline.all().await.map_err(crate::redis::err)?;
+            for ((channel, _), pair) in chunk.iter().zip(values.chunks(2)) {
+                let head = match pair {
+                    [epoch, seq] => as_u64(epoch).map(|epoch| Position {
+                        epoch,
+                        seq: as_u64(seq).unwrap_or(0),
+                    }),
+                    _ => None,
+                };
+                heads.push((channel.clone(), head));
+            }
+        }
+        let _ = self.cmds.send(Cmd::Heads(heads));
+        Ok(())
+    }
+
+    async fn incarnations(&self) -> Result<Vec<String>, FanoutError> {
+        let check = self.checks.fetch_add(1, Ordering::Relaxed);
+        let token = format!("{}#{check}@{}", self.instance, crate::redis::now_ms());
+        let mut out = Vec::with_capacity(self.incarnation_keys.len());
+        for key in &self.incarnation_keys {
+            let v: Value = self
+                .incarnation
+                .evalsha_with_reload(
+                    &self.command,
+                    vec![key.clone()],
+                    vec![Value::from(token.as_str())],
+                )
+                .await
+                .map_err(crate::redis::err)?;
+            out.push(as_str(&v).unwrap_or_default());
+        }
+        Ok(out)
+    }
+
+    /// Compares the partitions' incarnations with the remembered ones; a
+    /// change means Redis lost data, and the node's members are made to
+    /// resume (they may have missed events that are gone).
+    async fn check_incarnations(&mut self) -> Result<(), FanoutError> {
+        let now = self.incarnations().await?;
+        let lost = self
+            .known
+            .as_ref()
+            .is_some_and(|before| before.iter().zip(&now).any(|(a, b)| a != b));
+        self.known = Some(now);
+        if lost {
+            self.stats.streams_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("Redis lost the room streams (restarted without its data?)");
+            self.sink.streams_lost();
+        }
+        Ok(())
+    }
+}
+
+/// Channels grouped by hash tag (`{p<N>}`): one SSUBSCRIBE per slot.
+fn by_slot(channels: &[(String, String)]) -> Vec<Vec<String>> {
+    let mut groups: HashMap<&str, Vec<String>> = HashMap::new();
+    for (channel, _) in channels {
+        let tag = channel
+            .split_once('{')
+            .and_then(|(_, rest)| rest.split_once('}'))
+            .map(|(tag, _)| tag)
+            .unwrap_or("");
+        groups.entry(tag).or_default().push(channel.clone());
+    }
+    groups
+        .into_values()
+        .flat_map(|g| g.chunks(512).map(<[String]>::to_vec).collect::<Vec<_>>())
+        .collect()
+}
+
+/// A room log's entries (`f` frame, `o` header) as events.
+fn log_entries(v: &Value) -> Vec<Sequenced> {
+    entries(v)
+        .into_iter()
+        .filter_map(|(_, fields)| {
+            let frame = fields.get("f").and_then(as_bytes)?;
+            let header = fields.get("o").and_then(as_bytes)?;
+            Sequenced::parse(&header, frame)
+        })
+        .collect()
+}
