@@ -44,6 +44,8 @@ if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
 return n
 "#;
 
+/// Takes up to ARGV[2] whole tokens (at least one, or none and how long
+/// until one is free). Returns { granted, wait ms }.
 const TAKE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -53,11 +55,12 @@ local v = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
 local tokens = tonumber(v[1]) or cap
 local ts = tonumber(v[2]) or now
 tokens = math.min(cap, tokens + math.max(0, now - ts) * rate)
+local granted = math.min(tonumber(ARGV[2]), math.floor(tokens))
 local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) / rate) end
+if granted >= 1 then tokens = tokens - granted else granted = 0; wait = math.ceil((1 - tokens) / rate) end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], 120000)
-return wait
+return { granted, wait }
 "#;
 
 /// How long a node's heartbeat counts as alive.
@@ -250,15 +253,37 @@ impl Cluster {
         user: &str,
         per_minute: u32,
     ) -> Result<Option<Duration>, FanoutError> {
-        let wait: i64 = self
+        let (_, wait) = self.take_messages(user, per_minute, 1).await?;
+        Ok(wait)
+    }
+
+    /// Takes up to `want` tokens at once from the user's shared bucket (a
+    /// node's lease, spent locally): how many it got (at least one), or
+    /// none and how long until one is free.
+    pub async fn take_messages(
+        &self,
+        user: &str,
+        per_minute: u32,
+        want: u32,
+    ) -> Result<(u32, Option<Duration>), FanoutError> {
+        let reply: Vec<i64> = self
             .take
             .evalsha_with_reload(
                 &self.client,
                 vec![self.user_key(user, "rate")],
-                vec![Value::from(i64::from(per_minute))],
+                vec![
+                    Value::from(i64::from(per_minute)),
+                    Value::from(i64::from(want.max(1))),
+                ],
             )
             .await
             .map_err(err)?;
-        Ok((wait > 0).then(|| Duration::from_millis(wait as u64)))
+        let (granted, wait) = match reply.as_slice() {
+            [g, w] => (*g, *w),
+            _ => return Err(FanoutError::Unavailable("unexpected limit reply".into())),
+        };
+        let granted = u32::try_from(granted.max(0)).unwrap_or(0);
+        let wait = (granted == 0).then(|| Duration::from_millis(wait.max(1) as u64));
+        Ok((granted, wait))
     }
 }

@@ -17,9 +17,10 @@
 //! - [`cluster`]: node registry and cluster-wide per-user limits.
 //!
 //! # Invariants
-//! - Within a room and epoch, sequence numbers are 1, 2, 3... with no gap
-//!   and each is delivered to local members before the next is assigned,
-//!   so every member's queue sees the room's events in order.
+//! - Within a room and epoch, sequence numbers are 1, 2, 3... with no gap,
+//!   and every node delivers them to its members in that order, each once
+//!   (locally: before the next is assigned; in a cluster: the node's
+//!   sequencer holds what is ahead of a gap until the room's log fills it).
 //! - An event is encoded once per node, never per recipient.
 //! - The publisher's `on_sequenced` runs in the room's delivery order on
 //!   its node, so the sender's acknowledgement never overtakes an earlier
@@ -96,10 +97,11 @@ pub trait Fanout: Send + Sync + 'static {
     ) -> Result<(), FanoutError>;
 
     /// Sends `payload` to every node's [`LocalDelivery::control`], this
-    /// one included. `key` (a room or user name) picks the stream: every
-    /// node handles the control message before any event of that stream
-    /// published after this call returned, and after every event
-    /// published before it.
+    /// one included. `key` (a room or user name) picks the partition: every
+    /// node handles the control message before any event of that
+    /// partition's rooms published after this call returned, and after
+    /// every event published before it — except where the node missed one
+    /// of them live (a reconnect) and read it from its log afterwards.
     async fn control(&self, key: &str, payload: Bytes) -> Result<(), FanoutError>;
 
     /// Drops the room's replayable events (the room was deleted): a

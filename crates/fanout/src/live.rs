@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dashmap::{DashMap, DashSet};
 use fred::interfaces::EventInterface;
-use fred::prelude::{Client, ClientLike, KeysInterface, PubsubInterface, StreamsInterface};
+use fred::prelude::{Client, ClientLike, HashesInterface, PubsubInterface, StreamsInterface};
 use fred::types::Value;
 use fred::types::scripts::Script;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -44,6 +44,9 @@ pub(crate) const MAINTAIN_EVERY: Duration = Duration::from_secs(2);
 /// not lose its data under it (FLUSHALL, a restart without persistence,
 /// a failover to an empty replica).
 const INCARNATION_CHECK: Duration = Duration::from_secs(5);
+
+/// How often every subscription is renewed and every head compared.
+const RESUBSCRIBE_EVERY: Duration = Duration::from_secs(30);
 
 /// A publish waiting for this node to deliver its event.
 pub(crate) struct Waiter {
@@ -65,7 +68,7 @@ enum Kind {
 
 struct State {
     kind: Kind,
-    /// Key prefix: `<base>:epoch`, `:seq`, `:log`; the channel is `<base>:live`.
+    /// Key prefix: `<base>:state`, `:log`; the channel is `<base>:live`.
     base: String,
     channel: Channel,
     /// Callers of `track` waiting for the channel to start.
@@ -73,6 +76,8 @@ struct State {
     /// Publishers' events whose place is known but that this node has not
     /// delivered yet when the channel starts (see `Cmd::Published`).
     acks: Vec<(u64, Position)>,
+    /// A head read while a fill was under way: compared again after it.
+    head: Option<Position>,
 }
 
 enum Cmd {
@@ -105,9 +110,11 @@ enum Cmd {
 }
 
 enum Op {
+    /// `room`: `None` for a control channel (always wanted).
     Subscribe {
         channel: String,
         base: String,
+        room: Option<String>,
     },
     Unsubscribe(String),
     /// After a reconnect (or a lagging receiver): subscribe all again
@@ -190,7 +197,9 @@ impl Live {
         let messages = subscriber.message_rx();
         let reconnects = subscriber.reconnect_rx();
         let errors = subscriber.error_rx();
+        let changes = subscriber.cluster_change_rx();
         let manager = Manager {
+            tracked: tracked.clone(),
             subscriber: subscriber.clone(),
             command: command.clone(),
             position,
@@ -213,6 +222,7 @@ impl Live {
             let _ = ops.send(Op::Subscribe {
                 channel: channel.clone(),
                 base: base.clone(),
+                room: None,
             });
             channels.insert(
                 channel,
@@ -222,12 +232,14 @@ impl Live {
                     channel: Channel::new(),
                     waiting: Vec::new(),
                     acks: Vec::new(),
+                    head: None,
                 },
             );
         }
         let controls_pending = Arc::new(tokio::sync::Semaphore::new(0));
         let worker_partitions = config.partitions;
         let worker = Loop {
+            recover_at: None,
             subscriber: subscriber.clone(),
             controls_started: controls_pending.clone(),
             config,
@@ -244,7 +256,7 @@ impl Live {
         };
         let tasks = vec![
             tokio::spawn(manager.run(op_rx)),
-            tokio::spawn(worker.run(cmd_rx, messages, reconnects, errors)),
+            tokio::spawn(worker.run(cmd_rx, messages, reconnects, errors, changes)),
         ];
         Live {
             cmds,
@@ -326,6 +338,8 @@ struct Loop {
     controls_started: Arc<tokio::sync::Semaphore>,
     /// The Pub/Sub connection (for its state).
     subscriber: Client,
+    /// A coalesced recovery (re-read every head) due then.
+    recover_at: Option<tokio::time::Instant>,
 }
 
 impl Loop {
@@ -335,12 +349,14 @@ impl Loop {
         mut messages: broadcast::Receiver<fred::types::Message>,
         mut reconnects: broadcast::Receiver<fred::types::config::Server>,
         mut errors: broadcast::Receiver<(fred::error::Error, Option<fred::types::config::Server>)>,
+        mut changes: broadcast::Receiver<Vec<fred::types::ClusterStateChange>>,
     ) {
         let tick_every = (self.config.gap_patience / 2).max(Duration::from_millis(5));
         let mut tick = tokio::time::interval(tick_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut maintained = tokio::time::Instant::now();
         let mut checked = tokio::time::Instant::now();
+        let mut resubscribed = tokio::time::Instant::now();
         let mut out = Vec::new();
         loop {
             tokio::select! {
@@ -359,6 +375,15 @@ impl Loop {
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
+                change = changes.recv() => {
+                    if !matches!(change, Err(broadcast::error::RecvError::Closed)) {
+                        // Slots moved (a failover, resharding): Redis may
+                        // have unsubscribed this node from channels whose
+                        // slot left a master without closing the
+                        // connection. Subscribe again, read what was missed.
+                        self.recover(true);
+                    }
+                }
                 server = reconnects.recv() => {
                     if server.is_ok() || matches!(server, Err(broadcast::error::RecvError::Lagged(_))) {
                         // Not ready again until everything is subscribed
@@ -388,6 +413,18 @@ impl Loop {
                         checked = tokio::time::Instant::now();
                         let _ = self.ops.send(Op::CheckIncarnations);
                     }
+                    // Now and then everything again: a subscription Redis
+                    // dropped without telling (a slot moved away and back)
+                    // or a message lost at the tail of a quiet room costs
+                    // at most this long.
+                    if resubscribed.elapsed() >= RESUBSCRIBE_EVERY {
+                        resubscribed = tokio::time::Instant::now();
+                        self.recover(true);
+                    }
+                    if self.recover_at.is_some_and(|t| t <= tokio::time::Instant::now()) {
+                        self.recover_at = None;
+                        self.recover(false);
+                    }
                 }
             }
         }
@@ -409,6 +446,7 @@ impl Loop {
                 let _ = self.ops.send(Op::Subscribe {
                     channel: channel.clone(),
                     base: base.clone(),
+                    room: Some(room.clone()),
                 });
                 self.channels.insert(
                     channel,
@@ -418,6 +456,7 @@ impl Loop {
                         channel: Channel::new(),
                         waiting: vec![reply],
                         acks: Vec::new(),
+                        head: None,
                     },
                 );
             }
@@ -431,6 +470,9 @@ impl Loop {
                 state.channel.start(at, out);
                 for w in state.waiting.drain(..) {
                     let _ = w.send(Some(at));
+                }
+                if state.channel.has_gap() {
+                    self.gapped.insert(channel.clone());
                 }
                 self.flush(&channel, out);
             }
@@ -458,16 +500,20 @@ impl Loop {
                         );
                     }
                     self.flush(&channel, out);
+                    self.head_again(&channel);
                 }
             }
             Cmd::FillFailed { channel } => {
                 if let Some(state) = self.channels.get_mut(&channel) {
                     state.channel.filling = false;
-                    if !state.channel.has_gap() {
+                    if !state.channel.has_gap() && state.head.is_none() {
                         // A head read after a reconnect asked for it:
-                        // read the heads again.
-                        self.recover(false);
+                        // read the heads again, once, a little later.
+                        self.recover_at.get_or_insert_with(|| {
+                            tokio::time::Instant::now() + Duration::from_secs(1)
+                        });
                     }
+                    self.head_again(&channel);
                 }
             }
             Cmd::Heads(heads) => {
@@ -476,12 +522,37 @@ impl Loop {
                     let Some(state) = self.channels.get_mut(&channel) else {
                         continue;
                     };
+                    if state.channel.filling {
+                        // Compared once the fill under way is done.
+                        state.head = Some(match state.head {
+                            Some(h) if (h.epoch, h.seq) > (head.epoch, head.seq) => h,
+                            _ => head,
+                        });
+                        continue;
+                    }
                     if let Some((from, through)) = state.channel.behind(head) {
                         state.channel.filling = true;
                         self.spawn_fill(channel, from, through, self.config.head_delay);
                     }
                 }
             }
+        }
+    }
+
+    /// A head read while a fill was under way: fills what is still behind.
+    fn head_again(&mut self, channel: &str) {
+        let Some(state) = self.channels.get_mut(channel) else {
+            return;
+        };
+        if state.channel.filling {
+            return;
+        }
+        let Some(head) = state.head.take() else {
+            return;
+        };
+        if let Some((from, through)) = state.channel.behind(head) {
+            state.channel.filling = true;
+            self.spawn_fill(channel.to_owned(), from, through, self.config.head_delay);
         }
     }
 
@@ -685,10 +756,10 @@ impl Loop {
             let Kind::Room(room) = &state.kind else {
                 continue;
             };
-            if state.channel.position().is_none()
-                || self.sink.has_members(room)
-                || waited.contains(room)
-            {
+            // A channel not started yet stays while a join waits for it.
+            let waiting =
+                state.channel.position().is_none() && state.waiting.iter().any(|w| !w.is_closed());
+            if waiting || self.sink.has_members(room) || waited.contains(room) {
                 continue;
             }
             gone.push((channel.clone(), room.clone()));
@@ -716,6 +787,7 @@ impl Loop {
 
 /// Runs subscription changes in order on the Pub/Sub connection.
 struct Manager {
+    tracked: Arc<DashSet<String>>,
     subscriber: Client,
     command: Client,
     position: Script,
@@ -739,11 +811,22 @@ impl Manager {
         while let Some(op) = ops.recv().await {
             let mut backoff = Duration::from_millis(50);
             match op {
-                Op::Subscribe { channel, base } => {
-                    while let Err(e) = self.subscribe(&channel, &base).await {
-                        self.failed(e, &mut backoff).await;
+                Op::Subscribe {
+                    channel,
+                    base,
+                    room,
+                } => {
+                    // A room given up meanwhile (its members left, or the
+                    // join waiting for it timed out) is not retried.
+                    while room.as_ref().is_none_or(|r| self.tracked.contains(r)) {
+                        match self.subscribe(&channel, &base).await {
+                            Ok(()) => {
+                                self.succeeded();
+                                break;
+                            }
+                            Err(e) => self.failed(e, &mut backoff).await,
+                        }
                     }
-                    self.succeeded();
                 }
                 Op::Unsubscribe(channel) => {
                     let _ = self.subscriber.sunsubscribe(channel).await;
@@ -810,7 +893,7 @@ impl Manager {
             .position
             .evalsha_with_reload(
                 &self.command,
-                vec![format!("{base}:epoch"), format!("{base}:seq")],
+                vec![format!("{base}:state")],
                 vec![Value::from(self.epoch_ttl_ms)],
             )
             .await
@@ -833,21 +916,20 @@ impl Manager {
             let pipeline = self.command.pipeline();
             for (_, base) in chunk {
                 let _: () = pipeline
-                    .get(format!("{base}:epoch"))
-                    .await
-                    .map_err(crate::redis::err)?;
-                let _: () = pipeline
-                    .get(format!("{base}:seq"))
+                    .hmget(format!("{base}:state"), vec!["e", "s"])
                     .await
                     .map_err(crate::redis::err)?;
             }
             let values: Vec<Value> = pipeline.all().await.map_err(crate::redis::err)?;
-            for ((channel, _), pair) in chunk.iter().zip(values.chunks(2)) {
+            for ((channel, _), pair) in chunk.iter().zip(values) {
                 let head = match pair {
-                    [epoch, seq] => as_u64(epoch).map(|epoch| Position {
-                        epoch,
-                        seq: as_u64(seq).unwrap_or(0),
-                    }),
+                    Value::Array(pair) => match pair.as_slice() {
+                        [epoch, seq] => as_u64(epoch).map(|epoch| Position {
+                            epoch,
+                            seq: as_u64(seq).unwrap_or(0),
+                        }),
+                        _ => None,
+                    },
                     _ => None,
                 };
                 heads.push((channel.clone(), head));

@@ -9,13 +9,11 @@
 //!
 //! | key | what |
 //! |---|---|
-//! | `{ns}:{p<N>}:room:<room>:epoch` | the room stream's epoch |
-//! | `{ns}:{p<N>}:room:<room>:seq` | last sequence number |
+//! | `{ns}:{p<N>}:room:<room>:state` | hash: `e` epoch, `s` last sequence number, `b`/`n` the log's bytes and entries, `x`/`p` when expiries were renewed |
 //! | `{ns}:{p<N>}:room:<room>:log` | recovery stream, entry id `<seq>-1`, fields `f` (frame) and `o` (origin), capped and expiring |
-//! | `{ns}:{p<N>}:room:<room>:logbytes` | bytes the log's frames hold |
 //! | `{ns}:{p<N>}:room:<room>:published` | (sender, client message id) -> seq, so a retried publish whose first reply was lost is not published twice |
 //! | `{ns}:{p<N>}:room:<room>:live` | the room's shard channel (Pub/Sub, holds nothing) |
-//! | `{ns}:{p<N>}:control:{epoch,seq,log,live}` | partition N's control messages, sequenced like a room |
+//! | `{ns}:{p<N>}:control:{state,log,live}` | partition N's control messages, sequenced like a room |
 //! | `{ns}:{p<N>}:incarnation` | written once; a new value means Redis lost the partition's data |
 //!
 //! # Publish
@@ -60,8 +58,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fred::interfaces::ClusterInterface;
 use fred::prelude::{
-    Builder, Client, ClientLike, Config, KeysInterface, PubsubInterface, ReconnectPolicy,
-    ServerInterface, StreamsInterface,
+    Builder, Client, ClientLike, Config, HashesInterface, KeysInterface, PubsubInterface,
+    ReconnectPolicy, ServerInterface, StreamsInterface,
 };
 use fred::types::Value;
 use fred::types::scripts::Script;
@@ -144,11 +142,20 @@ impl RedisFanoutConfig {
     }
 }
 
-/// The publish script. KEYS: epoch, seq, log, published, logbytes,
-/// channel. ARGV: frame head, mid, tail; instance, conn, pid; max log
-/// entries, recovery window ms, idempotency key, idle ttl ms, max log
-/// bytes, publish now ('1') or return the live message ('0').
+/// The publish script. KEYS: state, log, published, channel. ARGV: frame
+/// head, mid, tail; instance, conn, pid; max log entries, recovery window
+/// ms, idempotency key, idle ttl ms, max log bytes, publish now ('1') or
+/// return the live message ('0'), now (the gateway's clock, ms: it only
+/// decides when expiries are renewed).
 /// Returns { epoch, seq, repeated, live message or '' }.
+///
+/// The room's counters live in one hash (`state`: `e` epoch, `s` last
+/// number, `b` and `n` the log's bytes and entries, `x` when expiries were
+/// last renewed, `p` whether the idempotency hash has one): a publish
+/// reads it once and writes it once. Expiries are renewed a quarter of
+/// the shorter window after the last renewal, each set a quarter longer
+/// than its window, so everything still lives a full window after the
+/// last event and a publish usually sets none.
 const PUBLISH: &str = r#"
 local function varint(v)
   if v < 251 then return string.char(v) end
@@ -163,17 +170,18 @@ local function varint(v)
   end
   return table.concat(t)
 end
-local epoch = redis.call('GET', KEYS[1])
+local st = redis.call('HMGET', KEYS[1], 'e', 's', 'b', 'n', 'x', 'p')
+local epoch = st[1]
 if epoch and ARGV[9] ~= '' then
   -- A retry of an event whose first publish succeeded but whose reply
   -- was lost: answer with the original position. A publisher that waits
   -- for replicas may have failed before publishing it live: it gets the
   -- live message back to publish (nodes drop it if they had it).
-  local prev = redis.call('HGET', KEYS[4], ARGV[9])
+  local prev = redis.call('HGET', KEYS[3], ARGV[9])
   if prev then
     local again = ''
     if ARGV[12] == '0' then
-      local e = redis.call('XRANGE', KEYS[3], prev .. '-1', prev .. '-1')
+      local e = redis.call('XRANGE', KEYS[2], prev .. '-1', prev .. '-1')
       if #e == 1 then
         local f, frame, origin = e[1][2], nil, nil
         for i = 1, #f, 2 do
@@ -185,89 +193,123 @@ if epoch and ARGV[9] ~= '' then
     return { epoch, tonumber(prev), 1, again }
   end
 end
+local now, window, idle = tonumber(ARGV[13]), tonumber(ARGV[8]), tonumber(ARGV[10])
+local renew = math.max(1, math.floor(math.min(window, idle) / 4))
+local x = tonumber(st[5])
+local bytes, count, dedupe_ttl = tonumber(st[3]) or 0, tonumber(st[4]) or 0, st[6]
+-- Past its expiry the log (and the idempotency hash) is gone.
+if not x or now - x >= window + renew or now < x then
+  bytes, count, dedupe_ttl = 0, 0, nil
+end
 if not epoch then
   local t = redis.call('TIME')
   epoch = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-  redis.call('SET', KEYS[1], epoch)
 end
-local seq = redis.call('INCR', KEYS[2])
--- A room's stream lives while it is used: idle for ARGV[10] ms, its
--- epoch and counter expire, and the next publish starts a stream with a
--- new epoch (a resume from the old one is told so).
-redis.call('PEXPIRE', KEYS[1], ARGV[10])
-redis.call('PEXPIRE', KEYS[2], ARGV[10])
-if ARGV[9] ~= '' then
-  redis.call('HSET', KEYS[4], ARGV[9], seq)
-  redis.call('PEXPIRE', KEYS[4], ARGV[8])
-end
+local seq = (tonumber(st[2]) or 0) + 1
 local frame = ARGV[1] .. varint(tonumber(epoch)) .. ARGV[2] .. varint(seq) .. ARGV[3]
 local origin = epoch .. ' ' .. seq .. ' ' .. ARGV[5] .. ' ' .. ARGV[6] .. ' ' .. ARGV[4]
-redis.call('XADD', KEYS[3], seq .. '-1', 'f', frame, 'o', origin)
--- The room's log is bounded by count and by bytes (KEYS[5] keeps the
--- frames' size): the oldest entries go until both hold, so a few large
--- events cannot hold what thousands of small ones would.
-local bytes = redis.call('INCRBY', KEYS[5], #frame)
+local id = seq .. '-1'
+redis.call('XADD', KEYS[2], id, 'f', frame, 'o', origin)
+bytes, count = bytes + #frame, count + 1
+-- The room's log is bounded by count and by bytes: past either, the
+-- oldest entries go in one batch down to 1/64 below both, so a few
+-- large events cannot hold what thousands of small ones would, and a
+-- full log pays for a trim once per ~1.5% of its length.
 local maxlen, maxbytes = tonumber(ARGV[7]), tonumber(ARGV[11])
-if bytes > maxbytes or seq > maxlen then
-  while bytes > maxbytes or redis.call('XLEN', KEYS[3]) > maxlen do
-    local oldest = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
-    if #oldest == 0 then
-      redis.call('SET', KEYS[5], 0)
-      break
+if bytes > maxbytes or count > maxlen then
+  local lowbytes = maxbytes - math.floor(maxbytes / 64)
+  local lowlen = maxlen - math.floor(maxlen / 64)
+  local done = false
+  while not done and (bytes > lowbytes or count > lowlen) do
+    local batch = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 64)
+    local ids = {}
+    for _, e in ipairs(batch) do
+      if e[1] == id or (bytes <= lowbytes and count <= lowlen) then
+        done = true
+        break
+      end
+      local f = e[2]
+      for i = 1, #f, 2 do
+        if f[i] == 'f' then bytes = bytes - #f[i + 1] end
+      end
+      count = count - 1
+      ids[#ids + 1] = e[1]
     end
-    redis.call('XDEL', KEYS[3], oldest[1][1])
-    bytes = redis.call('DECRBY', KEYS[5], #oldest[1][2][2])
+    if #ids == 0 then break end
+    redis.call('XDEL', KEYS[2], unpack(ids))
+  end
+  if bytes < #frame or count < 1 then
+    bytes, count = #frame, redis.call('XLEN', KEYS[2])
   end
 end
-redis.call('PEXPIRE', KEYS[3], ARGV[8])
-redis.call('PEXPIRE', KEYS[5], ARGV[8])
+if ARGV[9] ~= '' then
+  redis.call('HSET', KEYS[3], ARGV[9], seq)
+end
+-- A room's stream lives while it is used: idle for ARGV[10] ms, its
+-- state expires, and the next publish starts a stream with a new epoch
+-- (a resume from the old one is told so). Its log and idempotency keys
+-- live the recovery window.
+local due = not x or now - x >= renew or now < x
+if due then
+  x = now
+  dedupe_ttl = redis.call('PEXPIRE', KEYS[3], window + renew)
+elseif ARGV[9] ~= '' and dedupe_ttl ~= '1' then
+  dedupe_ttl = redis.call('PEXPIRE', KEYS[3], window + renew)
+end
+redis.call('HSET', KEYS[1], 'e', epoch, 's', seq, 'b', bytes, 'n', count, 'x', x, 'p', tostring(dedupe_ttl or 0))
+if due then
+  redis.call('PEXPIRE', KEYS[1], idle + renew)
+  redis.call('PEXPIRE', KEYS[2], window + renew)
+end
 local live = 's' .. origin .. '\n' .. frame
 if ARGV[12] == '1' then
-  redis.call('SPUBLISH', KEYS[6], live)
+  redis.call('SPUBLISH', KEYS[4], live)
   live = ''
 end
 return { epoch, seq, 0, live }
 "#;
 
-/// A control message, sequenced like a room's events. KEYS: epoch, seq,
-/// log, channel. ARGV: payload, instance, entries kept, ttl ms, publish
-/// now. Returns the live message when not published.
+/// A control message, sequenced like a room's events. KEYS: state, log,
+/// channel. ARGV: payload, instance, entries kept, ttl ms, publish now.
+/// Returns the live message when not published.
 const CONTROL: &str = r#"
-local epoch = redis.call('GET', KEYS[1])
+local st = redis.call('HMGET', KEYS[1], 'e', 's')
+local epoch = st[1]
 if not epoch then
   local t = redis.call('TIME')
   epoch = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-  redis.call('SET', KEYS[1], epoch)
 end
-local seq = redis.call('INCR', KEYS[2])
+local seq = (tonumber(st[2]) or 0) + 1
+redis.call('HSET', KEYS[1], 'e', epoch, 's', seq)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
 local origin = epoch .. ' ' .. seq .. ' 0 0 ' .. ARGV[2]
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], seq .. '-1', 'f', ARGV[1], 'o', origin)
-redis.call('PEXPIRE', KEYS[3], ARGV[4])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-1', 'f', ARGV[1], 'o', origin)
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 local live = 's' .. origin .. '\n' .. ARGV[1]
 if ARGV[5] == '1' then
-  redis.call('SPUBLISH', KEYS[4], live)
+  redis.call('SPUBLISH', KEYS[3], live)
   live = ''
 end
 return live
 "#;
 
 /// A room's position. A room without a stream gets its epoch here, so a
-/// member that joined before the first event can resume into it; the key
-/// expires after the recovery window unless events keep it (a resume or
-/// join naming made-up rooms leaves nothing for long). Asking does not
-/// extend it.
+/// member that joined before the first event can resume into it; the
+/// state expires after the recovery window unless events keep it (a
+/// resume or join naming made-up rooms leaves nothing for long). Asking
+/// does not extend it. KEYS: state. ARGV: ttl ms for a new epoch.
 pub(crate) const POSITION: &str = r#"
-local epoch = redis.call('GET', KEYS[1])
+local st = redis.call('HMGET', KEYS[1], 'e', 's')
+local epoch = st[1]
 if not epoch then
   local t = redis.call('TIME')
   epoch = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-  redis.call('SET', KEYS[1], epoch, 'NX', 'PX', ARGV[1])
-  epoch = redis.call('GET', KEYS[1])
+  if redis.call('HSETNX', KEYS[1], 'e', epoch) == 1 then
+    redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  end
+  epoch = redis.call('HGET', KEYS[1], 'e')
 end
-local seq = redis.call('GET', KEYS[2]) or '0'
-return { epoch, tonumber(seq) }
+return { epoch, tonumber(st[2] or '0') }
 "#;
 
 /// Control messages kept per partition for nodes that were away.
@@ -404,6 +446,35 @@ pub fn redis_client(
     builder.build().map_err(err)
 }
 
+/// The Pub/Sub client: like [`redis_client`], with room for a burst of
+/// messages between its connection and the live path's loop (fred's
+/// default of 32 would count as lagging at once under load, and a lagging
+/// receiver makes the node re-read every room's head).
+fn subscriber_client(
+    url: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Client, FanoutError> {
+    let config = redis_config(url, tls)?;
+    let mut builder = Builder::from_config(config);
+    builder
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(2);
+            c.internal_command_timeout = Duration::from_secs(2);
+            c.max_command_attempts = 1;
+        })
+        .with_config(|c| c.fail_fast = false)
+        .with_performance_config(|p| {
+            p.default_command_timeout = Duration::from_secs(2);
+            p.broadcast_channel_capacity = SUBSCRIBER_BACKLOG;
+        })
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
+    builder.build().map_err(err)
+}
+
+/// Live messages the Pub/Sub client holds for the loop (a few MB at most:
+/// each slot is a handle on the received bytes).
+const SUBSCRIBER_BACKLOG: usize = 1 << 16;
+
 impl RedisStreamsFanout {
     /// Connects and starts this node's live path.
     pub async fn connect(
@@ -419,11 +490,7 @@ impl RedisStreamsFanout {
         start_connecting(&client).await;
         // Subscriptions get their own connections: a subscribed RESP2
         // connection carries nothing else.
-        let subscriber = redis_client(
-            &config.url,
-            config.tls.as_ref(),
-            Some(Duration::from_secs(2)),
-        )?;
+        let subscriber = subscriber_client(&config.url, config.tls.as_ref())?;
         let replicated = if config.replicas > 0 {
             let mut clients = Vec::with_capacity(REPLICATED_PUBLISHERS);
             for _ in 0..REPLICATED_PUBLISHERS {
@@ -677,11 +744,9 @@ impl Fanout for RedisStreamsFanout {
         let base = self.room_base(room);
         let channel = channel_of(&base);
         let keys = vec![
-            format!("{base}:epoch"),
-            format!("{base}:seq"),
+            format!("{base}:state"),
             format!("{base}:log"),
             format!("{base}:published"),
-            format!("{base}:logbytes"),
             channel.clone(),
         ];
         let pid = self.next_pid.fetch_add(1, Ordering::Relaxed);
@@ -709,6 +774,7 @@ impl Fanout for RedisStreamsFanout {
             (self.config.stream_idle_ttl.as_millis().max(1) as i64).into(),
             (self.config.max_log_bytes as i64).into(),
             if publish_now { "1" } else { "0" }.into(),
+            now_ms().into(),
         ];
         let client = self.publisher();
         let reply: Result<Value, _> = self.publish.evalsha_with_reload(client, keys, args).await;
@@ -805,13 +871,17 @@ impl Fanout for RedisStreamsFanout {
 
     async fn forget_room(&self, room: &str) -> Result<(), FanoutError> {
         // The epoch and sequence stay: positions go on counting, and a
-        // resume from before finds the log short (not recovered).
+        // resume from before finds the log short (not recovered). The
+        // log's counters go with it (the next publish renews expiries).
         self.client
             .del::<i64, _>(vec![
                 self.room_key(room, "log"),
                 self.room_key(room, "published"),
-                self.room_key(room, "logbytes"),
             ])
+            .await
+            .map_err(err)?;
+        self.client
+            .hdel::<i64, _, _>(self.room_key(room, "state"), vec!["b", "n", "x", "p"])
             .await
             .map_err(err)?;
         Ok(())
@@ -831,8 +901,7 @@ impl Fanout for RedisStreamsFanout {
             .evalsha_with_reload(
                 client,
                 vec![
-                    format!("{base}:epoch"),
-                    format!("{base}:seq"),
+                    format!("{base}:state"),
                     format!("{base}:log"),
                     channel.clone(),
                 ],
@@ -872,7 +941,7 @@ impl Fanout for RedisStreamsFanout {
             .position
             .evalsha_with_reload(
                 &self.client,
-                vec![format!("{base}:epoch"), format!("{base}:seq")],
+                vec![format!("{base}:state")],
                 vec![Value::from(
                     self.config.recovery_window.as_millis().max(1) as i64
                 )],

@@ -188,7 +188,11 @@ impl Channel {
             return Offered::Repeat;
         }
         if event.seq > at.seq + 1 {
-            self.held.insert(event.seq, event);
+            // Past the cap the event is dropped: it is in the room's log,
+            // and the next fill reaches it (the gap is still there).
+            if self.held.len() < MAX_HELD {
+                self.held.insert(event.seq, event);
+            }
             if self.gap_since.is_none() {
                 self.gap_since = Some(Instant::now());
             }

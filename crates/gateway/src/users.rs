@@ -18,7 +18,16 @@ struct UserState {
     connections: u32,
     tokens: f64,
     refilled: Instant,
+    /// Tokens this node took from the user's shared bucket and has not
+    /// spent yet, and when (a lease expires unspent after [`LEASE_TTL`]).
+    leased: u32,
+    leased_at: Instant,
 }
+
+/// How long a node keeps tokens it took from a user's shared bucket. The
+/// tokens are gone from the bucket when taken, so a lease never lets a
+/// user past the cap; unspent ones are simply lost.
+const LEASE_TTL: Duration = Duration::from_secs(2);
 
 /// Registry of active users.
 pub struct Users {
@@ -109,12 +118,26 @@ impl Users {
         }
     }
 
-    /// Takes one message token (cluster-wide when clustered).
+    /// Takes one message token (cluster-wide when clustered). In a
+    /// cluster a node takes a few tokens at once from the user's shared
+    /// bucket and spends them here ([`Users::lease_size`]): one Redis call
+    /// per few sends, and never more than the cap, since what a node
+    /// holds is already gone from the bucket.
     pub async fn take_message(&self, user: &str) -> Result<(), Duration> {
         if let Some(cluster) = &self.cluster {
-            match cluster.take_message(user, self.per_minute as u32).await {
-                Ok(None) => return Ok(()),
-                Ok(Some(wait)) => return Err(wait),
+            if self.spend_lease(user) {
+                return Ok(());
+            }
+            let want = self.lease_size();
+            match cluster
+                .take_messages(user, self.per_minute as u32, want)
+                .await
+            {
+                Ok((granted, _)) if granted > 0 => {
+                    self.keep_lease(user, granted - 1);
+                    return Ok(());
+                }
+                Ok((_, wait)) => return Err(wait.unwrap_or(Duration::from_millis(1))),
                 Err(e) => {
                     tracing::debug!(error = %e, "cluster rate limit unavailable; per-node bucket")
                 }
@@ -123,12 +146,39 @@ impl Users {
         self.take_message_local(user)
     }
 
+    /// Tokens taken from the shared bucket at once: a sixteenth of a
+    /// minute's allowance (3 at the default 60), at most 256.
+    fn lease_size(&self) -> u32 {
+        ((self.per_minute / 16.0) as u32).clamp(1, 256)
+    }
+
+    fn spend_lease(&self, user: &str) -> bool {
+        let Some(mut s) = self.users.get_mut(user) else {
+            return false;
+        };
+        if s.leased > 0 && s.leased_at.elapsed() < LEASE_TTL {
+            s.leased -= 1;
+            return true;
+        }
+        s.leased = 0;
+        false
+    }
+
+    fn keep_lease(&self, user: &str, tokens: u32) {
+        if let Some(mut s) = self.users.get_mut(user) {
+            s.leased = tokens;
+            s.leased_at = Instant::now();
+        }
+    }
+
     /// Counts a new connection for `user` on this node; `false` at the cap.
     pub fn connect_local(&self, user: &Arc<str>) -> bool {
         let mut e = self.users.entry(user.clone()).or_insert_with(|| UserState {
             connections: 0,
             tokens: self.per_minute,
             refilled: Instant::now(),
+            leased: 0,
+            leased_at: Instant::now(),
         });
         if e.connections >= self.max_connections {
             return false;
