@@ -267,8 +267,8 @@ async fn read_metrics(url: &str) -> anyhow::Result<BTreeMap<String, f64>> {
 /// Commands the gateway sends only from inside its Lua scripts (their
 /// time is in the script's).
 const SCRIPT_ONLY: &[&str] = &[
-    "xadd", "incr", "incrby", "decrby", "pexpire", "expire", "ttl", "hset", "hget", "hmget",
-    "hincrby", "hdel", "hgetall", "xlen", "xdel", "time",
+    "xadd", "incr", "incrby", "decrby", "pexpire", "expire", "ttl", "hset", "hsetnx", "hget",
+    "hmget", "hincrby", "hdel", "hgetall", "xlen", "xdel", "time",
 ];
 
 /// Redis's cost per acknowledged message between two readings: command
