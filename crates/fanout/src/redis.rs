@@ -56,6 +56,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use dashmap::DashMap;
 use fred::interfaces::ClusterInterface;
 use fred::prelude::{
     Builder, Client, ClientLike, Config, HashesInterface, KeysInterface, PubsubInterface,
@@ -356,8 +357,25 @@ pub struct FanoutStats {
 const WAITER_TTL: Duration = Duration::from_secs(120);
 
 /// Connections a publisher that waits for replicas spreads over: `WAIT`
-/// holds its connection until the replicas answer.
+/// holds its connection until the replicas answer (and the publishes
+/// queued behind it on that connection wait too).
 const REPLICATED_PUBLISHERS: usize = 8;
+
+/// Publishes that ran their script on one connection to one master wait
+/// for one shared `WAIT`: it covers every write the connection sent
+/// before it, so whoever registered before it was sent is covered, and
+/// replication waits are grouped instead of holding a connection each.
+#[derive(Default)]
+struct Barrier {
+    /// Waiting publishes, and whether a `WAIT` is under way.
+    state: parking_lot::Mutex<(Vec<Replicated>, bool)>,
+}
+
+/// Told whether the replicas hold a publish.
+type Replicated = oneshot::Sender<Result<(), FanoutError>>;
+
+/// Barriers by (publishing connection, master).
+type Barriers = DashMap<(usize, String), Arc<Barrier>>;
 
 /// The Redis [`Fanout`].
 pub struct RedisStreamsFanout {
@@ -369,6 +387,7 @@ pub struct RedisStreamsFanout {
     /// Connections for publishes that wait for replicas (empty otherwise).
     replicated: Vec<Client>,
     next_replicated: AtomicUsize,
+    barriers: Arc<Barriers>,
     publish: Script,
     control: Script,
     position: Script,
@@ -555,6 +574,7 @@ impl RedisStreamsFanout {
             client,
             replicated,
             next_replicated: AtomicUsize::new(0),
+            barriers: Arc::new(Barriers::new()),
             waiters,
             next_pid: AtomicU64::new(1),
             stats,
@@ -585,49 +605,102 @@ impl RedisStreamsFanout {
         format!("{}:{what}", self.room_base(room))
     }
 
-    /// The connection a publish runs on: with replicas to wait for, one of
-    /// the dedicated ones (a `WAIT` must follow the write on the same
-    /// connection).
-    fn publisher(&self) -> &Client {
+    /// The connection a publish runs on (and its index among the
+    /// replicated ones): with replicas to wait for, one of the dedicated
+    /// ones (a `WAIT` must follow the write on the same connection).
+    fn publisher(&self) -> (usize, &Client) {
         if self.replicated.is_empty() {
-            return &self.client;
+            return (0, &self.client);
         }
         let i = self.next_replicated.fetch_add(1, Ordering::Relaxed) % self.replicated.len();
-        &self.replicated[i]
+        (i, &self.replicated[i])
     }
 
-    /// Waits until `replicas` replicas hold what `client` wrote to the
-    /// master of `key`'s slot, then publishes `live` on `channel`.
+    /// Waits until `replicas` replicas hold what replicated connection
+    /// `index` wrote to the master of `key`'s slot: one `WAIT` for every
+    /// publish that registered before it was sent (see [`Barrier`]).
+    async fn replicated(&self, index: usize, key: &str) -> Result<(), FanoutError> {
+        let Some(client) = self.replicated.get(index) else {
+            return Ok(());
+        };
+        // On a cluster the WAIT must reach the master the script ran on,
+        // over the same connection (it counts that connection's writes).
+        let server = if client.is_clustered() {
+            let slot = fred::util::redis_keyslot(key.as_bytes());
+            Some(
+                client
+                    .cached_cluster_state()
+                    .and_then(|state| state.get_server(slot).cloned())
+                    .ok_or_else(|| {
+                        FanoutError::Unavailable("no master known for the slot".into())
+                    })?,
+            )
+        } else {
+            None
+        };
+        let name = server.as_ref().map(ToString::to_string).unwrap_or_default();
+        let barrier = self
+            .barriers
+            .entry((index, name))
+            .or_default()
+            .value()
+            .clone();
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut state = barrier.state.lock();
+            state.0.push(tx);
+            !std::mem::replace(&mut state.1, true)
+        };
+        if start {
+            let client = client.clone();
+            let want = i64::from(self.config.replicas);
+            let timeout = self.config.replica_timeout.as_millis().max(1) as i64;
+            tokio::spawn(async move {
+                loop {
+                    let batch = {
+                        let mut state = barrier.state.lock();
+                        if state.0.is_empty() {
+                            state.1 = false;
+                            return;
+                        }
+                        std::mem::take(&mut state.0)
+                    };
+                    let acked: Result<i64, _> = match &server {
+                        Some(server) => {
+                            client
+                                .with_cluster_node(server.clone())
+                                .wait(want, timeout)
+                                .await
+                        }
+                        None => client.wait(want, timeout).await,
+                    };
+                    let result = match acked {
+                        Ok(n) if n >= want => Ok(()),
+                        Ok(n) => Err(FanoutError::Unavailable(format!(
+                            "{n} of {want} replicas acknowledged in time"
+                        ))),
+                        Err(e) => Err(err(e)),
+                    };
+                    for tx in batch {
+                        let _ = tx.send(result.clone());
+                    }
+                }
+            });
+        }
+        rx.await
+            .map_err(|_| FanoutError::Unavailable("replica wait abandoned".into()))?
+    }
+
+    /// Waits for the replicas (see [`RedisStreamsFanout::replicated`]),
+    /// then publishes `live` on `channel`.
     async fn replicate_then_publish(
         &self,
-        client: &Client,
+        index: usize,
         key: &str,
         channel: String,
         live: Bytes,
     ) -> Result<(), FanoutError> {
-        let want = i64::from(self.config.replicas);
-        let timeout = self.config.replica_timeout.as_millis().max(1) as i64;
-        let acked: i64 = if client.is_clustered() {
-            // The WAIT must reach the master the script ran on, over the
-            // same connection (it counts that connection's writes).
-            let slot = fred::util::redis_keyslot(key.as_bytes());
-            let server = client
-                .cached_cluster_state()
-                .and_then(|state| state.get_server(slot).cloned())
-                .ok_or_else(|| FanoutError::Unavailable("no master known for the slot".into()))?;
-            client
-                .with_cluster_node(server)
-                .wait(want, timeout)
-                .await
-                .map_err(err)?
-        } else {
-            client.wait(want, timeout).await.map_err(err)?
-        };
-        if acked < want {
-            return Err(FanoutError::Unavailable(format!(
-                "{acked} of {want} replicas acknowledged in time"
-            )));
-        }
+        self.replicated(index, key).await?;
         let _: i64 = self
             .client
             .spublish(channel, Value::Bytes(live))
@@ -780,13 +853,13 @@ impl Fanout for RedisStreamsFanout {
             if publish_now { "1" } else { "0" }.into(),
             now_ms().into(),
         ];
-        let client = self.publisher();
+        let (index, client) = self.publisher();
         let reply: Result<Value, _> = self.publish.evalsha_with_reload(client, keys, args).await;
         let mut rx = rx;
         let outcome = reply.map_err(err).and_then(published_reply);
         let outcome = match outcome {
             Ok((position, repeated, live)) if !live.is_empty() => self
-                .replicate_then_publish(client, &base, channel, live)
+                .replicate_then_publish(index, &base, channel, live)
                 .await
                 .map(|()| (position, repeated)),
             Ok((position, repeated, _)) => Ok((position, repeated)),
@@ -899,7 +972,7 @@ impl Fanout for RedisStreamsFanout {
         let base = crate::live::control_base(&self.config.namespace, self.partition(key));
         let channel = channel_of(&base);
         let publish_now = self.config.replicas == 0;
-        let client = self.publisher();
+        let (index, client) = self.publisher();
         let live: Value = self
             .control
             .evalsha_with_reload(
@@ -921,7 +994,7 @@ impl Fanout for RedisStreamsFanout {
             .map_err(err)?;
         match as_bytes(&live) {
             Some(live) if !live.is_empty() => {
-                self.replicate_then_publish(client, &base, channel, live)
+                self.replicate_then_publish(index, &base, channel, live)
                     .await
             }
             _ => Ok(()),
