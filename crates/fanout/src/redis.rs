@@ -440,6 +440,17 @@ pub fn redis_client(
     tls: Option<&Arc<rustls::ClientConfig>>,
     command_timeout: Option<Duration>,
 ) -> Result<Client, FanoutError> {
+    client_with(url, tls, command_timeout, None)
+}
+
+/// [`redis_client`], and for a Pub/Sub client the depth of its
+/// notification channels.
+fn client_with(
+    url: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    command_timeout: Option<Duration>,
+    backlog: Option<usize>,
+) -> Result<Client, FanoutError> {
     let config = redis_config(url, tls)?;
     let mut builder = Builder::from_config(config);
     builder
@@ -464,6 +475,9 @@ pub fn redis_client(
     if let Some(t) = command_timeout {
         builder.with_performance_config(|p| p.default_command_timeout = t);
     }
+    if let Some(depth) = backlog {
+        builder.with_performance_config(|p| p.broadcast_channel_capacity = depth);
+    }
     builder.build().map_err(err)
 }
 
@@ -475,21 +489,12 @@ fn subscriber_client(
     url: &str,
     tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<Client, FanoutError> {
-    let config = redis_config(url, tls)?;
-    let mut builder = Builder::from_config(config);
-    builder
-        .with_connection_config(|c| {
-            c.connection_timeout = Duration::from_secs(2);
-            c.internal_command_timeout = Duration::from_secs(2);
-            c.max_command_attempts = 1;
-        })
-        .with_config(|c| c.fail_fast = false)
-        .with_performance_config(|p| {
-            p.default_command_timeout = Duration::from_secs(2);
-            p.broadcast_channel_capacity = SUBSCRIBER_BACKLOG;
-        })
-        .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
-    builder.build().map_err(err)
+    client_with(
+        url,
+        tls,
+        Some(Duration::from_secs(2)),
+        Some(SUBSCRIBER_BACKLOG),
+    )
 }
 
 /// Live messages the Pub/Sub client holds for the loop. fred allocates

@@ -271,6 +271,21 @@ async fn nodes_on_a_redis_cluster_deliver_every_room_once_in_order_and_resume() 
     assert_eq!(replayed, missed, "exactly the missed messages, in order");
 }
 
+/// Message `m` to every room in turn (bodies `<room> #m`), each sent
+/// until acknowledged; the acknowledged ids, by room.
+async fn send_round(sender: &mut Conn, rid: &mut u32, rooms: &[String], m: usize) -> Vec<u64> {
+    let mut ids = Vec::with_capacity(rooms.len());
+    for room in rooms {
+        let body = format!("{room} #{m}");
+        ids.push(
+            send_acked(sender, rid, room, &format!("{room}-{m}"), &body)
+                .await
+                .message_id,
+        );
+    }
+    ids
+}
+
 /// Per room, the ids `got` holds (bodies are `<room> #...`), checking
 /// that the room's numbers follow on from `after` without a gap.
 fn by_room(
@@ -334,16 +349,12 @@ async fn a_master_failing_over_during_traffic_loses_and_repeats_nothing_and_a_no
     let mut rid = 10;
     let mut acked: Vec<Vec<u64>> = vec![Vec::new(); rooms.len()];
     for m in 0..3 {
-        for (r, room) in rooms.iter().enumerate() {
-            let ack = send_acked(
-                &mut sender,
-                &mut rid,
-                room,
-                &format!("{room}-{m}"),
-                &format!("{room} #{m}"),
-            )
-            .await;
-            acked[r].push(ack.message_id);
+        for (r, id) in send_round(&mut sender, &mut rid, &rooms, m)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            acked[r].push(id);
         }
     }
     // The master holding fo-0 dies mid-traffic; sends keep going (and are
@@ -378,16 +389,12 @@ async fn a_master_failing_over_during_traffic_loses_and_repeats_nothing_and_a_no
         back
     });
     for m in 3..15 {
-        for (r, room) in rooms.iter().enumerate() {
-            let ack = send_acked(
-                &mut sender,
-                &mut rid,
-                room,
-                &format!("{room}-{m}"),
-                &format!("{room} #{m}"),
-            )
-            .await;
-            acked[r].push(ack.message_id);
+        for (r, id) in send_round(&mut sender, &mut rid, &rooms, m)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            acked[r].push(id);
         }
     }
     redis.adopt(killer.join().unwrap());
@@ -422,17 +429,13 @@ async fn a_master_failing_over_during_traffic_loses_and_repeats_nothing_and_a_no
     let (_, name, session, epochs) = readers.pop().unwrap();
     let mut missed: Vec<Vec<u64>> = vec![Vec::new(); rooms.len()];
     for m in 15..17 {
-        for (r, room) in rooms.iter().enumerate() {
-            let ack = send_acked(
-                &mut sender,
-                &mut rid,
-                room,
-                &format!("{room}-{m}"),
-                &format!("{room} #{m}"),
-            )
-            .await;
-            acked[r].push(ack.message_id);
-            missed[r].push(ack.message_id);
+        for (r, id) in send_round(&mut sender, &mut rid, &rooms, m)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            acked[r].push(id);
+            missed[r].push(id);
         }
     }
     let restarted = Cluster::node(&cluster.args, 2);
