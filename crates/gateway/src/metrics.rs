@@ -79,8 +79,8 @@ pub struct Metrics {
     /// Times this node found the Redis streams emptied (and closed its
     /// sessions with 4005) since start.
     pub fanout_streams_lost: IntGauge,
-    /// Times this node found a delivery stream trimmed past what it had
-    /// read (it fell behind by more than the stream's cap) since start.
+    /// Events this node could neither receive live nor read from a room's
+    /// log (trimmed or expired first, or lost with Redis) since start.
     pub fanout_overruns: IntGauge,
     /// Membership lookups by this node's cache, by result (`hit`, `miss`).
     pub membership_cache: IntCounterVec,
