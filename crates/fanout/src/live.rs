@@ -56,6 +56,17 @@ pub(crate) struct Waiter {
     pub room: String,
 }
 
+impl Waiter {
+    /// Queues the sender's ack (`on_sequenced`) and wakes the publisher:
+    /// the one way a publish is acknowledged, whoever does it.
+    pub(crate) fn finish(self, at: Position, repeated: bool, frame: Bytes) {
+        if let Some(ack) = self.on_sequenced {
+            ack(at, repeated);
+        }
+        let _ = self.delivered.send((frame, at));
+    }
+}
+
 pub(crate) type Waiters = DashMap<u64, Waiter>;
 
 /// What a channel carries.
@@ -160,12 +171,7 @@ impl Drop for Live {
         }
         // Leave no subscribed connection behind (tests start and drop
         // many nodes in one process).
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let subscriber = self.subscriber.clone();
-            runtime.spawn(async move {
-                let _ = subscriber.quit().await;
-            });
-        }
+        crate::redis::quit_later([self.subscriber.clone()]);
     }
 }
 
@@ -596,10 +602,7 @@ impl Loop {
 
     fn ack_now(&self, pid: u64, at: Position) {
         if let Some((_, w)) = self.waiters.remove(&pid) {
-            if let Some(ack) = w.on_sequenced {
-                ack(at, false);
-            }
-            let _ = w.delivered.send((Bytes::new(), at));
+            w.finish(at, false, Bytes::new());
         }
     }
 
@@ -664,7 +667,7 @@ impl Loop {
             match &state.kind {
                 Kind::Control => self.sink.control(&event.frame),
                 Kind::Room(room) => {
-                    let mine = event.instance == self.config.instance;
+                    let mine = event.instance == self.config.instance.as_bytes();
                     let exclude = (mine && event.conn != 0).then_some(event.conn);
                     let frame = self.codec.compress_frame(event.frame);
                     self.sink.deliver(room, &frame, exclude, false);
@@ -674,10 +677,7 @@ impl Loop {
                             epoch: event.epoch,
                             seq: event.seq,
                         };
-                        if let Some(ack) = w.on_sequenced {
-                            ack(position, false);
-                        }
-                        let _ = w.delivered.send((frame, position));
+                        w.finish(position, false, frame);
                     }
                 }
             }
@@ -1001,7 +1001,7 @@ fn log_entries(v: &Value) -> Vec<Sequenced> {
         .filter_map(|(_, fields)| {
             let frame = fields.get("f").and_then(as_bytes)?;
             let header = fields.get("o").and_then(as_bytes)?;
-            Sequenced::parse(&header, frame)
+            Sequenced::parse(header, frame)
         })
         .collect()
 }

@@ -427,14 +427,14 @@ pub fn redis_config(
 /// Starts `client`'s connection task (it reconnects by itself, first
 /// connect included) and gives it a moment; a Redis down at start does
 /// not hold start-up: commands wait for the connection up to their
-/// timeout, and `/readyz` says not ready until the reader reads.
+/// timeout, and `/readyz` says not ready until the live path is caught up.
 pub async fn start_connecting(client: &Client) {
     let _task = client.connect();
     let _ = tokio::time::timeout(START_PROBE, client.wait_for_connect()).await;
 }
 
-/// A fred client configured for this engine. `blocking` clients get no
-/// command timeout (a BLOCK read is long by design).
+/// A fred client configured for this engine; `command_timeout` bounds
+/// each command (`None`: fred's default).
 pub fn redis_client(
     url: &str,
     tls: Option<&Arc<rustls::ClientConfig>>,
@@ -458,14 +458,12 @@ fn client_with(
             c.connection_timeout = Duration::from_secs(2);
             c.internal_command_timeout = Duration::from_secs(2);
             // One: a command is never sent again behind the caller's back.
-            // The reader must see a lost connection (it checks what
-            // survived before reading on: a Redis back without its data
-            // must be told to members first), and a publish whose reply
-            // was lost is retried by its client through the store's
-            // record. On a Redis Cluster a MOVED/ASK during resharding or
-            // failover therefore fails the command (for a slot being
-            // moved, every command on it until the move ends); the send
-            // is retried like any outage.
+            // A publish whose reply was lost is retried by its client
+            // through the store's record (sent again here, it could be
+            // answered by a Redis back without its data, before the live
+            // path has told members of the loss). Redirections on a Redis
+            // Cluster (MOVED/ASK) are followed apart from this count, up
+            // to fred's `max_redirections` (5).
             c.max_command_attempts = 1;
         })
         // A Redis unreachable at the first connect is retried like a lost
@@ -717,10 +715,17 @@ impl RedisStreamsFanout {
 
 impl Drop for RedisStreamsFanout {
     fn drop(&mut self) {
-        for c in &self.replicated {
-            let c = c.clone();
-            tokio::spawn(async move {
-                let _ = c.quit().await;
+        quit_later(self.replicated.iter().cloned());
+    }
+}
+
+/// Closes `clients` in the background (from a `Drop`: nothing to close
+/// outside a runtime, where spawning would panic).
+pub(crate) fn quit_later(clients: impl IntoIterator<Item = Client>) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        for client in clients {
+            runtime.spawn(async move {
+                let _ = client.quit().await;
             });
         }
     }
@@ -899,10 +904,8 @@ impl Fanout for RedisStreamsFanout {
         };
         if repeated {
             // Published before; its delivery is already under way.
-            if let Some((_, w)) = self.waiters.remove(&pid)
-                && let Some(ack) = w.on_sequenced
-            {
-                ack(position, true);
+            if let Some((_, w)) = self.waiters.remove(&pid) {
+                w.finish(position, true, Bytes::new());
             }
             return Ok(Published {
                 position,

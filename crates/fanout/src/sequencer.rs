@@ -32,38 +32,34 @@ pub struct Sequenced {
     /// The publisher's waiter on its node (see `RedisStreamsFanout`).
     pub pid: u64,
     /// The publishing process (`node@start_ms`).
-    pub instance: String,
+    pub instance: Bytes,
     /// The finished frame (or a control message's payload).
     pub frame: Bytes,
 }
 
 impl Sequenced {
-    /// The header both carriers put before the frame:
-    /// `<epoch> <seq> <conn> <pid> <instance>` (the instance last: it is
-    /// the only part that is not a number).
-    pub fn header(&self) -> String {
-        format!(
-            "{} {} {} {} {}",
-            self.epoch, self.seq, self.conn, self.pid, self.instance
-        )
-    }
-
-    /// Parses a header written by [`Sequenced::header`] (or by the publish
-    /// script, which writes the same) and attaches `frame`.
-    pub fn parse(header: &[u8], frame: Bytes) -> Option<Sequenced> {
-        let header = std::str::from_utf8(header).ok()?;
-        let mut parts = header.splitn(5, ' ');
-        let epoch = parts.next()?.parse().ok()?;
-        let seq = parts.next()?.parse().ok()?;
-        let conn = parts.next()?.parse().ok()?;
-        let pid = parts.next()?.parse().ok()?;
-        let instance = parts.next()?.to_owned();
+    /// Parses the header both carriers put before the frame (the publish
+    /// script writes it): `<epoch> <seq> <conn> <pid> <instance>`, the
+    /// instance last (the only part that is not a number). Nothing is
+    /// copied: the instance is a slice of `header`.
+    pub fn parse(header: Bytes, frame: Bytes) -> Option<Sequenced> {
+        let mut numbers = [0u64; 4];
+        let mut at = 0;
+        for n in &mut numbers {
+            let len = header[at..].iter().position(|b| *b == b' ')?;
+            *n = std::str::from_utf8(&header[at..at + len])
+                .ok()?
+                .parse()
+                .ok()?;
+            at += len + 1;
+        }
+        let [epoch, seq, conn, pid] = numbers;
         Some(Sequenced {
             epoch,
             seq,
             conn,
             pid,
-            instance,
+            instance: header.slice(at..),
             frame,
         })
     }
@@ -72,19 +68,7 @@ impl Sequenced {
     pub fn parse_live(message: &Bytes) -> Option<Sequenced> {
         let body = message.strip_prefix(b"s")?;
         let end = body.iter().position(|b| *b == b'\n')?;
-        let frame = message.slice(1 + end + 1..);
-        Sequenced::parse(&body[..end], frame)
-    }
-
-    /// The live message for this event (see [`Sequenced::parse_live`]).
-    pub fn live(&self) -> Bytes {
-        let header = self.header();
-        let mut out = Vec::with_capacity(2 + header.len() + self.frame.len());
-        out.push(b's');
-        out.extend_from_slice(header.as_bytes());
-        out.push(b'\n');
-        out.extend_from_slice(&self.frame);
-        out.into()
+        Sequenced::parse(message.slice(1..1 + end), message.slice(1 + end + 1..))
     }
 }
 
@@ -326,6 +310,25 @@ impl Channel {
 mod tests {
     use super::*;
 
+    /// The header the publish script writes.
+    fn header(e: &Sequenced) -> String {
+        format!(
+            "{} {} {} {} {}",
+            e.epoch,
+            e.seq,
+            e.conn,
+            e.pid,
+            String::from_utf8_lossy(&e.instance)
+        )
+    }
+
+    /// The live message the publish script sends.
+    fn live(e: &Sequenced) -> Bytes {
+        let mut out = format!("s{}\n", header(e)).into_bytes();
+        out.extend_from_slice(&e.frame);
+        out.into()
+    }
+
     fn ev(epoch: u64, seq: u64) -> Sequenced {
         Sequenced {
             epoch,
@@ -344,9 +347,9 @@ mod tests {
     #[test]
     fn the_live_form_and_the_header_round_trip() {
         let e = ev(1_700_000_000_000, 42);
-        assert_eq!(Sequenced::parse_live(&e.live()), Some(e.clone()));
+        assert_eq!(Sequenced::parse_live(&live(&e)), Some(e.clone()));
         assert_eq!(
-            Sequenced::parse(e.header().as_bytes(), e.frame.clone()),
+            Sequenced::parse(Bytes::from(header(&e)), e.frame.clone()),
             Some(e)
         );
         assert_eq!(
