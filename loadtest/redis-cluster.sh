@@ -37,6 +37,15 @@ start)
   for seed in "${seeds[@]}"; do
     until redis-cli -p "${seed#*:}" cluster info | grep -q cluster_state:ok; do sleep 0.05; done
   done
+  # Replicas first copy their master's data (a full sync): until their
+  # link is up, a write waiting for a replica (WAIT) times out.
+  until
+    up=0
+    for seed in "${seeds[@]}"; do
+      redis-cli -p "${seed#*:}" info replication | grep -q master_link_status:up && up=$((up + 1))
+    done
+    ((up == masters * replicas))
+  do sleep 0.05; done
   url="redis-cluster://${seeds[0]}"
   sep='?'
   for seed in "${seeds[@]:1}"; do url+="${sep}node=$seed"; sep='&'; done

@@ -10,6 +10,8 @@
 //!   history page latency.
 //! - [`joins`]: join latency in a `members` room, membership answer cold
 //!   and warm, against an open room.
+//! - [`capacity`]: what one Redis (or each Redis Cluster master) carries
+//!   for the cluster, driven by the gateway's own fan-out engine.
 //! - [`probes`]: what Postgres, Redis and the gateways' store spent per
 //!   action (`--postgres-url`, `--redis-url`, `--metrics-url`).
 //! - [`run`]: coordinator side of `idle`, `fanout`, `ramp`, `chat`:
@@ -19,6 +21,7 @@
 //! - [`conn`]: sessions from chosen source addresses (127.0.0.2, ...).
 //! - [`svg`]: the picture.
 
+pub mod capacity;
 pub mod conn;
 pub mod joins;
 pub mod latency;

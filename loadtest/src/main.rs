@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use chatgate_loadtest::latency::{self, LatencyOptions};
@@ -200,6 +201,40 @@ enum Scenario {
         #[arg(long, default_value_t = 2000)]
         think_ms: u64,
     },
+    /// What Redis carries for the cluster: the gateway's fan-out engine
+    /// (several, one per simulated node, in this process) publishing as
+    /// fast as Redis acknowledges; Redis CPU per message from `INFO`.
+    RedisCapacity {
+        /// Engines (nodes), each subscribed to every room.
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Rooms.
+        #[arg(long, default_value_t = 256)]
+        rooms: usize,
+        /// Publishes awaiting their ack at once.
+        #[arg(long, default_value_t = 256)]
+        in_flight: usize,
+        /// Sends per rate-limit lease call.
+        #[arg(long, default_value_t = 2)]
+        sends_per_lease: u64,
+        /// Seconds measured (after 2 s of warm-up).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Message body bytes.
+        #[arg(long, default_value_t = 100)]
+        body: usize,
+        /// Replicas a publish waits for (`WAIT`) before it is live.
+        #[arg(long, default_value_t = 0)]
+        wait_replicas: u32,
+        /// The engines' Redis URL (default: `--redis-url`); a
+        /// `redis-cluster://` URL for a Redis Cluster.
+        #[arg(long)]
+        engine_url: Option<String>,
+        /// Redis servers to read `INFO` from (repeat for each master of a
+        /// cluster; default: `--redis-url`).
+        #[arg(long = "server")]
+        servers: Vec<String>,
+    },
     /// Internal: one worker process of a multi-process scenario.
     #[command(hide = true)]
     Worker {
@@ -272,6 +307,7 @@ async fn coordinate_cli(cli: Cli) -> anyhow::Result<()> {
         Scenario::Sends { .. } => Some("sends"),
         Scenario::History { .. } => Some("history"),
         Scenario::Joins { .. } => Some("joins"),
+        Scenario::RedisCapacity { .. } => Some("redis-capacity"),
         _ => None,
     };
     let report = match cli.scenario {
@@ -361,6 +397,43 @@ async fn coordinate_cli(cli: Cli) -> anyhow::Result<()> {
             seconds,
             think_ms,
         } => run::chat(&common, connections, room_size, seconds, think_ms).await?,
+        Scenario::RedisCapacity {
+            nodes,
+            rooms,
+            in_flight,
+            sends_per_lease,
+            seconds,
+            body,
+            wait_replicas,
+            engine_url,
+            servers,
+        } => {
+            let redis = cli.redis_url.clone();
+            let url = engine_url
+                .or_else(|| redis.clone())
+                .context("redis-capacity needs --redis-url or --engine-url")?;
+            let servers = if servers.is_empty() {
+                redis.into_iter().collect()
+            } else {
+                servers
+            };
+            anyhow::ensure!(
+                !servers.is_empty(),
+                "redis-capacity needs --server or --redis-url"
+            );
+            let o = chatgate_loadtest::capacity::CapacityOptions {
+                url,
+                servers,
+                nodes,
+                rooms,
+                in_flight,
+                sends_per_lease,
+                seconds,
+                body,
+                wait_replicas,
+            };
+            chatgate_loadtest::capacity::run(&o).await?
+        }
         Scenario::Worker { .. } => unreachable!("handled above"),
     };
     if let (Some(name), Some(dir)) = (single, &cli.out) {

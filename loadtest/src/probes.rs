@@ -110,6 +110,44 @@ impl Probes {
     }
 }
 
+impl Snapshot {
+    /// Redis's CPU seconds (user + system) at this reading.
+    pub fn redis_cpu_seconds(&self) -> Option<f64> {
+        self.redis_cpu
+    }
+
+    /// Adds another server's Redis reading to this one (the masters of a
+    /// Redis Cluster, read one by one, as one Redis).
+    pub fn add_redis(&mut self, other: &Snapshot) {
+        fn sum(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+            match (a, b) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+            }
+        }
+        self.at = self.at.or(other.at);
+        self.redis_cpu = sum(self.redis_cpu, other.redis_cpu);
+        self.redis_usec = sum(self.redis_usec, other.redis_usec);
+        self.redis_calls = sum(self.redis_calls, other.redis_calls);
+        self.redis_net_out = sum(self.redis_net_out, other.redis_net_out);
+        for (name, (calls, usec)) in &other.redis_commands {
+            let e = self.redis_commands.entry(name.clone()).or_default();
+            e.0 += calls;
+            e.1 += usec;
+        }
+    }
+}
+
+/// One Redis server's reading (`redis://host:port` or `host:port`).
+pub async fn redis_snapshot(url: &str) -> anyhow::Result<Snapshot> {
+    let mut s = Snapshot {
+        at: Some(Instant::now()),
+        ..Snapshot::default()
+    };
+    read_redis(url, &mut s).await?;
+    Ok(s)
+}
+
 async fn snapshot(targets: &ProbeTargets) -> Snapshot {
     let mut s = Snapshot {
         at: Some(Instant::now()),

@@ -20,12 +20,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::{DashMap, DashSet};
-use fred::interfaces::EventInterface;
+use fred::interfaces::{ClusterInterface, EventInterface};
 use fred::prelude::{Client, ClientLike, HashesInterface, PubsubInterface, StreamsInterface};
 use fred::types::Value;
 use fred::types::scripts::Script;
@@ -47,6 +47,27 @@ const INCARNATION_CHECK: Duration = Duration::from_secs(5);
 
 /// How often every subscription is renewed and every head compared.
 const RESUBSCRIBE_EVERY: Duration = Duration::from_secs(30);
+
+/// How often a node on a Redis Cluster reads the slot map. A slot that
+/// moves to another master (resharding) takes its shard channels' subscribers
+/// with it without a word to them (Redis sends an unsubscribe push the
+/// client library drops): a node that only listens sees no redirection,
+/// so it asks, and renews its subscriptions when the map changed.
+const SLOT_MAP_EVERY: Duration = Duration::from_secs(1);
+
+/// A Redis Cluster's slot ranges and their masters, to compare.
+type SlotMap = Vec<(u16, u16, String)>;
+
+fn slot_map(client: &Client) -> Option<SlotMap> {
+    let state = client.cached_cluster_state()?;
+    Some(
+        state
+            .slots()
+            .iter()
+            .map(|r| (r.start, r.end, r.primary.to_string()))
+            .collect(),
+    )
+}
 
 /// A publish waiting for this node to deliver its event.
 pub(crate) struct Waiter {
@@ -135,6 +156,8 @@ enum Op {
         resubscribe: bool,
     },
     CheckIncarnations,
+    /// Reads the cluster's slot map again (a change arrives as an event).
+    SyncSlots,
 }
 
 /// Settings of the live path.
@@ -204,7 +227,9 @@ impl Live {
         let reconnects = subscriber.reconnect_rx();
         let errors = subscriber.error_rx();
         let changes = subscriber.cluster_change_rx();
+        let slots_pending = Arc::new(AtomicBool::new(false));
         let manager = Manager {
+            slots_pending: slots_pending.clone(),
             tracked: tracked.clone(),
             subscriber: subscriber.clone(),
             command: command.clone(),
@@ -246,6 +271,8 @@ impl Live {
         let worker_partitions = config.partitions;
         let worker = Loop {
             recover_at: None,
+            slots: None,
+            slots_pending: slots_pending.clone(),
             subscriber: subscriber.clone(),
             controls_started: controls_pending.clone(),
             config,
@@ -346,6 +373,10 @@ struct Loop {
     subscriber: Client,
     /// A coalesced recovery (re-read every head) due then.
     recover_at: Option<tokio::time::Instant>,
+    /// The slot map the subscriptions were last made under (clusters).
+    slots: Option<SlotMap>,
+    /// A slot map read is queued (one at a time, whatever Redis is doing).
+    slots_pending: Arc<AtomicBool>,
 }
 
 impl Loop {
@@ -363,6 +394,8 @@ impl Loop {
         let mut maintained = tokio::time::Instant::now();
         let mut checked = tokio::time::Instant::now();
         let mut resubscribed = tokio::time::Instant::now();
+        let mut slots_read = tokio::time::Instant::now();
+        self.slots = slot_map(&self.subscriber);
         let mut out = Vec::new();
         loop {
             tokio::select! {
@@ -387,7 +420,13 @@ impl Loop {
                         // have unsubscribed this node from channels whose
                         // slot left a master without closing the
                         // connection. Subscribe again, read what was missed.
-                        self.recover(true);
+                        // Every read of the map says "changed", so the map
+                        // itself is compared.
+                        let now = slot_map(&self.subscriber);
+                        if now.is_none() || now != self.slots {
+                            self.slots = now;
+                            self.recover(true);
+                        }
                     }
                 }
                 server = reconnects.recv() => {
@@ -423,6 +462,13 @@ impl Loop {
                     // dropped without telling (a slot moved away and back)
                     // or a message lost at the tail of a quiet room costs
                     // at most this long.
+                    if self.subscriber.is_clustered()
+                        && slots_read.elapsed() >= SLOT_MAP_EVERY
+                        && !self.slots_pending.swap(true, Ordering::Relaxed)
+                    {
+                        slots_read = tokio::time::Instant::now();
+                        let _ = self.ops.send(Op::SyncSlots);
+                    }
                     if resubscribed.elapsed() >= RESUBSCRIBE_EVERY {
                         resubscribed = tokio::time::Instant::now();
                         self.recover(true);
@@ -787,6 +833,7 @@ impl Loop {
 
 /// Runs subscription changes in order on the Pub/Sub connection.
 struct Manager {
+    slots_pending: Arc<AtomicBool>,
     tracked: Arc<DashSet<String>>,
     subscriber: Client,
     command: Client,
@@ -856,6 +903,12 @@ impl Manager {
                     if let Err(e) = self.check_incarnations().await {
                         tracing::debug!(error = %e, "incarnation check failed");
                     }
+                }
+                Op::SyncSlots => {
+                    if let Err(e) = self.subscriber.sync_cluster().await {
+                        tracing::debug!(error = %e, "slot map read failed");
+                    }
+                    self.slots_pending.store(false, Ordering::Relaxed);
                 }
             }
         }

@@ -12,6 +12,7 @@ use chatgate_client::RawConnection;
 use chatgate_protocol::payload::*;
 use chatgate_protocol::{ClientFrame, CloseCode, ErrorCode, ServerFrame};
 use common::*;
+use serde_json::json;
 
 /// Reads NewMessage frames until `count` arrived or `limit` passed;
 /// returns (message id, room seq, body) in arrival order.
@@ -848,13 +849,18 @@ async fn clients_of_a_killed_node_resume_elsewhere_without_missing_anything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_per_user_cap_holds_across_nodes() {
     let cluster = Cluster::start(3, &shared_redis_url(), &[]).await;
+    the_cap_holds_across(&cluster.nodes).await;
+}
+
+/// Five connections of one user on nodes 0 and 1 (the default cap); a
+/// sixth on node 2 is refused with 4003, and closing one frees a slot
+/// on every node.
+async fn the_cap_holds_across(nodes: &[Gateway]) {
     let mut held = Vec::new();
     for i in 0..5 {
-        held.push(user(&cluster.nodes[i % 2], "greedy").await);
+        held.push(user(&nodes[i % 2], "greedy").await);
     }
-    let mut sixth = RawConnection::connect(&cluster.nodes[2].url())
-        .await
-        .unwrap();
+    let mut sixth = RawConnection::connect(&nodes[2].url()).await.unwrap();
     sixth
         .send(
             1,
@@ -873,9 +879,7 @@ async fn the_per_user_cap_holds_across_nodes() {
     held.pop().unwrap().raw.close().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut c = RawConnection::connect(&cluster.nodes[2].url())
-            .await
-            .unwrap();
+        let mut c = RawConnection::connect(&nodes[2].url()).await.unwrap();
         c.send(
             1,
             &ClientFrame::Identify(Identify {
@@ -892,6 +896,184 @@ async fn the_per_user_cap_holds_across_nodes() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A room's slot moves to another master (resharding) while messages
+/// flow to it and to rooms that stay: sends that meet the slot mid-move
+/// fail retryably and are retried; every acknowledged message reaches the
+/// members on every node once, in order, without a gap, within seconds
+/// (nodes that only listen notice the move from the slot map: Redis
+/// drops their subscriptions to the moved slot without a word the client
+/// library passes on); afterwards the room's keys are on the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slot_moving_to_another_master_under_traffic_loses_and_repeats_nothing() {
+    let redis = common::redis_cluster::PrivateRedisCluster::start(3, 0);
+    let cluster = Cluster::start(3, &redis.url(), &[]).await;
+    for node in &cluster.nodes {
+        node.wait_health("3 live nodes", |h| {
+            h["cluster"]["live_nodes"]
+                .as_array()
+                .is_some_and(|n| n.len() == 3)
+                && h["backends"]["fanout"]["status"] == "ok"
+        });
+    }
+    let rooms: Vec<String> = (0..4).map(|r| format!("moving-{r}")).collect();
+    let room_refs: Vec<&str> = rooms.iter().map(String::as_str).collect();
+    let mut readers = Vec::new();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let mut c = user(node, &format!("reader-{i}")).await;
+        join(&mut c, &room_refs).await;
+        readers.push(c);
+    }
+    let mut sender = user(&cluster.nodes[0], "sender").await;
+    join(&mut sender, &room_refs).await;
+    let mut rid = 10;
+    let mut acked: Vec<Vec<u64>> = vec![Vec::new(); rooms.len()];
+    let round = |ids: Vec<u64>, acked: &mut Vec<Vec<u64>>| {
+        for (room, id) in acked.iter_mut().zip(ids) {
+            room.push(id);
+        }
+    };
+    for m in 0..3 {
+        round(
+            send_round(&mut sender, &mut rid, &rooms, m).await,
+            &mut acked,
+        );
+    }
+    // moving-0's slot goes to another master, a key every 150 ms, while
+    // the rounds go on.
+    let keys = redis.keys_by_master("*:room:moving-0:*");
+    let (from, key) = keys
+        .iter()
+        .find_map(|(port, keys)| keys.first().map(|k| (*port, k.clone())))
+        .expect("moving-0 has keys");
+    let slot = redis.keyslot(&key);
+    assert_eq!(redis.master_of(slot), from);
+    let to = redis
+        .masters()
+        .into_iter()
+        .find(|p| *p != from)
+        .expect("another master");
+    let rt = tokio::runtime::Handle::current();
+    let mover = tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            let mover = scope.spawn(|| {
+                redis.move_slot(slot, from, to, Duration::from_millis(150));
+            });
+            let mut m = 3;
+            while !mover.is_finished() || m < 8 {
+                let ids = rt.block_on(send_round(&mut sender, &mut rid, &rooms, m));
+                round(ids, &mut acked);
+                m += 1;
+            }
+            mover.join().is_ok()
+        })
+    });
+    assert!(mover, "the slot move failed");
+    assert_eq!(redis.master_of(slot), to, "the slot moved");
+    let after = redis.keys_by_master("*:room:moving-0:*");
+    for (port, keys) in &after {
+        assert_eq!(
+            !keys.is_empty(),
+            *port == to,
+            "moving-0's keys on {port}: {keys:?}"
+        );
+    }
+    for m in 100..102 {
+        round(
+            send_round(&mut sender, &mut rid, &rooms, m).await,
+            &mut acked,
+        );
+    }
+    let total: usize = acked.iter().map(Vec::len).sum();
+    for (n, r) in readers.iter_mut().enumerate() {
+        // Well under the 30 s in which every subscription is renewed
+        // anyway: the move itself must be noticed.
+        let got = collect(r, total, Duration::from_secs(10)).await;
+        let got_by_room = by_room(&got, &rooms, &vec![0; rooms.len()], &format!("reader {n}"));
+        assert_eq!(
+            got_by_room, acked,
+            "reader {n}: every acknowledged message once, in order"
+        );
+        r.assert_quiet(Duration::from_millis(200), "extra frames")
+            .await;
+    }
+}
+
+/// On a Redis Cluster (3 masters) what the nodes share lives in one
+/// slot per key, as on one Redis: heartbeats (every node sees the
+/// others), the per-user connection cap, the per-user message rate (one
+/// bucket, whichever node a send arrives at) and presence (asked through
+/// one node, answered by all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn limits_presence_and_heartbeats_are_cluster_wide_on_a_redis_cluster() {
+    const PER_MINUTE: u64 = 16;
+    let redis = common::redis_cluster::PrivateRedisCluster::start(3, 0);
+    let per_minute = PER_MINUTE.to_string();
+    let mut extra = API_ARGS.to_vec();
+    extra.extend(["--messages-per-minute", &per_minute]);
+    let cluster = Cluster::start(3, &redis.url(), &extra).await;
+    for node in &cluster.nodes {
+        node.wait_health("3 live nodes", |h| {
+            h["cluster"]["live_nodes"]
+                .as_array()
+                .is_some_and(|n| n.len() == 3)
+                && h["backends"]["fanout"]["status"] == "ok"
+        });
+    }
+    the_cap_holds_across(&cluster.nodes).await;
+
+    // One user sending through all three nodes in turn spends one bucket
+    // of 16 (each node leases one token at a time at this rate): per-node
+    // buckets would take 16 on each.
+    let started = Instant::now();
+    let mut chatty = Vec::new();
+    for node in &cluster.nodes {
+        let mut c = user(node, "chatty").await;
+        join(&mut c, &["rate-room"]).await;
+        chatty.push(c);
+    }
+    let (mut acked, mut refused) = (0u64, 0u64);
+    for i in 0..3 * PER_MINUTE {
+        let c = &mut chatty[(i % 3) as usize];
+        match c
+            .request(
+                100 + i as u32,
+                send_frame("rate-room", &format!("r{i}"), "x"),
+            )
+            .await
+        {
+            ServerFrame::MessageSent(_) => acked += 1,
+            ServerFrame::Error(e) if e.code == ErrorCode::RateLimited.code() => refused += 1,
+            other => panic!("send {i}: {other:?}"),
+        }
+    }
+    let refilled = (started.elapsed().as_secs_f64() * PER_MINUTE as f64 / 60.0).floor() as u64;
+    assert!(
+        acked >= PER_MINUTE && acked <= PER_MINUTE + refilled,
+        "{acked} sends taken, {refused} refused: one bucket of {PER_MINUTE} (+{refilled} refilled)"
+    );
+
+    // Presence through node 2 counts the connections on nodes 0 and 1.
+    let [n0, n1, n2] = &cluster.nodes[..] else {
+        panic!("three nodes")
+    };
+    let room = "team:presence";
+    n0.api(
+        "members.add",
+        json!({"room": room, "members": [{"user_id": "alice"}, {"user_id": "bob"}]}),
+    );
+    let (_alice, r) = identify_as(n0, "alice", &[], None).await;
+    assert_eq!(r.rooms.len(), 1, "{:?}", r.rooms);
+    let (_bob, _) = identify_as(n1, "bob", &[], None).await;
+    let (_bob_again, _) = identify_as(n0, "bob", &[], None).await;
+    let presence = n2.api("presence", json!({"room": room}));
+    assert_eq!(
+        presence["users"],
+        json!([{"user_id": "alice", "connections": 1}, {"user_id": "bob", "connections": 2}]),
+        "{presence}"
+    );
+    assert_eq!(presence["complete"], json!(true), "{presence}");
 }
 
 /// Through the client library's public API: a client whose node goes

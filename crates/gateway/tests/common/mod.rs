@@ -971,9 +971,10 @@ impl Cluster {
             ns,
             "--database-url".into(),
             db,
-            "--messages-per-minute".into(),
-            "100000".into(),
         ];
+        if !extra.contains(&"--messages-per-minute") {
+            args.extend(["--messages-per-minute".into(), "100000".into()]);
+        }
         // Every frame costs the connection's request budget: tests that
         // send fast from one connection need it out of the way too.
         if !extra.contains(&"--requests-per-second") {

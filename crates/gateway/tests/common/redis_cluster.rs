@@ -104,7 +104,27 @@ impl PrivateRedisCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         cluster.wait_ok();
+        cluster.wait_replicas(masters * replicas);
         cluster
+    }
+
+    /// Waits until `n` replicas have copied their master (a full sync
+    /// after `cluster create`): before that, a write that waits for a
+    /// replica (`WAIT`) times out.
+    pub fn wait_replicas(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let up = self
+                .servers
+                .iter()
+                .filter(|s| cli(s.port, &["info", "replication"]).contains("master_link_status:up"))
+                .count();
+            if up >= n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{up} of {n} replicas in sync");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Runs one server in cluster mode, in a directory of its own, as
@@ -193,6 +213,76 @@ impl PrivateRedisCluster {
         cli(port, &["role"]).starts_with("slave")
     }
 
+    /// The hash slot of `key`.
+    pub fn keyslot(&self, key: &str) -> u16 {
+        cli(self.servers[0].port, &["cluster", "keyslot", key])
+            .trim()
+            .parse()
+            .expect("a slot number")
+    }
+
+    /// The master (port) serving `slot` now.
+    pub fn master_of(&self, slot: u16) -> u16 {
+        let slot = slot.to_string();
+        self.masters()
+            .into_iter()
+            .find(|port| {
+                cli(*port, &["cluster", "nodes"])
+                    .lines()
+                    .find(|l| l.contains("myself"))
+                    .is_some_and(|me| owns(me, &slot))
+            })
+            .expect("a master owns the slot")
+    }
+
+    /// Moves `slot` from the master on `from` to the master on `to` as
+    /// `redis-cli --cluster reshard` does (IMPORTING / MIGRATING, keys
+    /// moved with MIGRATE, then the new owner told to everyone), one key
+    /// at a time with `pause` between keys, so traffic meets the slot in
+    /// every state of the move.
+    pub fn move_slot(&self, slot: u16, from: u16, to: u16, pause: Duration) {
+        let id = |port: u16| cli(port, &["cluster", "myid"]).trim().to_owned();
+        let (from_id, to_id) = (id(from), id(to));
+        let slot = slot.to_string();
+        let ok = |port: u16, args: &[&str]| {
+            let out = cli(port, args);
+            assert!(out.trim() == "OK", "{args:?} on {port}: {out}");
+        };
+        ok(to, &["cluster", "setslot", &slot, "importing", &from_id]);
+        ok(from, &["cluster", "setslot", &slot, "migrating", &to_id]);
+        loop {
+            let keys = cli(from, &["cluster", "getkeysinslot", &slot, "1"]);
+            let Some(key) = keys.lines().next().filter(|k| !k.is_empty()) else {
+                break;
+            };
+            let to_port = to.to_string();
+            let out = cli(
+                from,
+                &[
+                    "migrate",
+                    "127.0.0.1",
+                    &to_port,
+                    key,
+                    "0",
+                    "5000",
+                    "REPLACE",
+                ],
+            );
+            assert!(
+                out.contains("OK") || out.contains("NOKEY"),
+                "migrate {key}: {out}"
+            );
+            std::thread::sleep(pause);
+        }
+        ok(to, &["cluster", "setslot", &slot, "node", &to_id]);
+        ok(from, &["cluster", "setslot", &slot, "node", &to_id]);
+        for port in self.masters() {
+            if port != to && port != from {
+                ok(port, &["cluster", "setslot", &slot, "node", &to_id]);
+            }
+        }
+    }
+
     /// Keys matching `pattern`, by the master holding them.
     pub fn keys_by_master(&self, pattern: &str) -> Vec<(u16, Vec<String>)> {
         self.masters()
@@ -216,4 +306,19 @@ impl Drop for PrivateRedisCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Whether a `CLUSTER NODES` line lists `slot` among its ranges.
+fn owns(line: &str, slot: &str) -> bool {
+    let Ok(slot) = slot.parse::<u16>() else {
+        return false;
+    };
+    line.split_whitespace().skip(8).any(|range| {
+        let mut ends = range.split('-').map(str::parse::<u16>);
+        match (ends.next(), ends.next()) {
+            (Some(Ok(a)), Some(Ok(b))) => (a..=b).contains(&slot),
+            (Some(Ok(a)), None) => a == slot,
+            _ => false,
+        }
+    })
 }
