@@ -26,7 +26,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use dashmap::{DashMap, DashSet};
 use fred::interfaces::{ClusterInterface, EventInterface};
-use fred::prelude::{Client, ClientLike, HashesInterface, PubsubInterface, StreamsInterface};
+use fred::prelude::{
+    Client, ClientLike, Expiration, HashesInterface, KeysInterface, PubsubInterface,
+    ServerInterface, StreamsInterface,
+};
 use fred::types::Value;
 use fred::types::scripts::Script;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -173,6 +176,12 @@ pub(crate) struct LiveConfig {
     pub head_delay: Duration,
     /// How long an epoch created by a position read lives without events.
     pub epoch_ttl_ms: i64,
+    /// Replicas a publish waits for (0: none). Events read from a log
+    /// with no later live event to vouch for them are delivered only once
+    /// this many replicas hold them too.
+    pub replicas: u32,
+    /// How long that confirmation may take.
+    pub replica_timeout: Duration,
 }
 
 /// The engine's handle on the live path.
@@ -184,6 +193,9 @@ pub(crate) struct Live {
     controls_pending: Arc<tokio::sync::Semaphore>,
     partitions: u32,
     subscriber: Client,
+    /// The connections confirming fills with a replica (`WAIT` holds
+    /// its connection, so not the command one).
+    barrier: Option<Client>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -194,8 +206,49 @@ impl Drop for Live {
         }
         // Leave no subscribed connection behind (tests start and drop
         // many nodes in one process).
-        crate::redis::quit_later([self.subscriber.clone()]);
+        crate::redis::quit_later(
+            [self.subscriber.clone()]
+                .into_iter()
+                .chain(self.barrier.clone()),
+        );
     }
+}
+
+/// Waits until `replicas` replicas hold everything the master of `key`'s
+/// slot had before now: a write of `key` on `client` (a few bytes, gone
+/// in ten seconds), then `WAIT` on the same connection, which answers
+/// once replicas have the master's stream up to that write — and so every
+/// event read from that master before it.
+async fn confirm_replicated(
+    client: &Client,
+    key: &str,
+    instance: &str,
+    replicas: u32,
+    timeout: Duration,
+) -> Result<(), FanoutError> {
+    let _: () = client
+        .set(key, instance, Some(Expiration::PX(10_000)), None, false)
+        .await
+        .map_err(crate::redis::err)?;
+    let want = i64::from(replicas);
+    let timeout = timeout.as_millis().max(1) as i64;
+    let acked: i64 = if client.is_clustered() {
+        let slot = fred::util::redis_keyslot(key.as_bytes());
+        let server = client
+            .cached_cluster_state()
+            .and_then(|state| state.get_server(slot).cloned())
+            .ok_or_else(|| FanoutError::Unavailable("no master known for the slot".into()))?;
+        client.with_cluster_node(server).wait(want, timeout).await
+    } else {
+        client.wait(want, timeout).await
+    }
+    .map_err(crate::redis::err)?;
+    if acked < want {
+        return Err(FanoutError::Unavailable(format!(
+            "{acked} of {want} replicas hold what a fill read"
+        )));
+    }
+    Ok(())
 }
 
 /// `<base>:live`.
@@ -228,6 +281,11 @@ impl Live {
         let errors = subscriber.error_rx();
         let changes = subscriber.cluster_change_rx();
         let slots_pending = Arc::new(AtomicBool::new(false));
+        let barrier = (config.replicas > 0).then(|| {
+            let b = command.clone_new();
+            let _task = b.connect();
+            b
+        });
         let manager = Manager {
             slots_pending: slots_pending.clone(),
             tracked: tracked.clone(),
@@ -273,6 +331,7 @@ impl Live {
             recover_at: None,
             slots: None,
             slots_pending: slots_pending.clone(),
+            barrier: barrier.clone(),
             subscriber: subscriber.clone(),
             controls_started: controls_pending.clone(),
             config,
@@ -297,6 +356,7 @@ impl Live {
             controls_pending,
             partitions: worker_partitions,
             subscriber,
+            barrier,
             tasks,
         }
     }
@@ -377,6 +437,8 @@ struct Loop {
     slots: Option<SlotMap>,
     /// A slot map read is queued (one at a time, whatever Redis is doing).
     slots_pending: Arc<AtomicBool>,
+    /// See [`Live`]'s field (`None` without replicas to wait for).
+    barrier: Option<Client>,
 }
 
 impl Loop {
@@ -584,7 +646,7 @@ impl Loop {
                     }
                     if let Some((from, through)) = state.channel.behind(head) {
                         state.channel.filling = true;
-                        self.spawn_fill(channel, from, through, self.config.head_delay);
+                        self.spawn_fill(channel, from, through, self.config.head_delay, true);
                     }
                 }
             }
@@ -604,7 +666,13 @@ impl Loop {
         };
         if let Some((from, through)) = state.channel.behind(head) {
             state.channel.filling = true;
-            self.spawn_fill(channel.to_owned(), from, through, self.config.head_delay);
+            self.spawn_fill(
+                channel.to_owned(),
+                from,
+                through,
+                self.config.head_delay,
+                true,
+            );
         }
     }
 
@@ -751,15 +819,40 @@ impl Loop {
             .lag_ms
             .store(oldest.as_millis() as i64, Ordering::Relaxed);
         for (channel, from, through) in due {
-            self.spawn_fill(channel, from, through, Duration::ZERO);
+            // Before events heard live: a replica has them (replication
+            // is ordered, and the live ones were confirmed).
+            self.spawn_fill(channel, from, through, Duration::ZERO, false);
         }
     }
 
-    fn spawn_fill(&self, channel: String, from: Position, through: u64, delay: Duration) {
+    /// Reads the numbers after `from` through `through` from the room's
+    /// log (after `delay`). `unvouched`: nothing later was heard live, so
+    /// with replicas to wait for, what was read is delivered only once a
+    /// replica is known to hold it — an event whose publisher's `WAIT`
+    /// failed may sit in the master's log alone, and a failover would take
+    /// it back after members saw it.
+    fn spawn_fill(
+        &self,
+        channel: String,
+        from: Position,
+        through: u64,
+        delay: Duration,
+        unvouched: bool,
+    ) {
         let Some(state) = self.channels.get(&channel) else {
             return;
         };
         let log = format!("{}:log", state.base);
+        let confirm = match (&self.barrier, unvouched) {
+            (Some(client), true) => Some((
+                client.clone(),
+                format!("{}:barrier", state.base),
+                self.config.instance.clone(),
+                self.config.replicas,
+                self.config.replica_timeout,
+            )),
+            _ => None,
+        };
         let client = self.command.clone();
         let cmds = self.cmds.clone();
         let stats = self.stats.clone();
@@ -776,6 +869,16 @@ impl Loop {
                     Some(count),
                 )
                 .await;
+            let reply = match (reply, confirm) {
+                (Ok(v), Some((barrier, key, instance, replicas, timeout)))
+                    if !log_entries(&v).is_empty() =>
+                {
+                    confirm_replicated(&barrier, &key, &instance, replicas, timeout)
+                        .await
+                        .map(|()| v)
+                }
+                (reply, _) => reply.map_err(crate::redis::err),
+            };
             let cmd = match reply {
                 Ok(v) => Cmd::Filled {
                     channel,

@@ -554,6 +554,8 @@ impl RedisStreamsFanout {
                     Duration::ZERO
                 },
                 epoch_ttl_ms: config.recovery_window.as_millis().max(1) as i64,
+                replicas: config.replicas,
+                replica_timeout: config.replica_timeout,
             },
             subscriber,
             client.clone(),

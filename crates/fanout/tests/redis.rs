@@ -580,3 +580,132 @@ async fn an_event_missed_live_is_read_from_the_log_before_the_next() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(seqs(&rec, "r"), [1, 2], "nothing delivered twice");
 }
+
+/// A redis-server of this test's own on a spare port (killed on drop):
+/// the tests that cut connections or add replicas never touch the shared
+/// one.
+struct PrivateRedis {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl PrivateRedis {
+    fn start(extra: &[&str]) -> PrivateRedis {
+        let dir = std::env::temp_dir().join(format!("fanout-redis-{:x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for _ in 0..10 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&dir)
+                .args(extra)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server");
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                if cli(port, &["ping"]).trim() == "PONG" {
+                    return PrivateRedis { child, port, dir };
+                }
+                if child.try_wait().unwrap().is_some() {
+                    break; // the port was taken meanwhile: another one
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// With replicas to wait for, an event whose publisher's `WAIT` failed
+/// sits in the master's log alone. A node that comes back from a lost
+/// connection and finds it behind its room's head must not deliver it
+/// then (a failover would take it back from members who saw it); once a
+/// replica holds it, the node delivers it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_only_the_master_holds_is_not_delivered_after_a_reconnect_until_a_replica_has_it()
+{
+    let redis = PrivateRedis::start(&[]);
+    let ns = "unvouched";
+    let waiting = |id: &str| {
+        let mut config = RedisFanoutConfig::new(redis.url(), id);
+        config.namespace = ns.into();
+        config.partitions = 4;
+        config.replicas = 1;
+        config.replica_timeout = Duration::from_millis(200);
+        config
+    };
+    let rec = Arc::new(Recorder::default());
+    let listener = RedisStreamsFanout::connect(waiting("l"), Codec::default(), rec.clone())
+        .await
+        .unwrap();
+    listener.position("r").await.unwrap();
+    let writer = RedisStreamsFanout::connect(
+        waiting("w"),
+        Codec::default(),
+        Arc::new(Recorder::default()),
+    )
+    .await
+    .unwrap();
+    let failed = writer
+        .publish("r", message("r", 1, "alone"), None, None)
+        .await;
+    assert!(failed.is_err(), "no replica acknowledged: {failed:?}");
+
+    // The listener's Pub/Sub connection is cut: it reconnects and compares
+    // the room's head (1) with what it delivered (nothing).
+    let stats = listener.stats().unwrap();
+    let before = stats.reconnects.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(cli(redis.port, &["client", "kill", "type", "pubsub"]).trim() != "0");
+    wait_for("the listener reconnected", || {
+        stats.reconnects.load(std::sync::atomic::Ordering::Relaxed) > before
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        seqs(&rec, "r").is_empty(),
+        "an event no replica holds was delivered after a reconnect"
+    );
+
+    // A replica copies the master: now the event is safe, and delivered.
+    let master = redis.port.to_string();
+    let _replica = PrivateRedis::start(&["--replicaof", "127.0.0.1", &master]);
+    wait_for_within(
+        "delivered once a replica holds it",
+        Duration::from_secs(15),
+        || seqs(&rec, "r") == [1],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(seqs(&rec, "r"), [1], "once");
+}
