@@ -51,6 +51,10 @@ const INCARNATION_CHECK: Duration = Duration::from_secs(5);
 /// How often every subscription is renewed and every head compared.
 const RESUBSCRIBE_EVERY: Duration = Duration::from_secs(30);
 
+/// Room subscriptions made together at most (one `SSUBSCRIBE` per slot
+/// among them, their positions read concurrently).
+const SUBSCRIBE_BATCH: usize = 512;
+
 /// How often a node on a Redis Cluster reads the slot map. A slot that
 /// moves to another master (resharding) takes its shard channels' subscribers
 /// with it without a word to them (Redis sends an unsubscribe push the
@@ -249,6 +253,26 @@ async fn confirm_replicated(
         )));
     }
     Ok(())
+}
+
+/// A room's position (its epoch created if it has none; see
+/// [`crate::redis::POSITION`]).
+async fn read_position(
+    client: &Client,
+    script: &Script,
+    base: &str,
+    epoch_ttl_ms: i64,
+) -> Result<Position, FanoutError> {
+    let reply: Value = script
+        .evalsha_with_reload(
+            client,
+            vec![format!("{base}:state")],
+            vec![Value::from(epoch_ttl_ms)],
+        )
+        .await
+        .map_err(crate::redis::err)?;
+    let (epoch, seq) = pair(reply)?;
+    Ok(Position { epoch, seq })
 }
 
 /// `<base>:live`.
@@ -958,7 +982,15 @@ impl Manager {
         if let Ok(known) = self.incarnations().await {
             self.known = Some(known);
         }
-        while let Some(op) = ops.recv().await {
+        let mut next = None;
+        loop {
+            let op = match next.take() {
+                Some(op) => op,
+                None => match ops.recv().await {
+                    Some(op) => op,
+                    None => return,
+                },
+            };
             let mut backoff = Duration::from_millis(50);
             match op {
                 Op::Subscribe {
@@ -966,10 +998,34 @@ impl Manager {
                     base,
                     room,
                 } => {
-                    // A room given up meanwhile (its members left, or the
-                    // join waiting for it timed out) is not retried.
-                    while room.as_ref().is_none_or(|r| self.tracked.contains(r)) {
-                        match self.subscribe(&channel, &base).await {
+                    // Rooms asked for meanwhile go with it (a restarted
+                    // node's members join thousands at once): one
+                    // SSUBSCRIBE per slot, their positions read together.
+                    let mut batch = vec![(channel, base, room)];
+                    while batch.len() < SUBSCRIBE_BATCH {
+                        match ops.try_recv() {
+                            Ok(Op::Subscribe {
+                                channel,
+                                base,
+                                room,
+                            }) => batch.push((channel, base, room)),
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    loop {
+                        // A room given up meanwhile (its members left, or
+                        // the join waiting for it timed out) is not retried.
+                        batch.retain(|(_, _, room)| {
+                            room.as_ref().is_none_or(|r| self.tracked.contains(r))
+                        });
+                        if batch.is_empty() {
+                            break;
+                        }
+                        match self.subscribe(&mut batch).await {
                             Ok(()) => {
                                 self.succeeded();
                                 break;
@@ -1031,31 +1087,55 @@ impl Manager {
         self.stats.connected.store(true, Ordering::Relaxed);
     }
 
-    async fn subscribe(&mut self, channel: &str, base: &str) -> Result<(), FanoutError> {
-        self.subscriber
-            .ssubscribe(channel.to_owned())
-            .await
-            .map_err(crate::redis::err)?;
-        let at = self.read_position(base).await?;
-        let _ = self.cmds.send(Cmd::Started {
-            channel: channel.to_owned(),
-            at,
-        });
-        Ok(())
-    }
-
-    async fn read_position(&self, base: &str) -> Result<Position, FanoutError> {
-        let reply: Value = self
-            .position
-            .evalsha_with_reload(
-                &self.command,
-                vec![format!("{base}:state")],
-                vec![Value::from(self.epoch_ttl_ms)],
-            )
-            .await
-            .map_err(crate::redis::err)?;
-        let (epoch, seq) = pair(reply)?;
-        Ok(Position { epoch, seq })
+    /// Subscribes `batch` (channel, base, room) and starts each channel
+    /// at the position read after its subscription; what started leaves
+    /// `batch`, what failed stays for the caller's next try.
+    async fn subscribe(
+        &mut self,
+        batch: &mut Vec<(String, String, Option<String>)>,
+    ) -> Result<(), FanoutError> {
+        let mut seen = HashSet::new();
+        let pairs: Vec<(String, String)> = batch
+            .iter()
+            .filter(|(c, _, _)| seen.insert(c.clone()))
+            .map(|(c, b, _)| (c.clone(), b.clone()))
+            .collect();
+        for group in by_slot(&pairs) {
+            self.subscriber
+                .ssubscribe(group)
+                .await
+                .map_err(crate::redis::err)?;
+        }
+        // Concurrent reads leave on the connection back to back.
+        let mut reads = tokio::task::JoinSet::new();
+        for (channel, base) in pairs {
+            let (client, script, ttl) = (
+                self.command.clone(),
+                self.position.clone(),
+                self.epoch_ttl_ms,
+            );
+            reads.spawn(async move {
+                let at = read_position(&client, &script, &base, ttl).await;
+                (channel, at)
+            });
+        }
+        let mut started = HashSet::new();
+        let mut failure = None;
+        while let Some(read) = reads.join_next().await {
+            match read {
+                Ok((channel, Ok(at))) => {
+                    let _ = self.cmds.send(Cmd::Started {
+                        channel: channel.clone(),
+                        at,
+                    });
+                    started.insert(channel);
+                }
+                Ok((_, Err(e))) => failure = Some(e),
+                Err(e) => failure = Some(crate::redis::err(e)),
+            }
+        }
+        batch.retain(|(channel, _, _)| !started.contains(channel));
+        failure.map_or(Ok(()), Err)
     }
 
     async fn resubscribe(&mut self, channels: Vec<String>) -> Result<(), FanoutError> {
