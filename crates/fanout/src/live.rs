@@ -25,13 +25,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::{DashMap, DashSet};
+use fred::clients::Pipeline;
 use fred::interfaces::{ClusterInterface, EventInterface};
 use fred::prelude::{
-    Client, ClientLike, Expiration, HashesInterface, KeysInterface, PubsubInterface,
-    ServerInterface, StreamsInterface,
+    Client, ClientLike, HashesInterface, Options, PubsubInterface, ServerInterface,
+    StreamsInterface,
 };
 use fred::types::Value;
 use fred::types::scripts::Script;
+use fred::types::{ClusterHash, CustomCommand};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use chatgate_protocol::Codec;
@@ -71,10 +73,54 @@ fn slot_map(client: &Client) -> Option<SlotMap> {
         state
             .slots()
             .iter()
-            .map(|r| (r.start, r.end, r.primary.to_string()))
+            .map(|r| {
+                (
+                    r.start,
+                    r.end,
+                    format!("{}:{}", r.primary.host, r.primary.port),
+                )
+            })
             .collect(),
     )
 }
+
+/// A `CLUSTER SLOTS` reply as a [`SlotMap`] (`None` if it is not one).
+fn parse_slots(reply: &Value) -> Option<SlotMap> {
+    let Value::Array(ranges) = reply else {
+        return None;
+    };
+    let mut map = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        let Value::Array(parts) = range else {
+            return None;
+        };
+        let (Some(start), Some(end), Some(Value::Array(primary))) =
+            (parts.first(), parts.get(1), parts.get(2))
+        else {
+            return None;
+        };
+        let (Some(host), Some(port)) = (primary.first().and_then(as_str), primary.get(1)) else {
+            return None;
+        };
+        map.push((
+            u16::try_from(as_u64(start)?).ok()?,
+            u16::try_from(as_u64(end)?).ok()?,
+            format!("{host}:{}", as_u64(port)?),
+        ));
+    }
+    map.sort();
+    Some(map)
+}
+
+/// Who serves `slot` in `map`.
+fn owner(map: &SlotMap, slot: u16) -> Option<&str> {
+    map.iter()
+        .find(|(start, end, _)| (*start..=*end).contains(&slot))
+        .map(|(_, _, server)| server.as_str())
+}
+
+/// How long a read of the slot map may take.
+const SLOT_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A publish waiting for this node to deliver its event.
 pub(crate) struct Waiter {
@@ -218,41 +264,84 @@ impl Drop for Live {
     }
 }
 
-/// Waits until `replicas` replicas hold everything the master of `key`'s
-/// slot had before now: a write of `key` on `client` (a few bytes, gone
-/// in ten seconds), then `WAIT` on the same connection, which answers
-/// once replicas have the master's stream up to that write — and so every
-/// event read from that master before it.
+/// Writes the barrier key only on a master whose log holds the entry
+/// read last. KEYS: log, barrier. ARGV: that entry's id, instance.
+const CONFIRM: &str = r#"
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', 10000)
+return 1
+"#;
+
+/// Waits until `replicas` replicas hold what a fill read from `log`, up
+/// to the entry numbered `last`: on one connection to the master of the
+/// log's slot, a script that writes `barrier` only if that master holds
+/// the entry (so the write follows it in the master's stream), then
+/// `WAIT`, which answers once replicas have that stream up to the write.
+/// Both are sent together and never redirected or sent again: a
+/// redirection (the slot moved) or a new connection (a `WAIT` there
+/// would not cover the write) fails the confirmation, and the caller
+/// tries again later.
 async fn confirm_replicated(
     client: &Client,
-    key: &str,
+    log: &str,
+    barrier: &str,
+    last: u64,
     instance: &str,
     replicas: u32,
     timeout: Duration,
 ) -> Result<(), FanoutError> {
-    let _: () = client
-        .set(key, instance, Some(Expiration::PX(10_000)), None, false)
+    let mut options = Options {
+        max_redirections: Some(0),
+        max_attempts: Some(1),
+        fail_fast: true,
+        ..Options::default()
+    };
+    let slot = fred::util::redis_keyslot(log.as_bytes());
+    if client.is_clustered() {
+        options.cluster_node = Some(
+            client
+                .cached_cluster_state()
+                .and_then(|state| state.get_server(slot).cloned())
+                .ok_or_else(|| FanoutError::Unavailable("no master known for the slot".into()))?,
+        );
+    }
+    let want = i64::from(replicas);
+    let pipeline = Pipeline::from(client.with_options(&options));
+    // EVAL: the script text travels (a confirmation is rare, and a
+    // pipeline cannot reload a script Redis lost).
+    let eval = CustomCommand::new_static("EVAL", ClusterHash::Custom(slot), false);
+    let _: () = pipeline
+        .custom(
+            eval,
+            vec![
+                Value::from(CONFIRM),
+                Value::from(2),
+                Value::from(log),
+                Value::from(barrier),
+                Value::from(format!("{last}-1")),
+                Value::from(instance),
+            ],
+        )
         .await
         .map_err(crate::redis::err)?;
-    let want = i64::from(replicas);
-    let timeout = timeout.as_millis().max(1) as i64;
-    let acked: i64 = if client.is_clustered() {
-        let slot = fred::util::redis_keyslot(key.as_bytes());
-        let server = client
-            .cached_cluster_state()
-            .and_then(|state| state.get_server(slot).cloned())
-            .ok_or_else(|| FanoutError::Unavailable("no master known for the slot".into()))?;
-        client.with_cluster_node(server).wait(want, timeout).await
-    } else {
-        client.wait(want, timeout).await
-    }
-    .map_err(crate::redis::err)?;
-    if acked < want {
-        return Err(FanoutError::Unavailable(format!(
+    let _: () = pipeline
+        .wait(want, timeout.as_millis().max(1) as i64)
+        .await
+        .map_err(crate::redis::err)?;
+    let replies: Vec<Result<i64, fred::error::Error>> = pipeline.try_all().await;
+    match replies.as_slice() {
+        [Err(e), _] | [_, Err(e)] => Err(crate::redis::err(e)),
+        [Ok(1), Ok(acked)] if *acked >= want => Ok(()),
+        [Ok(1), Ok(acked)] => Err(FanoutError::Unavailable(format!(
             "{acked} of {want} replicas hold what a fill read"
-        )));
+        ))),
+        [Ok(_), Ok(_)] => Err(FanoutError::Unavailable(
+            "the master no longer holds what a fill read".into(),
+        )),
+        _ => Err(FanoutError::Unavailable(
+            "unexpected confirmation reply".into(),
+        )),
     }
-    Ok(())
 }
 
 /// A room's position (its epoch created if it has none; see
@@ -510,8 +599,27 @@ impl Loop {
                         // itself is compared.
                         let now = slot_map(&self.subscriber);
                         if now.is_none() || now != self.slots {
+                            // Only the rooms whose slot changed master (all,
+                            // without two maps to compare).
+                            let moved: Option<HashSet<String>> = match (&self.slots, &now) {
+                                (Some(old), Some(new)) => Some(
+                                    self.channels
+                                        .keys()
+                                        .filter(|c| {
+                                            let slot = fred::util::redis_keyslot(c.as_bytes());
+                                            owner(old, slot) != owner(new, slot)
+                                        })
+                                        .cloned()
+                                        .collect(),
+                                ),
+                                _ => None,
+                            };
                             self.slots = now;
-                            self.recover(true);
+                            match moved {
+                                Some(moved) if moved.is_empty() => {}
+                                Some(moved) => self.recover_only(&moved),
+                                None => self.recover(true),
+                            }
                         }
                     }
                 }
@@ -870,6 +978,7 @@ impl Loop {
         let confirm = match (&self.barrier, unvouched) {
             (Some(client), true) => Some((
                 client.clone(),
+                log.clone(),
                 format!("{}:barrier", state.base),
                 self.config.instance.clone(),
                 self.config.replicas,
@@ -893,15 +1002,18 @@ impl Loop {
                     Some(count),
                 )
                 .await;
-            let reply = match (reply, confirm) {
-                (Ok(v), Some((barrier, key, instance, replicas, timeout)))
-                    if !log_entries(&v).is_empty() =>
-                {
-                    confirm_replicated(&barrier, &key, &instance, replicas, timeout)
+            let reply = reply.map_err(crate::redis::err);
+            let last = reply
+                .as_ref()
+                .ok()
+                .and_then(|v| log_entries(v).iter().map(|e| e.seq).max());
+            let reply = match (reply, confirm, last) {
+                (Ok(v), Some((barrier, log, key, instance, replicas, timeout)), Some(last)) => {
+                    confirm_replicated(&barrier, &log, &key, last, &instance, replicas, timeout)
                         .await
                         .map(|()| v)
                 }
-                (reply, _) => reply.map_err(crate::redis::err),
+                (reply, _, _) => reply,
             };
             let cmd = match reply {
                 Ok(v) => Cmd::Filled {
@@ -954,6 +1066,20 @@ impl Loop {
         let _ = self.ops.send(Op::Recover {
             channels,
             resubscribe,
+        });
+    }
+
+    /// Subscribes `channels` again and reads what they missed.
+    fn recover_only(&mut self, channels: &HashSet<String>) {
+        let channels = self
+            .channels
+            .iter()
+            .filter(|(c, _)| channels.contains(*c))
+            .map(|(c, s)| (c.clone(), s.base.clone()))
+            .collect();
+        let _ = self.ops.send(Op::Recover {
+            channels,
+            resubscribe: true,
         });
     }
 }
@@ -1064,8 +1190,33 @@ impl Manager {
                     }
                 }
                 Op::SyncSlots => {
-                    if let Err(e) = self.subscriber.sync_cluster().await {
-                        tracing::debug!(error = %e, "slot map read failed");
+                    // Read on the command connection (the Pub/Sub client's
+                    // own refresh opens a connection and holds its reads);
+                    // the subscriber's map is refreshed only when it differs.
+                    let read = tokio::time::timeout(
+                        SLOT_READ_TIMEOUT,
+                        self.command.cluster_slots::<Value>(),
+                    )
+                    .await;
+                    match read {
+                        Ok(Ok(reply)) => {
+                            let fresh = parse_slots(&reply);
+                            let mut known = slot_map(&self.subscriber);
+                            if let Some(known) = known.as_mut() {
+                                known.sort();
+                            }
+                            if fresh.is_some() && fresh != known {
+                                let synced = tokio::time::timeout(
+                                    SLOT_READ_TIMEOUT,
+                                    self.subscriber.sync_cluster(),
+                                )
+                                .await;
+                                if !matches!(synced, Ok(Ok(()))) {
+                                    tracing::debug!("refreshing the slot map failed");
+                                }
+                            }
+                        }
+                        _ => tracing::debug!("slot map read failed"),
                     }
                     self.slots_pending.store(false, Ordering::Relaxed);
                 }
@@ -1240,4 +1391,46 @@ fn log_entries(v: &Value) -> Vec<Sequenced> {
             Sequenced::parse(header, frame)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(host: &str, port: i64) -> Value {
+        Value::Array(vec![
+            Value::from(host),
+            Value::from(port),
+            Value::from("id"),
+        ])
+    }
+
+    #[test]
+    fn a_cluster_slots_reply_reads_as_a_sorted_slot_map() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::from(5461),
+                Value::from(16383),
+                node("10.0.0.2", 6379),
+                node("10.0.0.5", 6379),
+            ]),
+            Value::Array(vec![
+                Value::from(0),
+                Value::from(5460),
+                node("10.0.0.1", 6380),
+            ]),
+        ]);
+        let map = parse_slots(&reply).expect("a slot map");
+        assert_eq!(
+            map,
+            vec![
+                (0, 5460, "10.0.0.1:6380".to_owned()),
+                (5461, 16383, "10.0.0.2:6379".to_owned()),
+            ]
+        );
+        assert_eq!(owner(&map, 5460), Some("10.0.0.1:6380"));
+        assert_eq!(owner(&map, 5461), Some("10.0.0.2:6379"));
+        assert_eq!(parse_slots(&Value::from("nope")), None);
+        assert_eq!(parse_slots(&Value::Array(vec![Value::from(1)])), None);
+    }
 }

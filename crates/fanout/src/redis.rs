@@ -143,12 +143,17 @@ impl RedisFanoutConfig {
     }
 }
 
-/// The publish script. KEYS: state, log, published, channel. ARGV: frame
-/// head, mid, tail; instance, conn, pid; max log entries, recovery window
-/// ms, idempotency key, idle ttl ms, max log bytes, publish now ('1') or
+/// The publish script. KEYS: state, log, published. ARGV: frame head,
+/// mid, tail; instance, conn, pid; max log entries, recovery window ms,
+/// idempotency key, idle ttl ms, max log bytes, publish now ('1') or
 /// return the live message ('0'), now (the gateway's clock, ms: it only
-/// decides when expiries are renewed).
+/// decides when expiries are renewed), the room's channel.
 /// Returns { epoch, seq, repeated, live message or '' }.
+///
+/// The channel shares the keys' slot but is not declared as a key: Redis
+/// counts a declared key it does not hold against a script while the slot
+/// migrates, and a channel is never held, so every publish to the
+/// partition would be refused for the whole of a resharding move.
 ///
 /// The room's counters live in one hash (`state`: `e` epoch, `s` last
 /// number, `b` and `n` the log's bytes and entries, `x` when expiries were
@@ -188,6 +193,10 @@ if ARGV[9] ~= '' and redis.call('HSETNX', KEYS[3], ARGV[9], seq) == 0 then
   else
     local again = ''
     if ARGV[12] == '0' then
+      -- The publisher WAITs before publishing this again, and a WAIT
+      -- covers what its connection wrote: a write here puts the original
+      -- event (earlier in the master's stream) under that WAIT too.
+      redis.call('HSET', KEYS[1], 'r', prev)
       local e = redis.call('XRANGE', KEYS[2], prev .. '-1', prev .. '-1')
       if #e == 1 then
         local f, frame, origin = e[1][2], nil, nil
@@ -266,15 +275,16 @@ if due then
 end
 local live = 's' .. origin .. '\n' .. frame
 if ARGV[12] == '1' then
-  redis.call('SPUBLISH', KEYS[4], live)
+  redis.call('SPUBLISH', ARGV[14], live)
   live = ''
 end
 return { epoch, seq, 0, live }
 "#;
 
-/// A control message, sequenced like a room's events. KEYS: state, log,
-/// channel. ARGV: payload, instance, entries kept, ttl ms, publish now.
-/// Returns the live message when not published.
+/// A control message, sequenced like a room's events. KEYS: state, log.
+/// ARGV: payload, instance, entries kept, ttl ms, publish now, channel
+/// (not a key, as in [`PUBLISH`]). Returns the live message when not
+/// published.
 const CONTROL: &str = r#"
 local st = redis.call('HMGET', KEYS[1], 'e', 's')
 local epoch = st[1]
@@ -290,7 +300,7 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-1', 'f', ARGV[1], '
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 local live = 's' .. origin .. '\n' .. ARGV[1]
 if ARGV[5] == '1' then
-  redis.call('SPUBLISH', KEYS[3], live)
+  redis.call('SPUBLISH', ARGV[6], live)
   live = ''
 end
 return live
@@ -836,7 +846,6 @@ impl Fanout for RedisStreamsFanout {
             format!("{base}:state"),
             format!("{base}:log"),
             format!("{base}:published"),
-            channel.clone(),
         ];
         let pid = self.next_pid.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -864,6 +873,7 @@ impl Fanout for RedisStreamsFanout {
             (self.config.max_log_bytes as i64).into(),
             if publish_now { "1" } else { "0" }.into(),
             now_ms().into(),
+            channel.as_str().into(),
         ];
         let (index, client) = self.publisher();
         let reply: Result<Value, _> = self.publish.evalsha_with_reload(client, keys, args).await;
@@ -987,17 +997,14 @@ impl Fanout for RedisStreamsFanout {
             .control
             .evalsha_with_reload(
                 client,
-                vec![
-                    format!("{base}:state"),
-                    format!("{base}:log"),
-                    channel.clone(),
-                ],
+                vec![format!("{base}:state"), format!("{base}:log")],
                 vec![
                     Value::Bytes(payload),
                     self.instance.as_str().into(),
                     CONTROL_LOG.into(),
                     (self.config.stream_idle_ttl.as_millis().max(1) as i64).into(),
                     if publish_now { "1" } else { "0" }.into(),
+                    channel.as_str().into(),
                 ],
             )
             .await

@@ -628,6 +628,15 @@ impl PrivateRedis {
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
+
+    /// Sends the server `SIG<name>` (by the PID this test started).
+    fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name}");
+    }
 }
 
 impl Drop for PrivateRedis {
@@ -655,7 +664,7 @@ fn cli(port: u16, args: &[&str]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_only_the_master_holds_is_not_delivered_after_a_reconnect_until_a_replica_has_it()
 {
-    let redis = PrivateRedis::start(&[]);
+    let redis = PrivateRedis::start(&["--repl-diskless-sync-delay", "0"]);
     let ns = "unvouched";
     let waiting = |id: &str| {
         let mut config = RedisFanoutConfig::new(redis.url(), id);
@@ -687,11 +696,16 @@ async fn an_event_only_the_master_holds_is_not_delivered_after_a_reconnect_until
     let stats = listener.stats().unwrap();
     let before = stats.reconnects.load(std::sync::atomic::Ordering::Relaxed);
     assert!(cli(redis.port, &["client", "kill", "type", "pubsub"]).trim() != "0");
+    let errors = stats.read_errors.load(std::sync::atomic::Ordering::Relaxed);
     wait_for("the listener reconnected", || {
         stats.reconnects.load(std::sync::atomic::Ordering::Relaxed) > before
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // It read the event and the confirmation was refused (no replica).
+    wait_for("a refused fill", || {
+        stats.read_errors.load(std::sync::atomic::Ordering::Relaxed) > errors
+    })
+    .await;
     assert!(
         seqs(&rec, "r").is_empty(),
         "an event no replica holds was delivered after a reconnect"
@@ -708,4 +722,94 @@ async fn an_event_only_the_master_holds_is_not_delivered_after_a_reconnect_until
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(seqs(&rec, "r"), [1], "once");
+}
+
+/// A publish whose `WAIT` failed (its replica is stalled) is retried by
+/// its sender through another node: the retry must not go live until a
+/// replica holds the event either. Where `WAIT` counts only what its
+/// connection wrote (as documented), a retry that writes nothing would be
+/// confirmed at once, so the retry writes; Redis 7.0 also moves a
+/// connection's `WAIT` offset on commands that write nothing, so there
+/// this holds without that write too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_goes_live_only_once_a_replica_holds_the_event() {
+    let redis = PrivateRedis::start(&["--repl-diskless-sync-delay", "0"]);
+    let master = redis.port.to_string();
+    let replica = PrivateRedis::start(&["--replicaof", "127.0.0.1", &master]);
+    wait_for_within("the replica in sync", Duration::from_secs(15), || {
+        cli(redis.port, &["info", "replication"]).contains("state=online")
+    })
+    .await;
+    let ns = "retried";
+    let waiting = |id: &str| {
+        let mut config = RedisFanoutConfig::new(redis.url(), id);
+        config.namespace = ns.into();
+        config.partitions = 4;
+        config.replicas = 1;
+        config.replica_timeout = Duration::from_millis(300);
+        config
+    };
+    let rec = Arc::new(Recorder::default());
+    let listener = RedisStreamsFanout::connect(waiting("l"), Codec::default(), rec.clone())
+        .await
+        .unwrap();
+    listener.position("r").await.unwrap();
+    let first = RedisStreamsFanout::connect(
+        waiting("a"),
+        Codec::default(),
+        Arc::new(Recorder::default()),
+    )
+    .await
+    .unwrap();
+    // Warm the publisher's connections, so they have written before (a
+    // replica just in sync may take a moment to acknowledge).
+    let mut warm = Err(chatgate_fanout::FanoutError::Unavailable(String::new()));
+    for _ in 0..20 {
+        warm = first
+            .publish("r", message("r", 1, "before"), None, None)
+            .await;
+        if warm.is_ok() {
+            break;
+        }
+    }
+    warm.unwrap();
+    wait_for("the first event", || seqs(&rec, "r") == [1]).await;
+
+    replica.signal("STOP");
+    let failed = first
+        .publish("r", message("r", 2, "stalled"), None, None)
+        .await;
+    assert!(failed.is_err(), "the replica is stalled: {failed:?}");
+    let second = RedisStreamsFanout::connect(
+        waiting("b"),
+        Codec::default(),
+        Arc::new(Recorder::default()),
+    )
+    .await
+    .unwrap();
+    let retried = second
+        .publish("r", message("r", 2, "stalled"), None, None)
+        .await;
+    assert!(
+        retried.is_err(),
+        "a retry went live while no replica held the event: {retried:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(seqs(&rec, "r"), [1], "nothing unconfirmed delivered");
+
+    replica.signal("CONT");
+    let mut again = Err(chatgate_fanout::FanoutError::Unavailable(String::new()));
+    for _ in 0..20 {
+        again = second
+            .publish("r", message("r", 2, "stalled"), None, None)
+            .await;
+        if again.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(again.unwrap().position.seq, 2, "the retry is the original");
+    wait_for("delivered once confirmed", || seqs(&rec, "r") == [1, 2]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(seqs(&rec, "r"), [1, 2], "once");
 }
