@@ -47,7 +47,11 @@ single)
   "${redis_cpu[@]}" redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
     --dir "$work" --logfile "$work/redis.log" &
   redis_pid=$!
-  until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.05; done
+  waited=0
+  until redis-cli -p "$port" ping >/dev/null 2>&1; do
+    kill -0 "$redis_pid" 2>/dev/null && ((waited++ < 400)) || { echo "redis-server did not start" >&2; exit 1; }
+    sleep 0.05
+  done
   url="redis://127.0.0.1:$port"
   servers=(--server "$url")
   ;;
@@ -66,6 +70,7 @@ cluster)
     ((${#servers[@]} == 2 * masters)) && break
     sleep 0.05
   done
+  ((${#servers[@]} == 2 * masters)) || { echo "found $((${#servers[@]} / 2)) of $masters masters" >&2; exit 1; }
   ;;
 *) echo "unknown shape $shape" >&2; exit 2 ;;
 esac

@@ -30,22 +30,34 @@ start)
       --cluster-port "$bus" --save '' --appendonly no --dir "$dir" \
       --logfile "$dir/redis-$i.log" >/dev/null &
     echo $! >>"$dir/pids"
-    until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.05; done
+    waited=0
+    until redis-cli -p "$port" ping >/dev/null 2>&1; do
+      ((waited++ < 400)) || { echo "redis-server on $port did not start" >&2; tail -5 "$dir/redis-$i.log" >&2; exit 1; }
+      sleep 0.05
+    done
     seeds+=("127.0.0.1:$port")
   done
   redis-cli --cluster create "${seeds[@]}" --cluster-replicas "$replicas" --cluster-yes >"$dir/create.log"
   for seed in "${seeds[@]}"; do
-    until redis-cli -p "${seed#*:}" cluster info | grep -q cluster_state:ok; do sleep 0.05; done
+    waited=0
+    until redis-cli -p "${seed#*:}" cluster info | grep -q cluster_state:ok; do
+      ((waited++ < 600)) || { echo "the cluster is not ok on $seed" >&2; exit 1; }
+      sleep 0.05
+    done
   done
   # Replicas first copy their master's data (a full sync): until their
   # link is up, a write waiting for a replica (WAIT) times out.
+  waited=0
   until
     up=0
     for seed in "${seeds[@]}"; do
       redis-cli -p "${seed#*:}" info replication | grep -q master_link_status:up && up=$((up + 1))
     done
     ((up == masters * replicas))
-  do sleep 0.05; done
+  do
+    ((waited++ < 1200)) || { echo "$up of $((masters * replicas)) replicas in sync" >&2; exit 1; }
+    sleep 0.05
+  done
   url="redis-cluster://${seeds[0]}"
   sep='?'
   for seed in "${seeds[@]:1}"; do url+="${sep}node=$seed"; sep='&'; done
@@ -53,6 +65,10 @@ start)
   ;;
 stop)
   while read -r pid; do kill -TERM "$pid" 2>/dev/null || true; done <"$dir/pids"
+  # Gone before the caller removes their directory.
+  while read -r pid; do
+    for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  done <"$dir/pids"
   ;;
 *)
   echo "unknown command $cmd" >&2
