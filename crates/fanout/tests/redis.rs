@@ -647,6 +647,17 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// A node on `redis` that waits for one replica (300 ms at most) before
+/// an event goes live.
+fn waiting_config(redis: &PrivateRedis, ns: &str, id: &str) -> RedisFanoutConfig {
+    let mut config = RedisFanoutConfig::new(redis.url(), id);
+    config.namespace = ns.into();
+    config.partitions = 4;
+    config.replicas = 1;
+    config.replica_timeout = Duration::from_millis(300);
+    config
+}
+
 fn cli(port: u16, args: &[&str]) -> String {
     let out = std::process::Command::new("redis-cli")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
@@ -665,15 +676,7 @@ fn cli(port: u16, args: &[&str]) -> String {
 async fn an_event_only_the_master_holds_is_not_delivered_after_a_reconnect_until_a_replica_has_it()
 {
     let redis = PrivateRedis::start(&["--repl-diskless-sync-delay", "0"]);
-    let ns = "unvouched";
-    let waiting = |id: &str| {
-        let mut config = RedisFanoutConfig::new(redis.url(), id);
-        config.namespace = ns.into();
-        config.partitions = 4;
-        config.replicas = 1;
-        config.replica_timeout = Duration::from_millis(200);
-        config
-    };
+    let waiting = |id: &str| waiting_config(&redis, "unvouched", id);
     let rec = Arc::new(Recorder::default());
     let listener = RedisStreamsFanout::connect(waiting("l"), Codec::default(), rec.clone())
         .await
@@ -740,15 +743,7 @@ async fn a_retry_goes_live_only_once_a_replica_holds_the_event() {
         cli(redis.port, &["info", "replication"]).contains("state=online")
     })
     .await;
-    let ns = "retried";
-    let waiting = |id: &str| {
-        let mut config = RedisFanoutConfig::new(redis.url(), id);
-        config.namespace = ns.into();
-        config.partitions = 4;
-        config.replicas = 1;
-        config.replica_timeout = Duration::from_millis(300);
-        config
-    };
+    let waiting = |id: &str| waiting_config(&redis, "retried", id);
     let rec = Arc::new(Recorder::default());
     let listener = RedisStreamsFanout::connect(waiting("l"), Codec::default(), rec.clone())
         .await

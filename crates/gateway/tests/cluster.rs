@@ -181,12 +181,7 @@ async fn resume_at(
 async fn nodes_on_a_redis_cluster_deliver_every_room_once_in_order_and_resume() {
     let redis = common::redis_cluster::PrivateRedisCluster::start(3, 1);
     let cluster = Cluster::start(3, &redis.url(), &[]).await;
-    cluster.nodes[0].wait_health("3 live nodes", |h| {
-        h["cluster"]["live_nodes"]
-            .as_array()
-            .is_some_and(|n| n.len() == 3)
-            && h["backends"]["fanout"]["status"] == "ok"
-    });
+    all_live(&cluster.nodes);
     // Rooms enough to land on every master.
     let rooms: Vec<String> = (0..12).map(|r| format!("spread-{r}")).collect();
     let room_refs: Vec<&str> = rooms.iter().map(String::as_str).collect();
@@ -272,6 +267,18 @@ async fn nodes_on_a_redis_cluster_deliver_every_room_once_in_order_and_resume() 
     assert_eq!(replayed, missed, "exactly the missed messages, in order");
 }
 
+/// Waits until every node sees all of them live and its fan-out healthy.
+fn all_live(nodes: &[Gateway]) {
+    for node in nodes {
+        node.wait_health("every node live", |h| {
+            h["cluster"]["live_nodes"]
+                .as_array()
+                .is_some_and(|n| n.len() == nodes.len())
+                && h["backends"]["fanout"]["status"] == "ok"
+        });
+    }
+}
+
 /// Message `m` to every room in turn (bodies `<room> #m`), each sent
 /// until acknowledged; the acknowledged ids, by room.
 async fn send_round(sender: &mut Conn, rid: &mut u32, rooms: &[String], m: usize) -> Vec<u64> {
@@ -325,14 +332,7 @@ fn by_room(
 async fn a_master_failing_over_during_traffic_loses_and_repeats_nothing_and_a_node_restarts() {
     let mut redis = common::redis_cluster::PrivateRedisCluster::start(3, 1);
     let mut cluster = Cluster::start(3, &redis.url(), &["--redis-wait-replicas", "1"]).await;
-    for node in &cluster.nodes {
-        node.wait_health("3 live nodes", |h| {
-            h["cluster"]["live_nodes"]
-                .as_array()
-                .is_some_and(|n| n.len() == 3)
-                && h["backends"]["fanout"]["status"] == "ok"
-        });
-    }
+    all_live(&cluster.nodes);
     let rooms: Vec<String> = (0..9).map(|r| format!("fo-{r}")).collect();
     let room_refs: Vec<&str> = rooms.iter().map(String::as_str).collect();
     let mut readers = Vec::new();
@@ -909,14 +909,7 @@ async fn the_cap_holds_across(nodes: &[Gateway]) {
 async fn a_slot_moving_to_another_master_under_traffic_loses_and_repeats_nothing() {
     let redis = common::redis_cluster::PrivateRedisCluster::start(3, 0);
     let cluster = Cluster::start(3, &redis.url(), &[]).await;
-    for node in &cluster.nodes {
-        node.wait_health("3 live nodes", |h| {
-            h["cluster"]["live_nodes"]
-                .as_array()
-                .is_some_and(|n| n.len() == 3)
-                && h["backends"]["fanout"]["status"] == "ok"
-        });
-    }
+    all_live(&cluster.nodes);
     let rooms: Vec<String> = (0..4).map(|r| format!("moving-{r}")).collect();
     let room_refs: Vec<&str> = rooms.iter().map(String::as_str).collect();
     let mut readers = Vec::new();
@@ -1014,14 +1007,7 @@ async fn limits_presence_and_heartbeats_are_cluster_wide_on_a_redis_cluster() {
     let mut extra = API_ARGS.to_vec();
     extra.extend(["--messages-per-minute", &per_minute]);
     let cluster = Cluster::start(3, &redis.url(), &extra).await;
-    for node in &cluster.nodes {
-        node.wait_health("3 live nodes", |h| {
-            h["cluster"]["live_nodes"]
-                .as_array()
-                .is_some_and(|n| n.len() == 3)
-                && h["backends"]["fanout"]["status"] == "ok"
-        });
-    }
+    all_live(&cluster.nodes);
     the_cap_holds_across(&cluster.nodes).await;
 
     // One user sending through all three nodes in turn spends one bucket
