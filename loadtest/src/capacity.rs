@@ -31,7 +31,7 @@ use chatgate_fanout::cluster::Cluster;
 use chatgate_fanout::{Fanout, LocalDelivery, RedisFanoutConfig, RedisStreamsFanout, RoomEvent};
 use chatgate_protocol::payload::Message;
 use chatgate_protocol::{Codec, ServerFrame};
-use fred::interfaces::ClusterInterface;
+use fred::interfaces::{ClientLike, ClusterInterface};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
@@ -160,12 +160,63 @@ async fn loopback_only(urls: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A cluster's seeds may be on loopback while the servers it announces
+/// (and the engines would then connect to) are not: asks a seed, on a
+/// plain connection, before any engine connects.
+async fn announced_loopback_only(url: &str) -> anyhow::Result<()> {
+    let Some(rest) = url
+        .strip_prefix("redis-cluster://")
+        .or_else(|| url.strip_prefix("rediss-cluster://"))
+    else {
+        return Ok(());
+    };
+    let seed = url_hosts(rest).into_iter().next().unwrap_or_default();
+    let scheme = if url.starts_with("rediss") {
+        "rediss"
+    } else {
+        "redis"
+    };
+    let client = chatgate_fanout::redis::redis_client(
+        &format!("{scheme}://{seed}"),
+        None,
+        Some(Duration::from_secs(2)),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let _task = client.init().await?;
+    let slots: fred::types::Value = client.cluster_slots().await?;
+    let _ = client.quit().await;
+    let fred::types::Value::Array(ranges) = slots else {
+        anyhow::bail!("unexpected CLUSTER SLOTS reply from {seed}");
+    };
+    for range in ranges {
+        let fred::types::Value::Array(parts) = range else {
+            continue;
+        };
+        for node in parts.into_iter().skip(2) {
+            let fred::types::Value::Array(node) = node else {
+                continue;
+            };
+            let host = node.first().and_then(|h| h.as_string()).unwrap_or_default();
+            let port = node.get(1).and_then(|p| p.as_u64()).unwrap_or(0);
+            // An empty host means "the address you reached me at".
+            let host = if host.is_empty() {
+                seed.clone()
+            } else {
+                format!("{host}:{port}")
+            };
+            loopback_only(&[host.as_str()]).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs the scenario and returns its report.
 pub async fn run(o: &CapacityOptions) -> anyhow::Result<Value> {
     anyhow::ensure!(o.nodes >= 1 && o.rooms >= 1 && o.in_flight >= 1);
     let mut urls = vec![o.url.as_str()];
     urls.extend(o.servers.iter().map(String::as_str));
     loopback_only(&urls).await?;
+    announced_loopback_only(&o.url).await?;
     let namespace = format!("cap{}", std::process::id());
     let mut engines = Vec::with_capacity(o.nodes);
     let mut checkers = Vec::with_capacity(o.nodes);
@@ -179,14 +230,6 @@ pub async fn run(o: &CapacityOptions) -> anyhow::Result<Value> {
         let engine = RedisStreamsFanout::connect(config, Codec::default(), checker.clone())
             .await
             .map_err(|e| anyhow::anyhow!("engine {i}: {e}"))?;
-        // A cluster's seeds may be on loopback while the masters it
-        // announces are not.
-        if let Some(state) = engine.client().cached_cluster_state() {
-            for range in state.slots() {
-                let host = format!("{}:{}", range.primary.host, range.primary.port);
-                loopback_only(&[host.as_str()]).await?;
-            }
-        }
         let limits = Cluster::new(engine.client().clone(), &namespace, &format!("cap{i}"));
         engines.push(Arc::new((engine, limits)));
         checkers.push(checker);

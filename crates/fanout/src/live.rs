@@ -64,7 +64,7 @@ const SUBSCRIBE_BATCH: usize = 512;
 /// so it asks, and renews its subscriptions when the map changed.
 const SLOT_MAP_EVERY: Duration = Duration::from_secs(1);
 
-/// A Redis Cluster's slot ranges and their masters, to compare.
+/// A Redis Cluster's slot ranges and their masters' node ids, to compare.
 type SlotMap = Vec<(u16, u16, String)>;
 
 fn slot_map(client: &Client) -> Option<SlotMap> {
@@ -73,13 +73,7 @@ fn slot_map(client: &Client) -> Option<SlotMap> {
         state
             .slots()
             .iter()
-            .map(|r| {
-                (
-                    r.start,
-                    r.end,
-                    format!("{}:{}", r.primary.host, r.primary.port),
-                )
-            })
+            .map(|r| (r.start, r.end, r.id.to_string()))
             .collect(),
     )
 }
@@ -99,13 +93,13 @@ fn parse_slots(reply: &Value) -> Option<SlotMap> {
         else {
             return None;
         };
-        let (Some(host), Some(port)) = (primary.first().and_then(as_str), primary.get(1)) else {
-            return None;
-        };
+        // By node id: the address a node announces may be a name, an IP
+        // or nothing, and the client library may have resolved it.
+        let id = primary.get(2).and_then(as_str)?;
         map.push((
             u16::try_from(as_u64(start)?).ok()?,
             u16::try_from(as_u64(end)?).ok()?,
-            format!("{host}:{}", as_u64(port)?),
+            id,
         ));
     }
     map.sort();
@@ -264,18 +258,28 @@ impl Drop for Live {
     }
 }
 
-/// Writes the barrier key only on a master whose log holds the entry
-/// read last. KEYS: log, barrier. ARGV: that entry's id, instance.
+/// Writes the room's state hash (field `c`) only on a master whose log
+/// holds the very entry read last (the same header: after a failover a
+/// new master can give its number to another event). KEYS: log, state.
+/// ARGV: that entry's id, its header, instance. Keys that exist: while
+/// the slot migrates, a declared key the master lacks would refuse it.
 const CONFIRM: &str = r#"
-if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
-redis.call('SET', KEYS[2], ARGV[2], 'PX', 10000)
+local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #e == 0 then return 0 end
+local f, same = e[1][2], false
+for i = 1, #f, 2 do
+  if f[i] == 'o' and f[i + 1] == ARGV[2] then same = true end
+end
+if not same or redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], 'c', ARGV[3])
 return 1
 "#;
 
 /// Waits until `replicas` replicas hold what a fill read from `log`, up
-/// to the entry numbered `last`: on one connection to the master of the
-/// log's slot, a script that writes `barrier` only if that master holds
-/// the entry (so the write follows it in the master's stream), then
+/// to the entry `last` (its number and header): on one connection to the
+/// master of the log's slot, a script that writes `state` only if that
+/// master holds the entry (so the write follows it in the master's
+/// stream), then
 /// `WAIT`, which answers once replicas have that stream up to the write.
 /// Both are sent together and never redirected or sent again: a
 /// redirection (the slot moved) or a new connection (a `WAIT` there
@@ -284,14 +288,14 @@ return 1
 async fn confirm_replicated(
     client: &Client,
     log: &str,
-    barrier: &str,
-    last: u64,
+    state: &str,
+    last: (u64, Bytes),
     instance: &str,
     replicas: u32,
     timeout: Duration,
 ) -> Result<(), FanoutError> {
+    // One attempt: fred counts a followed redirection as an attempt.
     let mut options = Options {
-        max_redirections: Some(0),
         max_attempts: Some(1),
         fail_fast: true,
         ..Options::default()
@@ -317,8 +321,9 @@ async fn confirm_replicated(
                 Value::from(CONFIRM),
                 Value::from(2),
                 Value::from(log),
-                Value::from(barrier),
-                Value::from(format!("{last}-1")),
+                Value::from(state),
+                Value::from(format!("{}-1", last.0)),
+                Value::Bytes(last.1),
                 Value::from(instance),
             ],
         )
@@ -330,7 +335,7 @@ async fn confirm_replicated(
         .map_err(crate::redis::err)?;
     let replies: Vec<Result<i64, fred::error::Error>> = pipeline.try_all().await;
     match replies.as_slice() {
-        [Err(e), _] | [_, Err(e)] => Err(crate::redis::err(e)),
+        [Err(e), ..] | [_, Err(e)] => Err(crate::redis::err(e)),
         [Ok(1), Ok(acked)] if *acked >= want => Ok(()),
         [Ok(1), Ok(acked)] => Err(FanoutError::Unavailable(format!(
             "{acked} of {want} replicas hold what a fill read"
@@ -979,7 +984,7 @@ impl Loop {
             (Some(client), true) => Some((
                 client.clone(),
                 log.clone(),
-                format!("{}:barrier", state.base),
+                format!("{}:state", state.base),
                 self.config.instance.clone(),
                 self.config.replicas,
                 self.config.replica_timeout,
@@ -1003,10 +1008,7 @@ impl Loop {
                 )
                 .await;
             let reply = reply.map_err(crate::redis::err);
-            let last = reply
-                .as_ref()
-                .ok()
-                .and_then(|v| log_entries(v).iter().map(|e| e.seq).max());
+            let last = reply.as_ref().ok().and_then(last_entry);
             let reply = match (reply, confirm, last) {
                 (Ok(v), Some((barrier, log, key, instance, replicas, timeout)), Some(last)) => {
                     confirm_replicated(&barrier, &log, &key, last, &instance, replicas, timeout)
@@ -1381,6 +1383,17 @@ fn by_slot(channels: &[(String, String)]) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// The highest-numbered entry of a log read: its number and header.
+fn last_entry(v: &Value) -> Option<(u64, Bytes)> {
+    entries(v)
+        .into_iter()
+        .filter_map(|(id, fields)| {
+            let seq = id.split_once('-')?.0.parse().ok()?;
+            Some((seq, fields.get("o").and_then(as_bytes)?))
+        })
+        .max_by_key(|(seq, _)| *seq)
+}
+
 /// A room log's entries (`f` frame, `o` header) as events.
 fn log_entries(v: &Value) -> Vec<Sequenced> {
     entries(v)
@@ -1401,7 +1414,7 @@ mod tests {
         Value::Array(vec![
             Value::from(host),
             Value::from(port),
-            Value::from("id"),
+            Value::from(format!("id-{port}")),
         ])
     }
 
@@ -1424,12 +1437,12 @@ mod tests {
         assert_eq!(
             map,
             vec![
-                (0, 5460, "10.0.0.1:6380".to_owned()),
-                (5461, 16383, "10.0.0.2:6379".to_owned()),
+                (0, 5460, "id-6380".to_owned()),
+                (5461, 16383, "id-6379".to_owned()),
             ]
         );
-        assert_eq!(owner(&map, 5460), Some("10.0.0.1:6380"));
-        assert_eq!(owner(&map, 5461), Some("10.0.0.2:6379"));
+        assert_eq!(owner(&map, 5460), Some("id-6380"));
+        assert_eq!(owner(&map, 5461), Some("id-6379"));
         assert_eq!(parse_slots(&Value::from("nope")), None);
         assert_eq!(parse_slots(&Value::Array(vec![Value::from(1)])), None);
     }

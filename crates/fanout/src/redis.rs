@@ -9,7 +9,7 @@
 //!
 //! | key | what |
 //! |---|---|
-//! | `{ns}:{p<N>}:room:<room>:state` | hash: `e` epoch, `s` last sequence number, `b`/`n` the log's bytes and entries, `x`/`p` when expiries were renewed |
+//! | `{ns}:{p<N>}:room:<room>:state` | hash: `e` epoch, `s` last sequence number, `b`/`n` the log's bytes and entries, `x`/`p` when expiries were renewed; `r`/`c` written only so that a `WAIT` covers what came before (a retried publish, a fill's confirmation) |
 //! | `{ns}:{p<N>}:room:<room>:log` | recovery stream, entry id `<seq>-1`, fields `f` (frame) and `o` (origin), capped and expiring |
 //! | `{ns}:{p<N>}:room:<room>:published` | (sender, client message id) -> seq, so a retried publish whose first reply was lost is not published twice |
 //! | `{ns}:{p<N>}:room:<room>:live` | the room's shard channel (Pub/Sub, holds nothing) |
@@ -471,9 +471,11 @@ fn client_with(
             // A publish whose reply was lost is retried by its client
             // through the store's record (sent again here, it could be
             // answered by a Redis back without its data, before the live
-            // path has told members of the loss). Redirections on a Redis
-            // Cluster (MOVED/ASK) are followed apart from this count, up
-            // to fred's `max_redirections` (5).
+            // path has told members of the loss). On a Redis Cluster a
+            // redirection (MOVED/ASK) counts as a second attempt: the
+            // command fails once the client has re-read the slot map,
+            // and its retry (a send's, by its client) finds the new
+            // owner.
             c.max_command_attempts = 1;
         })
         // A Redis unreachable at the first connect is retried like a lost
@@ -534,6 +536,14 @@ impl RedisStreamsFanout {
                 let _task = c.connect();
                 clients.push(c);
             }
+            // Ready (on a cluster: with the slot map) before the first
+            // send, within the same bound as the command connection.
+            let _ = tokio::time::timeout(START_PROBE, async {
+                for c in &clients {
+                    let _ = c.wait_for_connect().await;
+                }
+            })
+            .await;
             clients
         } else {
             Vec::new()
